@@ -1,0 +1,47 @@
+# Shoal — make targets. `make up` starts the stack, `make test` checks it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.shoal-installed
+EXTRAS ?= cpu,dev
+# Builds that break `transformers` beside the CPU torch; text models need none.
+BROKEN_TORCH_ADDONS := torchvision torchaudio torchcodec
+
+.PHONY: setup lint format test test-fast up status bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip uninstall --quiet --yes $(BROKEN_TORCH_ADDONS) || true
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not vllm"
+
+up: $(STAMP)
+	$(BIN)/shoal up
+
+status: $(STAMP)
+	$(BIN)/shoal status
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.worker_throughput
+	$(BIN)/python -m bench.reporter_cost
+
+clean:
+	rm -rf $(VENV) .shoal .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Autoscaler: the global scheduler (arrives with its issue)."""

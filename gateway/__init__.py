@@ -1,0 +1,1 @@
+"""Gateway: stateless OpenAI-compatible front door (arrives with its issue)."""

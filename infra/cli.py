@@ -1,0 +1,142 @@
+"""The ``shoal`` command line: one entry point, a subcommand per component."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from infra.settings import CommonSettings, InstanceSettings
+
+log = logging.getLogger("shoal")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _overrides(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+# -- shoal instance ----------------------------------------------------------
+_INSTANCE_FLAGS = {
+    "engine": dict(choices=["vllm", "sim"], help="engine behind the worker (default vllm)"),
+    "model": dict(help="HF model id or path (default: the generated tiny model)"),
+    "served_model_name": dict(help="model name clients use"),
+    "host": dict(help="listen address (default 127.0.0.1)"),
+    "port": dict(type=int, help="listen port (0 = any free port; default 8100)"),
+    "instance_id": dict(help="stable instance id (default: random)"),
+    "max_num_seqs": dict(type=int, help="largest batch"),
+    "max_model_len": dict(type=int, help="longest sequence"),
+    "block_size": dict(type=int, help="tokens per KV block"),
+    "kv_cache_bytes": dict(type=int, help="vLLM CPU KV-cache bytes"),
+    "num_sim_blocks": dict(type=int, help="sim engine KV capacity in blocks"),
+    "sim_speedup": dict(type=float, help="sim engine speed factor"),
+    "cpu_threads_bind": dict(help="cores for the vLLM CPU engine, e.g. 0"),
+    "redis_url": dict(help="Redis URL (default: embedded server)"),
+}
+
+
+def _cmd_instance(args: argparse.Namespace) -> int:
+    from instance.main import serve
+
+    settings = InstanceSettings(**_overrides(args, list(_INSTANCE_FLAGS)))
+    _setup_logging(settings.log_level)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings))
+    return 0
+
+
+# -- shoal model tiny DIR ----------------------------------------------------
+def _cmd_model_tiny(args: argparse.Namespace) -> int:
+    from instance.tiny_model import build_tiny_model
+
+    _setup_logging("INFO")
+    path = build_tiny_model(Path(args.dir), seed=args.seed)
+    print(path)
+    return 0
+
+
+# -- shoal status ------------------------------------------------------------
+def _cmd_status(args: argparse.Namespace) -> int:
+    from infra.status import collect_status, render_table
+
+    settings = CommonSettings(**_overrides(args, ["redis_url"]))
+    _setup_logging("WARNING")
+    try:
+        status = asyncio.run(collect_status(settings))
+    except ConnectionError as exc:
+        print(f"shoal status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(status.model_dump_json(indent=2))
+    else:
+        print(render_table(status))
+    return 0
+
+
+# -- shoal redis -------------------------------------------------------------
+def _cmd_redis(args: argparse.Namespace) -> int:
+    from infra.embedded_redis import resolve_redis
+
+    settings = CommonSettings()
+    _setup_logging(settings.log_level)
+    url, server = resolve_redis(None, settings.run_dir)
+    if server is None:
+        print(f"already running: {url}")
+        return 0
+    print(json.dumps({"url": url}), flush=True)
+    try:
+        while server.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shoal", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    inst = sub.add_parser("instance", help="run an instance worker")
+    for name, kw in _INSTANCE_FLAGS.items():
+        inst.add_argument("--" + name.replace("_", "-"), dest=name, **kw)  # type: ignore[arg-type]
+    inst.set_defaults(func=_cmd_instance)
+
+    model = sub.add_parser("model", help="model utilities")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    tiny = model_sub.add_parser("tiny", help="write the tiny test model to DIR")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_cmd_model_tiny)
+
+    status = sub.add_parser("status", help="list registered instances and their load")
+    status.add_argument("--json", action="store_true", help="stable JSON (docs/STATE.md)")
+    status.add_argument("--redis-url", dest="redis_url")
+    status.set_defaults(func=_cmd_status)
+
+    redis = sub.add_parser("redis", help="run this checkout's embedded Valkey server")
+    redis.set_defaults(func=_cmd_redis)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Redis key schema. Every key lives under one namespace (default ``shoal``).
+
+======================  ======================  ==========================================
+key                     type / record           meaning
+======================  ======================  ==========================================
+``<ns>:instances``      set of instance ids     index of registered instances
+``<ns>:instance:<id>``  string / InstanceInfo   registry entry, expires with the heartbeat
+``<ns>:load:<id>``      string / LoadReport     latest load report, expires likewise
+======================  ======================  ==========================================
+
+An id in the index whose ``instance`` key has expired is dead; readers prune it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KeySchema:
+    namespace: str = "shoal"
+
+    @property
+    def instances_index(self) -> str:
+        return f"{self.namespace}:instances"
+
+    def instance(self, instance_id: str) -> str:
+        return f"{self.namespace}:instance:{instance_id}"
+
+    def load(self, instance_id: str) -> str:
+        return f"{self.namespace}:load:{instance_id}"

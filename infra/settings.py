@@ -1,0 +1,124 @@
+"""Typed settings. Every field is documented and overridable from the
+environment with the ``SHOAL_`` prefix (e.g. ``SHOAL_REDIS_URL``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EngineKind = Literal["vllm", "sim"]
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "shoal"
+
+
+class CommonSettings(BaseSettings):
+    """Settings every Shoal process reads."""
+
+    model_config = SettingsConfigDict(env_prefix="SHOAL_", extra="ignore")
+
+    redis_url: str | None = None
+    """URL of an existing Redis/Valkey (``redis://host:port/0``). When unset, Shoal
+    uses the embedded server of this checkout (started on demand, see
+    ``run_dir``)."""
+
+    namespace: str = "shoal"
+    """Prefix of every Redis key Shoal writes (see docs/STATE.md)."""
+
+    run_dir: Path = Path(".shoal")
+    """Directory for run-time files of this checkout: the embedded server's data
+    and the file naming its URL, so other ``shoal`` commands find it."""
+
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    """Directory for generated artefacts, such as the tiny model."""
+
+    heartbeat_ttl_s: float = 3.0
+    """Lifetime of an instance's registry and load records; an instance that stops
+    reporting disappears from the registry after this long."""
+
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP endpoint for traces (``http://collector:4318``); tracing is a
+    no-op when unset."""
+
+    log_level: str = "INFO"
+    """Python logging level for Shoal's own loggers."""
+
+
+class InstanceSettings(CommonSettings):
+    """Settings of an instance worker (``shoal instance``)."""
+
+    engine: EngineKind = "vllm"
+    """Engine behind the worker: ``vllm`` (real vLLM) or ``sim`` (simulated)."""
+
+    model: str | None = None
+    """Hugging Face model id or local path; unset means the generated tiny model."""
+
+    served_model_name: str | None = None
+    """Name clients use for the model; defaults to ``model`` (or ``tiny-llama``)."""
+
+    host: str = "127.0.0.1"
+    """Interface the worker listens on."""
+
+    port: int = Field(default=8100, ge=0, le=65535)
+    """TCP port the worker listens on (0 picks a free one)."""
+
+    advertise_host: str | None = None
+    """Host other components use to reach this worker; defaults to ``host``."""
+
+    instance_id: str | None = None
+    """Stable id of this instance; a random one is made when unset."""
+
+    report_interval_s: float = Field(default=0.05, gt=0.0)
+    """Period of LoadReports published to Redis (Llumnix-style 50-100 ms)."""
+
+    block_size: int | None = Field(default=None, ge=1)
+    """Tokens per KV-cache block; unset means the engine's default (vLLM picks one
+    its kernels accept, a multiple of 32 on CPU; the sim engine uses 16)."""
+
+    max_num_seqs: int = Field(default=16, ge=1)
+    """Largest batch (running requests) the engine schedules."""
+
+    max_model_len: int = Field(default=2048, ge=16)
+    """Longest sequence (prompt + output) a request may reach."""
+
+    kv_cache_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    """KV-cache memory for the vLLM CPU engine, in bytes."""
+
+    num_sim_blocks: int = Field(default=1024, ge=1)
+    """KV-cache capacity of the sim engine, in blocks."""
+
+    sim_speedup: float = Field(default=1.0, gt=0.0)
+    """Sim engine: divides every modelled step latency (for fast tests)."""
+
+    high_priority_headroom_blocks: int = Field(default=32, ge=0)
+    """Blocks of virtual usage a high-priority request adds to its instance, so the
+    instance's batch stays small and its decoding fast (Llumnix headroom)."""
+
+    dtype: str = "auto"
+    """Model dtype passed to vLLM (``float32`` is used for the tiny model on CPU)."""
+
+    cpu_threads_bind: str | None = None
+    """Cores for the vLLM CPU engine's OpenMP threads (``VLLM_CPU_OMP_THREADS_BIND``),
+    e.g. ``0`` or ``0-1``; pin each engine on a shared host to its own cores."""
+
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest request body accepted; larger ones get a 413."""
+
+    enforce_eager: bool = True
+    """Disable graph capture in vLLM (faster start-up; the CPU build needs it)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> InstanceSettings:
+        if self.block_size is not None and self.max_model_len < self.block_size:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) must be >= block_size ({self.block_size})"
+            )
+        return self
+
+    @property
+    def public_host(self) -> str:
+        return self.advertise_host or self.host

@@ -1,0 +1,79 @@
+"""Typed access to the Redis state: the instance registry and load reports.
+
+The store owns no connection policy: it is handed a ``redis.asyncio.Redis``
+client, so tests and production use the same code against a real server.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from redis.asyncio import Redis
+
+from infra.keys import KeySchema
+from infra.records import InstanceInfo, InstanceView, LoadReport
+
+log = logging.getLogger(__name__)
+
+
+class StateStore:
+    """Registry and load records of Shoal instances in Redis."""
+
+    def __init__(self, redis: Redis, keys: KeySchema) -> None:
+        self._redis = redis
+        self.keys = keys
+
+    @property
+    def redis(self) -> Redis:
+        return self._redis
+
+    async def publish(self, info: InstanceInfo, load: LoadReport | None, ttl_s: float) -> None:
+        """Write the registry entry and (optionally) the load report, both
+        expiring after ``ttl_s``; this is the heartbeat."""
+        ttl_ms = max(1, int(ttl_s * 1000))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.instance(info.instance_id), info.model_dump_json(), px=ttl_ms)
+            if load is not None:
+                pipe.set(self.keys.load(info.instance_id), load.model_dump_json(), px=ttl_ms)
+            pipe.sadd(self.keys.instances_index, info.instance_id)
+            await pipe.execute()
+
+    async def deregister(self, instance_id: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.instance(instance_id), self.keys.load(instance_id))
+            pipe.srem(self.keys.instances_index, instance_id)
+            await pipe.execute()
+
+    async def list_instances(self) -> list[InstanceView]:
+        """Every live instance with its latest load, sorted by id. Ids whose
+        registry entry has expired are pruned from the index."""
+        ids = sorted(
+            m.decode() if isinstance(m, bytes) else m
+            for m in await self._redis.smembers(self.keys.instances_index)
+        )
+        if not ids:
+            return []
+        infos = await self._redis.mget([self.keys.instance(i) for i in ids])
+        loads = await self._redis.mget([self.keys.load(i) for i in ids])
+        views: list[InstanceView] = []
+        dead: list[str] = []
+        for instance_id, raw_info, raw_load in zip(ids, infos, loads, strict=True):
+            if raw_info is None:
+                dead.append(instance_id)
+                continue
+            info = InstanceInfo.model_validate_json(raw_info)
+            load = LoadReport.model_validate_json(raw_load) if raw_load is not None else None
+            views.append(InstanceView(info=info, load=load))
+        if dead:
+            log.info("pruning %d expired instance(s): %s", len(dead), dead)
+            await self._redis.srem(self.keys.instances_index, *dead)
+        return views
+
+    async def get_instance(self, instance_id: str) -> InstanceView | None:
+        raw_info, raw_load = await self._redis.mget(
+            [self.keys.instance(instance_id), self.keys.load(instance_id)]
+        )
+        if raw_info is None:
+            return None
+        load = LoadReport.model_validate_json(raw_load) if raw_load is not None else None
+        return InstanceView(info=InstanceInfo.model_validate_json(raw_info), load=load)

@@ -1,0 +1,121 @@
+"""HTTP payloads of the instance worker (``POST /generate``).
+
+The worker speaks a small internal protocol, not the OpenAI one: the gateway
+translates. A streaming response is newline-delimited JSON, one
+:class:`GenerateChunk` per line; the last chunk carries ``finish_reason`` and
+``usage`` (or ``error`` if the engine failed mid-stream).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from infra.errors import ErrorDetail
+from infra.records import Priority
+
+MAX_STOP_SEQUENCES = 8
+MAX_ID_LENGTH = 128
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class GenerateRequest(BaseModel):
+    """A generation request: chat ``messages`` or a raw ``prompt`` (text or ids)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID_LENGTH)
+    model: str | None = None
+    messages: list[Message] | None = Field(default=None, min_length=1)
+    prompt: str | list[int] | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, ge=-1)
+    min_tokens: int = Field(default=0, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    n: int = Field(default=1, ge=1, le=1, description="Only n = 1 is supported")
+    priority: Priority = Priority.NORMAL
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'messages' or 'prompt'")
+        if isinstance(self.prompt, str) and not self.prompt:
+            raise ValueError("'prompt' must not be empty")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("'prompt' must not be empty")
+        if len(self.stop_sequences) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError("'min_tokens' must not exceed 'max_tokens'")
+        return self
+
+    @property
+    def stop_sequences(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        seqs = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return tuple(s for s in seqs if s)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateChunk(BaseModel):
+    """One line of a streaming response."""
+
+    request_id: str
+    token_ids: list[int] = Field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: ErrorDetail | None = None
+
+
+class GenerateResponse(BaseModel):
+    """A whole (non-streaming) response."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    usage: Usage
+
+
+class AbortResponse(BaseModel):
+    request_id: str
+    aborted: bool
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "unhealthy", "starting"]
+    instance_id: str
+    engine: str

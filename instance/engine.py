@@ -1,0 +1,147 @@
+"""The engine interface the worker drives, and the typed values crossing it.
+
+Two engines implement it: ``vllm`` (upstream vLLM's ``AsyncLLM``) and ``sim``
+(a simulated paged-KV engine). The worker only ever talks to :class:`Engine`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from infra.records import Priority
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Engine-neutral sampling parameters (the OpenAI subset Shoal honours)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_tokens: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One generation request as the engine sees it: already tokenised."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingSpec
+    priority: Priority = Priority.NORMAL
+    arrival_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """Tokens produced for one request since the previous delta."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+    """Output tokens produced so far, this delta included."""
+    finish_reason: str | None = None
+    """``stop``, ``length`` or ``abort`` on the last delta, else ``None``."""
+
+
+@dataclass(frozen=True)
+class RequestLoad:
+    """KV footprint of one request inside an engine."""
+
+    request_id: str
+    priority: Priority
+    arrival_time: float
+    num_tokens: int
+    """Tokens of context (prompt + generated) the request holds or needs."""
+    num_blocks: int
+    """Blocks it holds (running) or will need to start (waiting)."""
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """Raw load figures read off an engine at one instant."""
+
+    num_blocks_total: int
+    num_blocks_used: int
+    running: Sequence[RequestLoad] = ()
+    waiting: Sequence[RequestLoad] = ()
+    """Waiting requests in scheduling order: the head is the next to run."""
+    num_preempted_total: int = 0
+    num_finished_total: int = 0
+    num_generation_tokens_total: int = 0
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass
+class EngineLimits:
+    """Static shape of an engine, fixed once it has started."""
+
+    block_size: int
+    num_blocks_total: int
+    max_num_seqs: int
+    max_model_len: int
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """KV blocks needed to hold ``num_tokens`` tokens."""
+    return math.ceil(num_tokens / block_size) if num_tokens > 0 else 0
+
+
+class Tokenizer(Protocol):
+    """Text <-> token ids for one model, with its chat template."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+
+class EngineDeadError(RuntimeError):
+    """The engine stopped working; the instance must leave the registry."""
+
+
+class Engine(Protocol):
+    """What the worker needs from an engine."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def limits(self) -> EngineLimits: ...
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(self, request: EngineRequest) -> AsyncGenerator[TokenDelta, None]:
+        """Stream deltas until the request finishes. Closing the iterator early
+        (the caller went away) must abort the request and free its blocks."""
+        ...
+
+    async def abort(self, request_id: str) -> bool: ...
+
+    def load(self) -> EngineLoad: ...
+
+    @property
+    def healthy(self) -> bool: ...

@@ -1,0 +1,112 @@
+"""Assemble and run an instance worker from settings (``shoal instance``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+import uvicorn
+from redis.asyncio import Redis
+
+from infra.embedded_redis import resolve_redis
+from infra.keys import KeySchema
+from infra.settings import InstanceSettings
+from infra.store import StateStore
+from infra.telemetry import make_tracer, new_registry
+from instance.engine import Engine
+from instance.metrics import InstanceMetrics
+from instance.reporter import ReporterConfig
+from instance.server import create_app
+from instance.worker import InstanceWorker, WorkerConfig
+
+log = logging.getLogger(__name__)
+
+SIM_DEFAULT_BLOCK_SIZE = 16
+
+
+def build_engine(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
+    """The engine, the served model name and the vocabulary size (if known)."""
+    if settings.engine == "sim":
+        from instance.sim.core import SimConfig
+        from instance.sim.engine import SimEngine
+        from instance.sim.latency import LatencyModel
+
+        config = SimConfig(
+            num_blocks=settings.num_sim_blocks,
+            block_size=settings.block_size or SIM_DEFAULT_BLOCK_SIZE,
+            max_num_seqs=settings.max_num_seqs,
+            latency=LatencyModel().scaled(settings.sim_speedup),
+        )
+        name = settings.served_model_name or settings.model or "sim-model"
+        return SimEngine(config, max_model_len=settings.max_model_len), name, 256
+
+    from instance.tiny_model import TINY_MODEL_NAME
+    from instance.vllm_engine import VllmEngine, VllmOptions, resolve_model
+
+    if settings.cpu_threads_bind:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
+    model = resolve_model(settings.model, settings.cache_dir)
+    dtype = settings.dtype
+    if settings.model is None and dtype == "auto":
+        dtype = "float32"
+    engine = VllmEngine(
+        VllmOptions(
+            model=model,
+            dtype=dtype,
+            block_size=settings.block_size,
+            max_num_seqs=settings.max_num_seqs,
+            max_model_len=settings.max_model_len,
+            kv_cache_bytes=settings.kv_cache_bytes,
+            enforce_eager=settings.enforce_eager,
+        )
+    )
+    name = settings.served_model_name or settings.model or TINY_MODEL_NAME
+    return engine, name, engine.tokenizer.vocab_size
+
+
+def _pick_port(host: str, port: int) -> int:
+    if port:
+        return port
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+async def serve(settings: InstanceSettings) -> None:
+    """Run the worker until interrupted; owns every resource it opens."""
+    url, owned_redis = resolve_redis(settings.redis_url, settings.run_dir)
+    assert url is not None
+    redis = Redis.from_url(url)
+    try:
+        store = StateStore(redis, KeySchema(settings.namespace))
+        engine, served_name, vocab = build_engine(settings)
+        port = _pick_port(settings.host, settings.port)
+        instance_id = settings.instance_id or f"{settings.engine}-{uuid.uuid4().hex[:8]}"
+        config = WorkerConfig(
+            instance_id=instance_id,
+            address=f"http://{settings.public_host}:{port}",
+            served_model_name=served_name,
+            vocab_size=vocab,
+            report=ReporterConfig(
+                interval_s=settings.report_interval_s,
+                ttl_s=settings.heartbeat_ttl_s,
+                headroom_blocks=settings.high_priority_headroom_blocks,
+            ),
+        )
+        worker = InstanceWorker(engine, config, store, InstanceMetrics(new_registry()))
+        app = create_app(
+            worker,
+            tracer=make_tracer("shoal-instance", settings.otlp_endpoint),
+            max_body_bytes=settings.max_body_bytes,
+        )
+        log.info("instance %s serving %s on %s", instance_id, served_name, config.address)
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=settings.host, port=port, log_level="warning")
+        )
+        await server.serve()
+    finally:
+        await redis.aclose()
+        if owned_redis is not None:
+            owned_redis.stop()

@@ -1,0 +1,63 @@
+"""Prometheus metrics of an instance worker (``shoal_instance_*``)."""
+
+from __future__ import annotations
+
+import math
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from infra.records import LoadReport
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class InstanceMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        p = "shoal_instance_"
+        self.requests = Counter(
+            p + "requests", "Requests finished, by priority and finish reason",
+            ["priority", "finish_reason"], registry=registry,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds", "Time from arrival to first token",
+            ["priority"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            p + "time_per_output_token_seconds", "Time between output tokens",
+            ["priority"], buckets=_TOKEN_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            p + "request_duration_seconds", "Time from arrival to the last token",
+            ["priority"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.running = Gauge(p + "running_requests", "Requests running", registry=registry)
+        self.waiting = Gauge(p + "waiting_requests", "Requests waiting", registry=registry)
+        self.blocks_used = Gauge(p + "kv_blocks_used", "KV blocks in use", registry=registry)
+        self.blocks_total = Gauge(p + "kv_blocks_total", "KV capacity", registry=registry)
+        self.kv_usage = Gauge(p + "kv_usage_ratio", "KV blocks used / total", registry=registry)
+        self.freeness = Gauge(p + "freeness", "Llumnix freeness (inf when idle)", registry=registry)
+        self.tokens_per_s = Gauge(
+            p + "generation_tokens_per_second", "Output tokens/s (1 s window)", registry=registry
+        )
+        self.preemptions = Counter(p + "preemptions", "Requests preempted", registry=registry)
+        self.reports = Counter(p + "load_reports", "LoadReports published", registry=registry)
+        self.report_errors = Counter(
+            p + "load_report_errors", "LoadReports that failed to publish", registry=registry
+        )
+        self._last_preempted = 0
+
+    def observe_load(self, report: LoadReport) -> None:
+        self.running.set(report.num_running)
+        self.waiting.set(report.num_waiting)
+        self.blocks_used.set(report.num_blocks_used)
+        self.blocks_total.set(report.num_blocks_total)
+        total = report.num_blocks_total
+        self.kv_usage.set(report.num_blocks_used / total if total else 0.0)
+        self.freeness.set(report.freeness if not math.isnan(report.freeness) else 0.0)
+        self.tokens_per_s.set(report.generation_tokens_per_s)
+        delta = report.num_preempted_total - self._last_preempted
+        if delta > 0:
+            self.preemptions.inc(delta)
+        self._last_preempted = report.num_preempted_total

@@ -1,0 +1,185 @@
+"""HTTP face of the instance worker (FastAPI)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from opentelemetry import trace
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+from infra.errors import ErrorDetail, ServiceUnavailableError, install_error_handlers
+from infra.http import BodyLimitMiddleware
+from infra.records import InstanceInfo, InstanceStatus, LoadReport
+from infra.telemetry import extract_context
+from instance.api import (
+    AbortResponse,
+    GenerateChunk,
+    GenerateRequest,
+    GenerateResponse,
+    HealthResponse,
+    Usage,
+)
+from instance.engine import EngineRequest
+from instance.worker import InstanceWorker
+
+log = logging.getLogger(__name__)
+
+DISCONNECT_POLL_S = 0.2
+NDJSON = "application/x-ndjson"
+
+
+class StatusChange(BaseModel):
+    status: InstanceStatus
+
+
+def create_app(
+    worker: InstanceWorker,
+    *,
+    tracer: trace.Tracer | None = None,
+    max_body_bytes: int = 4 * 1024 * 1024,
+) -> FastAPI:
+    tracer = tracer or trace.NoOpTracer()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await worker.start()
+        try:
+            yield
+        finally:
+            await worker.stop()
+
+    app = FastAPI(title="Shoal instance worker", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+
+    @app.post("/generate", response_model=GenerateResponse)
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        ctx = extract_context(dict(request.headers))
+        with tracer.start_as_current_span("instance.generate", context=ctx) as span:
+            ereq = worker.prepare(body)
+            span.set_attribute("shoal.request_id", ereq.request_id)
+            span.set_attribute("shoal.priority", ereq.priority.value)
+            span.set_attribute("shoal.prompt_tokens", len(ereq.prompt_token_ids))
+        if body.stream:
+            return StreamingResponse(_ndjson(worker, ereq), media_type=NDJSON)
+        return await _whole(worker, ereq, request)
+
+    @app.post("/abort/{request_id}", response_model=AbortResponse)
+    async def abort(request_id: str) -> AbortResponse:
+        return AbortResponse(request_id=request_id, aborted=await worker.engine.abort(request_id))
+
+    @app.get("/health", response_model=HealthResponse)
+    async def health() -> JSONResponse:
+        ok = worker.healthy
+        body = HealthResponse(
+            status="ok" if ok else "unhealthy",
+            instance_id=worker.config.instance_id,
+            engine=worker.engine.kind,
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+    @app.get("/ready", response_model=HealthResponse)
+    async def ready() -> JSONResponse:
+        ok = worker.healthy and worker.status is InstanceStatus.ACTIVE
+        body = HealthResponse(
+            status="ok" if ok else ("starting" if worker.healthy else "unhealthy"),
+            instance_id=worker.config.instance_id,
+            engine=worker.engine.kind,
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+    @app.get("/info", response_model=InstanceInfo)
+    async def info() -> InstanceInfo:
+        return worker.info()
+
+    @app.get("/load", response_model=LoadReport)
+    async def load() -> Response:
+        report = worker.reporter.build_report()
+        return Response(report.model_dump_json(), media_type="application/json")
+
+    @app.post("/status", response_model=InstanceInfo)
+    async def set_status(change: StatusChange) -> InstanceInfo:
+        if not worker.healthy:
+            raise ServiceUnavailableError("instance is unhealthy")
+        worker.set_status(change.status)
+        await worker.reporter.publish_once()
+        return worker.info()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        worker.reporter.build_report()
+        return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _ndjson(worker: InstanceWorker, ereq: EngineRequest) -> AsyncIterator[bytes]:
+    """Stream chunks as NDJSON. A client that goes away cancels this generator,
+    whose ``finally`` aborts the request in the engine."""
+    chunks = worker.run(ereq)
+    try:
+        async for chunk in chunks:
+            yield chunk.model_dump_json(exclude_none=True).encode() + b"\n"
+    except Exception as exc:
+        log.exception("request %s failed mid-stream", ereq.request_id)
+        err = GenerateChunk(
+            request_id=ereq.request_id,
+            finish_reason="error",
+            error=ErrorDetail(message=f"engine error: {exc}", type="engine_error"),
+        )
+        yield err.model_dump_json(exclude_none=True).encode() + b"\n"
+    finally:
+        await chunks.aclose()
+
+
+async def _collect(worker: InstanceWorker, ereq: EngineRequest) -> GenerateResponse:
+    token_ids: list[int] = []
+    text: list[str] = []
+    finish: str | None = None
+    usage: Usage | None = None
+    chunks = worker.run(ereq)
+    try:
+        async for chunk in chunks:
+            token_ids.extend(chunk.token_ids)
+            text.append(chunk.text)
+            if chunk.finish_reason is not None:
+                finish, usage = chunk.finish_reason, chunk.usage
+    finally:
+        await chunks.aclose()
+    if usage is None:
+        raise ServiceUnavailableError("the engine stopped before the request finished")
+    return GenerateResponse(
+        request_id=ereq.request_id,
+        token_ids=token_ids,
+        text="".join(text),
+        finish_reason=finish,
+        usage=usage,
+    )
+
+
+async def _whole(worker: InstanceWorker, ereq: EngineRequest, request: Request) -> Response:
+    """Run a non-streaming request, aborting it if the client disconnects."""
+    task = asyncio.create_task(_collect(worker, ereq))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return Response(task.result().model_dump_json(), media_type="application/json")
+            if await request.is_disconnected():
+                log.info("client of %s went away: aborting", ereq.request_id)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return Response(status_code=499)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

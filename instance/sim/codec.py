@@ -1,0 +1,23 @@
+"""Byte-level tokenizer of the sim engine: one token per UTF-8 byte."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from instance.engine import ChatMessage
+
+
+class ByteTokenizer:
+    """Token ids are byte values; the chat template is ``role: content`` lines."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]:
+        rendered = "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"
+        return self.encode(rendered)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return bytes(t % 256 for t in token_ids).decode("utf-8", errors="replace")

@@ -1,0 +1,244 @@
+"""The simulated engine's scheduler: a pure state machine with a step API.
+
+``SimCore`` holds no clock and does no I/O. ``step()`` schedules one batch
+(continuous batching over paged KV blocks, waiting queue ordered by priority
+then arrival, preemption by recompute when blocks run out) and returns what the
+step produced together with its modelled duration. A driver either sleeps that
+long (wall time, inside a worker) or advances a virtual clock (the simulator).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import zlib
+from dataclasses import dataclass, field
+
+from instance.engine import EngineLoad, EngineRequest, RequestLoad, blocks_for
+from instance.sim.latency import LatencyModel
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    num_blocks: int = 1024
+    """KV-cache capacity in blocks."""
+    block_size: int = 16
+    """Tokens per block."""
+    max_num_seqs: int = 64
+    """Largest number of running requests."""
+    max_num_batched_tokens: int = 8192
+    """Token budget of one step (prefill tokens plus one per decode)."""
+    latency: LatencyModel = field(default_factory=LatencyModel)
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 1 or self.block_size < 1 or self.max_num_seqs < 1:
+            raise ValueError(f"invalid SimConfig: {self}")
+
+
+@dataclass(frozen=True)
+class SimOutput:
+    request_id: str
+    token_id: int
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class SimStep:
+    duration_s: float
+    outputs: tuple[SimOutput, ...]
+    batch: tuple[str, ...]
+    """Ids of the requests run in this step, in scheduling order."""
+    num_prefill_tokens: int
+    num_decode_seqs: int
+    preempted: tuple[str, ...]
+
+
+@dataclass
+class _Req:
+    request: EngineRequest
+    seq: int
+    output_ids: list[int] = field(default_factory=list)
+    num_blocks: int = 0
+    prefilled: bool = False
+    token_seed: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_token_ids) + len(self.output_ids)
+
+    @property
+    def order(self) -> tuple[int, float, int]:
+        """Scheduling order: priority rank, then arrival, then submission."""
+        return (self.request.priority.rank, self.request.arrival_time, self.seq)
+
+
+class SimCore:
+    """Continuous-batching scheduler over paged KV blocks (see module doc)."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self._seq = itertools.count()
+        self._running: list[_Req] = []
+        self._waiting: list[_Req] = []
+        self._by_id: dict[str, _Req] = {}
+        self._num_free = config.num_blocks
+        self.num_preempted_total = 0
+        self.num_finished_total = 0
+        self.num_generation_tokens_total = 0
+
+    # -- requests ---------------------------------------------------------
+    def add(self, request: EngineRequest) -> None:
+        if request.request_id in self._by_id:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        peak = len(request.prompt_token_ids) + request.sampling.max_tokens
+        if blocks_for(peak, self.config.block_size) > self.config.num_blocks:
+            raise ValueError(
+                f"request needs {blocks_for(peak, self.config.block_size)} blocks "
+                f"> capacity {self.config.num_blocks}"
+            )
+        req = _Req(request=request, seq=next(self._seq))
+        req.token_seed = zlib.crc32(bytes(t % 256 for t in request.prompt_token_ids))
+        self._by_id[request.request_id] = req
+        bisect.insort(self._waiting, req, key=lambda r: r.order)
+
+    def abort(self, request_id: str) -> bool:
+        req = self._by_id.pop(request_id, None)
+        if req is None:
+            return False
+        if req in self._running:
+            self._running.remove(req)
+        else:
+            self._waiting.remove(req)
+        self._free(req)
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self._num_free
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._by_id
+
+    # -- scheduling -------------------------------------------------------
+    def step(self) -> SimStep:
+        preempted = self._grow_running()
+        num_decodes = len(self._running)
+        prefills = self._admit(budget=self.config.max_num_batched_tokens - num_decodes)
+        decodes = [r for r in self._running if r not in prefills]
+        num_prefill_tokens = sum(r.num_tokens for r in prefills)
+        duration = self.config.latency.step_duration_s(
+            num_prefill_tokens=num_prefill_tokens,
+            num_decode_seqs=len(decodes),
+            num_context_tokens=sum(r.num_tokens for r in decodes),
+        )
+        batch = tuple(r.request_id for r in self._running)
+        outputs = tuple(self._emit(r) for r in list(self._running))
+        return SimStep(
+            duration_s=duration,
+            outputs=outputs,
+            batch=batch,
+            num_prefill_tokens=num_prefill_tokens,
+            num_decode_seqs=len(decodes),
+            preempted=tuple(preempted),
+        )
+
+    def _grow_running(self) -> list[str]:
+        """Give every running request the blocks its next token needs,
+        preempting the lowest-priority, latest request when blocks run out."""
+        preempted: list[str] = []
+        for req in sorted(self._running, key=lambda r: r.order):
+            if req not in self._running:
+                continue
+            need = blocks_for(req.num_tokens, self.config.block_size) - req.num_blocks
+            while need > self._num_free:
+                victim = max(self._running, key=lambda r: r.order)
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            if req in self._running and need > 0:
+                self._num_free -= need
+                req.num_blocks += need
+        return preempted
+
+    def _admit(self, budget: int) -> list[_Req]:
+        admitted: list[_Req] = []
+        while self._waiting and len(self._running) < self.config.max_num_seqs:
+            head = self._waiting[0]
+            need = blocks_for(head.num_tokens, self.config.block_size)
+            if need > self._num_free or (admitted and head.num_tokens > budget):
+                break
+            self._waiting.pop(0)
+            self._num_free -= need
+            head.num_blocks = need
+            head.prefilled = True
+            budget -= head.num_tokens
+            self._running.append(head)
+            admitted.append(head)
+        return admitted
+
+    def _emit(self, req: _Req) -> SimOutput:
+        position = len(req.output_ids)
+        token = 97 + (req.token_seed + 7 * position) % 26
+        req.output_ids.append(token)
+        self.num_generation_tokens_total += 1
+        finish = "length" if len(req.output_ids) >= req.request.sampling.max_tokens else None
+        if finish is not None:
+            self._running.remove(req)
+            del self._by_id[req.request_id]
+            self._free(req)
+            self.num_finished_total += 1
+        return SimOutput(request_id=req.request_id, token_id=token, finish_reason=finish)
+
+    def _preempt(self, req: _Req) -> None:
+        self._running.remove(req)
+        self._free(req)
+        req.prefilled = False
+        self.num_preempted_total += 1
+        bisect.insort(self._waiting, req, key=lambda r: r.order)
+
+    def _free(self, req: _Req) -> None:
+        self._num_free += req.num_blocks
+        req.num_blocks = 0
+        assert 0 <= self._num_free <= self.config.num_blocks, self._num_free
+
+    # -- observation ------------------------------------------------------
+    def load(self) -> EngineLoad:
+        bs = self.config.block_size
+        return EngineLoad(
+            num_blocks_total=self.config.num_blocks,
+            num_blocks_used=self.config.num_blocks - self._num_free,
+            running=tuple(self._request_load(r, r.num_blocks) for r in self._running),
+            waiting=tuple(
+                self._request_load(r, blocks_for(r.num_tokens, bs)) for r in self._waiting
+            ),
+            num_preempted_total=self.num_preempted_total,
+            num_finished_total=self.num_finished_total,
+            num_generation_tokens_total=self.num_generation_tokens_total,
+        )
+
+    @staticmethod
+    def _request_load(req: _Req, num_blocks: int) -> RequestLoad:
+        return RequestLoad(
+            request_id=req.request_id,
+            priority=req.request.priority,
+            arrival_time=req.request.arrival_time,
+            num_tokens=req.num_tokens,
+            num_blocks=num_blocks,
+        )
+
+    def check_invariants(self) -> None:
+        """Block accounting is exact: held blocks + free blocks == capacity."""
+        held = sum(r.num_blocks for r in self._running)
+        assert all(r.num_blocks == 0 for r in self._waiting), "waiting request holds blocks"
+        assert held + self._num_free == self.config.num_blocks, (held, self._num_free)
+        assert self._num_free >= 0
+        assert len(self._running) <= self.config.max_num_seqs

@@ -1,0 +1,277 @@
+"""The ``vllm`` engine: upstream vLLM's ``AsyncLLM`` behind Shoal's Engine.
+
+Prefix caching and chunked prefill stay on; the scheduler runs with
+``scheduling_policy="priority"`` so Shoal's priority classes map onto vLLM's
+per-request priority (lower runs first). Load figures come from the engine's
+own scheduler statistics (blocks in use, running and waiting counts, preemptions)
+through a stat logger, plus the worker's per-request token counts.
+
+vLLM is imported lazily: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from instance.engine import (
+    ChatMessage,
+    EngineLimits,
+    EngineLoad,
+    EngineRequest,
+    RequestLoad,
+    TokenDelta,
+    blocks_for,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    model: str
+    dtype: str = "auto"
+    block_size: int | None = None
+    """None lets vLLM choose (the CPU attention kernels need a multiple of 32)."""
+    max_num_seqs: int = 16
+    max_model_len: int = 2048
+    kv_cache_bytes: int = 64 * 1024 * 1024
+    enforce_eager: bool = True
+    seed: int = 0
+
+
+class HfTokenizer:
+    """The model's Hugging Face tokenizer with its chat template."""
+
+    def __init__(self, model: str) -> None:
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(model)
+        self.vocab_size = len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]:
+        rendered = self._tok.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return self.encode(str(rendered))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return str(self._tok.decode(list(token_ids), skip_special_tokens=True))
+
+
+@dataclass
+class _Tracked:
+    """A request the worker has handed to vLLM."""
+
+    request: EngineRequest
+    num_output: int = 0
+
+
+class _SchedulerView:
+    """Latest scheduler statistics, written by vLLM's stat-logger hook."""
+
+    def __init__(self) -> None:
+        self.num_running = 0
+        self.num_waiting = 0
+        self.kv_usage = 0.0
+        self.num_preempted_total = 0
+        self.num_generation_tokens_total = 0
+        self.num_finished_total = 0
+
+    def logger_factory(self) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        view = self
+
+        class _ShoalStatLogger(StatLoggerBase):  # type: ignore[misc]
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(
+                self,
+                scheduler_stats: Any,
+                iteration_stats: Any,
+                mm_cache_stats: Any = None,
+                engine_idx: int = 0,
+            ) -> None:
+                if scheduler_stats is not None:
+                    view.num_running = scheduler_stats.num_running_reqs
+                    view.num_waiting = scheduler_stats.num_waiting_reqs
+                    view.kv_usage = scheduler_stats.kv_cache_usage
+                if iteration_stats is not None:
+                    view.num_preempted_total += iteration_stats.num_preempted_reqs
+                    view.num_generation_tokens_total += iteration_stats.num_generation_tokens
+                    view.num_finished_total += len(iteration_stats.finished_requests)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _ShoalStatLogger
+
+
+class VllmEngine:
+    """``Engine`` implementation over vLLM's ``AsyncLLM``."""
+
+    kind = "vllm"
+
+    def __init__(self, options: VllmOptions) -> None:
+        self.options = options
+        self.tokenizer = HfTokenizer(options.model)
+        self.limits = EngineLimits(
+            block_size=options.block_size or 0,
+            num_blocks_total=0,
+            max_num_seqs=options.max_num_seqs,
+            max_model_len=options.max_model_len,
+        )
+        self._llm: Any = None
+        self._view = _SchedulerView()
+        self._tracked: dict[str, _Tracked] = {}
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        o = self.options
+        args = AsyncEngineArgs(
+            model=o.model,
+            dtype=o.dtype,  # type: ignore[arg-type]
+            block_size=o.block_size,  # type: ignore[arg-type]
+            max_num_seqs=o.max_num_seqs,
+            max_model_len=o.max_model_len,
+            kv_cache_memory_bytes=o.kv_cache_bytes,
+            enforce_eager=o.enforce_eager,
+            enable_prefix_caching=True,
+            enable_chunked_prefill=True,
+            scheduling_policy="priority",
+            seed=o.seed,
+            disable_log_stats=False,
+        )
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._view.logger_factory()])
+        cache = self._llm.vllm_config.cache_config
+        self.limits.num_blocks_total = int(cache.num_gpu_blocks or 0)
+        self.limits.block_size = int(cache.block_size)
+        self.limits.max_model_len = int(self._llm.vllm_config.model_config.max_model_len)
+        log.info(
+            "vLLM engine ready: %d blocks of %d tokens, max_model_len %d",
+            self.limits.num_blocks_total,
+            self.limits.block_size,
+            self.limits.max_model_len,
+        )
+
+    async def stop(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    @property
+    def healthy(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    async def abort(self, request_id: str) -> bool:
+        if request_id not in self._tracked or self._llm is None:
+            return False
+        await self._llm.abort(request_id)
+        return True
+
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[TokenDelta, None]:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        s = request.sampling
+        params = SamplingParams(
+            max_tokens=s.max_tokens,
+            min_tokens=s.min_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else 0,
+            seed=s.seed,
+            stop=list(s.stop) or None,
+            ignore_eos=s.ignore_eos,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+        tracked = _Tracked(request)
+        self._tracked[request.request_id] = tracked
+        finished = False
+        try:
+            stream = self._llm.generate(
+                prompt, params, request.request_id, priority=request.priority.rank
+            )
+            async for output in stream:
+                completion = output.outputs[0]
+                tracked.num_output += len(completion.token_ids)
+                finished = output.finished
+                yield TokenDelta(
+                    token_ids=tuple(completion.token_ids),
+                    text=completion.text,
+                    num_prompt_tokens=len(request.prompt_token_ids),
+                    num_output_tokens=tracked.num_output,
+                    finish_reason=completion.finish_reason if finished else None,
+                )
+        finally:
+            self._tracked.pop(request.request_id, None)
+            if not finished and self._llm is not None:
+                await asyncio.shield(self._llm.abort(request.request_id))
+
+    def load(self) -> EngineLoad:
+        """Real scheduler figures, with per-request footprints from the worker's
+        bookkeeping: requests that produced tokens (or that the scheduler counts
+        as running, by priority then arrival) are running, the rest wait."""
+        total = self.limits.num_blocks_total
+        bs = self.limits.block_size
+        if not self._tracked:
+            return EngineLoad(
+                num_blocks_total=total,
+                num_blocks_used=0,
+                num_preempted_total=self._view.num_preempted_total,
+                num_finished_total=self._view.num_finished_total,
+                num_generation_tokens_total=self._view.num_generation_tokens_total,
+            )
+        ordered = sorted(
+            self._tracked.values(),
+            key=lambda t: (t.num_output == 0, t.request.priority.rank, t.request.arrival_time),
+        )
+        num_running = min(max(self._view.num_running, 0), len(ordered))
+        running = [_request_load(t, bs) for t in ordered[:num_running]]
+        waiting = [_request_load(t, bs) for t in ordered[num_running:]]
+        return EngineLoad(
+            num_blocks_total=total,
+            num_blocks_used=round(self._view.kv_usage * total),
+            running=running,
+            waiting=waiting,
+            num_preempted_total=self._view.num_preempted_total,
+            num_finished_total=self._view.num_finished_total,
+            num_generation_tokens_total=self._view.num_generation_tokens_total,
+        )
+
+
+def _request_load(t: _Tracked, block_size: int) -> RequestLoad:
+    num_tokens = len(t.request.prompt_token_ids) + t.num_output
+    return RequestLoad(
+        request_id=t.request.request_id,
+        priority=t.request.priority,
+        arrival_time=t.request.arrival_time,
+        num_tokens=num_tokens,
+        num_blocks=blocks_for(num_tokens, block_size),
+    )
+
+
+def resolve_model(model: str | None, cache_dir: Path) -> str:
+    """A model id or path; the generated tiny model when none is given."""
+    if model:
+        return model
+    from instance.tiny_model import default_tiny_model
+
+    return str(default_tiny_model(cache_dir))

@@ -1,0 +1,247 @@
+"""The instance worker's logic: validates requests, drives the engine, keeps
+the instance's registry entry and load report current. HTTP lives in
+``instance.server``; this module knows nothing of it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+
+from infra.errors import (
+    BadRequestError,
+    ContextLengthError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
+from infra.records import InstanceInfo, InstanceStatus
+from infra.store import StateStore
+from instance.api import GenerateChunk, GenerateRequest, Usage
+from instance.engine import ChatMessage, Engine, EngineRequest, SamplingSpec
+from instance.metrics import InstanceMetrics
+from instance.reporter import LoadReporter, ReporterConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    instance_id: str
+    address: str
+    served_model_name: str
+    report: ReporterConfig
+    vocab_size: int | None = None
+    health_check_interval_s: float = 0.5
+
+
+class InstanceWorker:
+    def __init__(
+        self,
+        engine: Engine,
+        config: WorkerConfig,
+        store: StateStore | None,
+        metrics: InstanceMetrics,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self._clock = clock
+        self._status = InstanceStatus.STARTING
+        self._started_at = clock()
+        self._inflight: set[str] = set()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.unhealthy_reason: str | None = None
+        self.reporter = LoadReporter(engine, store, self.info, config.report, metrics, clock=clock)
+
+    # -- lifecycle --------------------------------------------------------
+    @property
+    def status(self) -> InstanceStatus:
+        return self._status
+
+    def set_status(self, status: InstanceStatus) -> None:
+        log.info("instance %s: %s -> %s", self.config.instance_id, self._status, status)
+        self._status = status
+
+    def info(self) -> InstanceInfo:
+        limits = self.engine.limits
+        return InstanceInfo(
+            instance_id=self.config.instance_id,
+            address=self.config.address,
+            model=self.config.served_model_name,
+            engine=self.engine.kind,
+            status=self._status,
+            pid=os.getpid(),
+            hostname=socket.gethostname(),
+            started_at=self._started_at,
+            block_size=limits.block_size,
+            num_blocks_total=limits.num_blocks_total,
+            max_num_seqs=limits.max_num_seqs,
+            max_model_len=limits.max_model_len,
+        )
+
+    async def start(self) -> None:
+        await self.engine.start()
+        self.set_status(InstanceStatus.ACTIVE)
+        self._tasks = [
+            asyncio.create_task(self.reporter.run(self._stop), name="load-reporter"),
+            asyncio.create_task(self._watch_engine(), name="engine-watchdog"),
+        ]
+
+    async def stop(self) -> None:
+        self.set_status(InstanceStatus.STOPPED)
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._deregister()
+        await self.engine.stop()
+
+    @property
+    def healthy(self) -> bool:
+        return self.unhealthy_reason is None and self.engine.healthy
+
+    async def _watch_engine(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.sleep(self.config.health_check_interval_s)
+            if not self.engine.healthy:
+                self.unhealthy_reason = "engine died"
+                log.error("engine of %s died: deregistering", self.config.instance_id)
+                self.set_status(InstanceStatus.STOPPED)
+                self._stop.set()
+                await self._deregister()
+                return
+
+    async def _deregister(self) -> None:
+        if self.store is None:
+            return
+        try:
+            await self.store.deregister(self.config.instance_id)
+        except Exception as exc:
+            log.warning("could not deregister %s: %s", self.config.instance_id, exc)
+
+    # -- requests ---------------------------------------------------------
+    def prepare(self, req: GenerateRequest) -> EngineRequest:
+        """Validate and tokenise; raise a user error for anything we refuse."""
+        if not self.healthy:
+            raise ServiceUnavailableError(f"instance is unhealthy: {self.unhealthy_reason}")
+        if (
+            self._status is not InstanceStatus.ACTIVE
+            and self._status is not InstanceStatus.DRAINING
+        ):
+            raise ServiceUnavailableError(f"instance is {self._status.value}")
+        if req.model is not None and req.model != self.config.served_model_name:
+            raise NotFoundError(
+                f"model {req.model!r} is not served here (serving "
+                f"{self.config.served_model_name!r})", param="model", code="model_not_found",
+            )  # fmt: skip
+        prompt_ids = self._tokenize(req)
+        max_len = self.engine.limits.max_model_len
+        if len(prompt_ids) >= max_len:
+            raise ContextLengthError(
+                f"prompt has {len(prompt_ids)} tokens; this model's context is {max_len} tokens"
+            )
+        max_tokens = req.max_tokens if req.max_tokens is not None else max_len - len(prompt_ids)
+        if len(prompt_ids) + max_tokens > max_len:
+            raise ContextLengthError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                f"the context of {max_len} tokens", param="max_tokens",
+            )  # fmt: skip
+        request_id = req.request_id or f"req-{uuid.uuid4().hex}"
+        if request_id in self._inflight:
+            raise BadRequestError(
+                f"request id {request_id!r} is already in use", param="request_id"
+            )
+        return EngineRequest(
+            request_id=request_id,
+            prompt_token_ids=tuple(prompt_ids),
+            sampling=self._sampling(req, max_tokens),
+            priority=req.priority,
+            arrival_time=self._clock(),
+        )
+
+    def _tokenize(self, req: GenerateRequest) -> list[int]:
+        tok = self.engine.tokenizer
+        if req.messages is not None:
+            messages = [ChatMessage(m.role, m.text()) for m in req.messages]
+            return tok.apply_chat_template(messages)
+        if isinstance(req.prompt, str):
+            ids = tok.encode(req.prompt)
+            if not ids:
+                raise BadRequestError("'prompt' encodes to no tokens", param="prompt")
+            return ids
+        assert req.prompt is not None
+        vocab = self.config.vocab_size
+        if any(t < 0 or (vocab is not None and t >= vocab) for t in req.prompt):
+            raise BadRequestError(f"token ids must be in [0, {vocab})", param="prompt")
+        return list(req.prompt)
+
+    @staticmethod
+    def _sampling(req: GenerateRequest, max_tokens: int) -> SamplingSpec:
+        return SamplingSpec(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_tokens=req.min_tokens,
+            seed=req.seed,
+            stop=req.stop_sequences,
+            ignore_eos=req.ignore_eos,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
+        )
+
+    async def run(self, request: EngineRequest) -> AsyncGenerator[GenerateChunk, None]:
+        """Generate, yielding one chunk per engine delta. Closing the iterator
+        aborts the request in the engine."""
+        rid = request.request_id
+        priority = request.priority.value
+        self._inflight.add(rid)
+        first: float | None = None
+        last = request.arrival_time
+        finish: str | None = None
+        try:
+            async for delta in self.engine.generate(request):
+                now = self._clock()
+                if delta.token_ids:
+                    if first is None:
+                        first = now
+                        self.metrics.ttft.labels(priority).observe(now - request.arrival_time)
+                    else:
+                        self.metrics.tpot.labels(priority).observe(now - last)
+                    last = now
+                usage = None
+                if delta.finish_reason is not None:
+                    finish = delta.finish_reason
+                    usage = Usage(
+                        prompt_tokens=delta.num_prompt_tokens,
+                        completion_tokens=delta.num_output_tokens,
+                        total_tokens=delta.num_prompt_tokens + delta.num_output_tokens,
+                    )
+                yield GenerateChunk(
+                    request_id=rid,
+                    token_ids=list(delta.token_ids),
+                    text=delta.text,
+                    finish_reason=delta.finish_reason,
+                    usage=usage,
+                )
+        finally:
+            self._inflight.discard(rid)
+            self.metrics.requests.labels(priority, finish or "abort").inc()
+            if finish is not None:
+                self.metrics.e2e.labels(priority).observe(self._clock() - request.arrival_time)
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._inflight)

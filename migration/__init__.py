@@ -1,0 +1,1 @@
+"""Live migration of running requests between instances (arrives with its issue)."""
