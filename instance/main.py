@@ -7,11 +7,11 @@ import os
 import socket
 import uuid
 
-import uvicorn
 from redis.asyncio import Redis
 
 from infra.embedded_redis import resolve_redis
 from infra.keys import KeySchema
+from infra.serving import run_server
 from infra.settings import InstanceSettings
 from infra.store import StateStore
 from infra.telemetry import make_tracer, new_registry
@@ -102,10 +102,7 @@ async def serve(settings: InstanceSettings) -> None:
             max_body_bytes=settings.max_body_bytes,
         )
         log.info("instance %s serving %s on %s", instance_id, served_name, config.address)
-        server = uvicorn.Server(
-            uvicorn.Config(app, host=settings.host, port=port, log_level="warning")
-        )
-        await server.serve()
+        await run_server(app, settings.host, port)
     finally:
         await redis.aclose()
         if owned_redis is not None:

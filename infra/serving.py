@@ -1,0 +1,37 @@
+"""Running an ASGI app under uvicorn with Shoal's shutdown rules."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+from starlette.types import ASGIApp
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGINT/SIGTERM after shutdown, which kills the process
+    before the caller's cleanup runs; Shoal handles the signals itself."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def run_server(app: ASGIApp, host: str, port: int, *, log_level: str = "warning") -> None:
+    """Serve until SIGINT/SIGTERM, then return (so ``finally`` blocks run)."""
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    loop = asyncio.get_running_loop()
+
+    def _exit() -> None:
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _exit)
+    try:
+        await server.serve()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

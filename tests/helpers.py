@@ -1,0 +1,105 @@
+"""Test helpers: real worker processes on loopback, always cleaned up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+SHOAL = [sys.executable, "-m", "infra.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    instance_id: str
+    log_path: Path
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the worker's main process only."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the worker and everything it started (its process group)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(5)
+
+
+def start_worker(
+    *,
+    engine: str,
+    redis_url: str,
+    namespace: str,
+    log_dir: Path,
+    instance_id: str,
+    args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 300.0,
+) -> WorkerProcess:
+    port = free_port()
+    cmd = [*SHOAL, "instance", "--engine", engine, "--port", str(port),
+           "--instance-id", instance_id, "--redis-url", redis_url, *(args or [])]  # fmt: skip
+    full_env = {**os.environ, "SHOAL_NAMESPACE": namespace, "HF_HUB_OFFLINE": "1",
+                "SHOAL_RUN_DIR": str(log_dir / "run"), **(env or {})}  # fmt: skip
+    log_path = log_dir / f"{instance_id}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    worker = WorkerProcess(proc, f"http://127.0.0.1:{port}", instance_id, log_path)
+    deadline = time.monotonic() + ready_timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {proc.returncode}:\n{worker.log_tail()}")
+        try:
+            if httpx.get(worker.base_url + "/ready", timeout=1.0).status_code == 200:
+                return worker
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            worker.stop()
+            raise TimeoutError(f"worker not ready in {ready_timeout_s}s:\n{worker.log_tail()}")
+        time.sleep(0.2)
+
+
+def wait_for(predicate: object, *, timeout_s: float, interval_s: float = 0.05) -> None:
+    """Poll ``predicate()`` until true; fail with a clear message at the deadline
+    (a bound on waiting, not a performance assertion)."""
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s")
+        time.sleep(interval_s)
