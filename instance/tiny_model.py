@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "tiny-llama"
 _MARKER = "shoal-tiny.json"
-_VERSION = 1
+_VERSION = 2
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -75,7 +75,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 320) -> 
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
+        max_position_embeddings=32768,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

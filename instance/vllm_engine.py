@@ -154,6 +154,9 @@ class VllmEngine:
             scheduling_policy="priority",
             seed=o.seed,
             disable_log_stats=False,
+            # One engine process running the model itself (vLLM's default for a
+            # single device on GPU); on CPU this saves a busy-polling process.
+            distributed_executor_backend="uni",
         )
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._view.logger_factory()])
         cache = self._llm.vllm_config.cache_config
@@ -226,9 +229,10 @@ class VllmEngine:
                 await asyncio.shield(self._llm.abort(request.request_id))
 
     def load(self) -> EngineLoad:
-        """Real scheduler figures, with per-request footprints from the worker's
-        bookkeeping: requests that produced tokens (or that the scheduler counts
-        as running, by priority then arrival) are running, the rest wait."""
+        """Real scheduler figures (KV usage, running count, preemptions), with
+        per-request footprints from the worker's bookkeeping: requests that have
+        produced tokens, plus as many as the scheduler reports running (by
+        priority then arrival), are running; the rest wait in that order."""
         total = self.limits.num_blocks_total
         bs = self.limits.block_size
         if not self._tracked:
@@ -243,7 +247,10 @@ class VllmEngine:
             self._tracked.values(),
             key=lambda t: (t.num_output == 0, t.request.priority.rank, t.request.arrival_time),
         )
-        num_running = min(max(self._view.num_running, 0), len(ordered))
+        # A request that has produced tokens is running; the scheduler's own count
+        # (which can lag by a step) adds the ones still prefilling.
+        num_decoding = sum(1 for t in ordered if t.num_output > 0)
+        num_running = min(max(self._view.num_running, num_decoding), len(ordered))
         running = [_request_load(t, bs) for t in ordered[:num_running]]
         waiting = [_request_load(t, bs) for t in ordered[num_running:]]
         return EngineLoad(

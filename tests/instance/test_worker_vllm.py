@@ -1,0 +1,244 @@
+"""The instance worker with real vLLM (CPU build, tiny generated model) and a
+real Valkey. One worker engine and one offline reference engine start for the
+whole module, side by side on the two cores."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from infra.keys import KeySchema
+from infra.records import LoadReport
+from infra.store import StateStore
+from tests.helpers import REPO, SHOAL, WorkerProcess, start_worker, wait_for
+
+pytestmark = pytest.mark.vllm
+
+NAMESPACE = f"vllmtest-{uuid.uuid4().hex[:6]}"
+GREEDY_TOKENS = 24
+INPUTS = [
+    {"messages": [{"role": "user", "content": "Hello, how are you today?"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "The quick brown fox"},
+        ]
+    },  # fmt: skip
+    {"prompt_token_ids": [5, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    subprocess.run([*SHOAL, "model", "tiny", str(path)], cwd=REPO, check=True,
+                   capture_output=True)  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tiny_model: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[WorkerProcess, list[dict[str, list[int]]]]]:
+    tmp = tmp_path_factory.mktemp("vllm")
+    inputs, out = tmp / "inputs.json", tmp / "reference.json"
+    inputs.write_text(json.dumps(INPUTS))
+    reference = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("vllm_reference.py")),
+         str(tiny_model), str(inputs), str(out), str(GREEDY_TOKENS)],
+        env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "1", "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL, stderr=(tmp / "reference.log").open("wb"),
+        start_new_session=True,
+    )  # fmt: skip
+    worker = start_worker(
+        engine="vllm", redis_url=redis_url, namespace=NAMESPACE, log_dir=tmp,
+        instance_id="vllm-a",
+        args=["--model", str(tiny_model), "--served-model-name", "tiny-llama",
+              "--cpu-threads-bind", "0", "--max-num-seqs", "4", "--block-size", "32",
+              "--kv-cache-bytes", str(256 * 1024 * 1024), "--max-model-len", "16384"],
+        env={"SHOAL_DTYPE": "float32", "SHOAL_HEARTBEAT_TTL_S": "2"},
+    )  # fmt: skip
+    try:
+        assert reference.wait(600) == 0, (tmp / "reference.log").read_text()[-3000:]
+        yield worker, json.loads(out.read_text())
+    finally:
+        worker.stop()
+        if reference.poll() is None:
+            os.killpg(reference.pid, 9)
+
+
+@pytest.fixture
+def worker(stack: tuple[WorkerProcess, list[dict[str, list[int]]]]) -> WorkerProcess:
+    return stack[0]
+
+
+def load_of(worker: WorkerProcess) -> LoadReport:
+    return LoadReport.model_validate_json(httpx.get(worker.base_url + "/load").content)
+
+
+def stream_tokens(worker: WorkerProcess, body: dict[str, object]) -> tuple[list[int], dict]:
+    with httpx.stream("POST", worker.base_url + "/generate", json={**body, "stream": True},
+                      timeout=120) as resp:  # fmt: skip
+        assert resp.status_code == 200, resp.read()
+        chunks = [json.loads(line) for line in resp.iter_lines() if line]
+    return [t for c in chunks for t in c["token_ids"]], chunks[-1]
+
+
+def test_greedy_stream_equals_offline_llm_generate(
+    stack: tuple[WorkerProcess, list[dict[str, list[int]]]],
+) -> None:
+    worker, reference = stack
+    for item, expected in zip(INPUTS, reference, strict=True):
+        body: dict[str, object] = {"temperature": 0.0, "max_tokens": GREEDY_TOKENS,
+                                   "ignore_eos": True}  # fmt: skip
+        if "messages" in item:
+            body["messages"] = item["messages"]
+        else:
+            body["prompt"] = item["prompt_token_ids"]
+        tokens, last = stream_tokens(worker, body)
+        assert tokens == expected["token_ids"]
+        assert last["usage"] == {
+            "prompt_tokens": len(expected["prompt_token_ids"]),
+            "completion_tokens": GREEDY_TOKENS,
+            "total_tokens": len(expected["prompt_token_ids"]) + GREEDY_TOKENS,
+        }
+        whole = httpx.post(worker.base_url + "/generate", json=body, timeout=120).json()
+        assert whole["token_ids"] == expected["token_ids"]
+
+
+def test_bad_input_is_refused_with_4xx(worker: WorkerProcess) -> None:
+    url = worker.base_url + "/generate"
+    too_long = httpx.post(url, json={"prompt": "fox " * 20000})
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
+    assert httpx.post(url, json={"prompt": "x", "max_tokens": -3}).status_code == 400
+    assert httpx.post(url, json={"prompt": "x", "best_of": 3}).status_code == 400
+    assert httpx.post(url, json={"prompt": "x", "model": "gpt-9"}).status_code == 404
+
+
+def test_high_priority_overtakes_waiting_normal_requests(worker: WorkerProcess) -> None:
+    """Four long requests fill the batch (max_num_seqs = 4); three normal and
+    then one high request queue behind them. When a slot frees, the high
+    request is the one admitted. (The long requests are not streamed so that
+    this test's client stays light on the two shared cores.)"""
+    order: list[str] = []
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=worker.base_url, timeout=300) as ac:
+
+            async def first_token(name: str, body: dict[str, object]) -> None:
+                async with ac.stream("POST", "/generate", json={**body, "stream": True}) as r:
+                    assert r.status_code == 200, await r.aread()
+                    async for line in r.aiter_lines():
+                        if name not in order and line and json.loads(line)["token_ids"]:
+                            order.append(name)
+
+            # Long enough (about a minute) to outlast the set-up below even when a
+            # busy two-core machine stalls this client for seconds.
+            long = {"prompt": "Large language models", "max_tokens": 16000, "ignore_eos": True}
+            fillers = [asyncio.ensure_future(ac.post("/generate", json=long)) for _ in range(4)]
+            await _until(worker, "4 running", lambda r: r.num_running == 4)
+            short = {"prompt": "hello", "max_tokens": 4, "ignore_eos": True}
+            normals = [asyncio.ensure_future(first_token(f"normal{i}", short)) for i in range(3)]
+            await _until(worker, "3 waiting", lambda r: r.waiting_by_priority.normal == 3)
+            high = asyncio.ensure_future(first_token("high", {**short, "priority": "high"}))
+            await _until(worker, "high waiting", lambda r: r.waiting_by_priority.high == 1)
+            fillers[0].cancel()  # free one slot: the client of long0 goes away
+            await high
+            for filler in fillers[1:]:
+                filler.cancel()
+            await asyncio.gather(*normals)
+            await asyncio.gather(*fillers, return_exceptions=True)
+
+    asyncio.run(run())
+    assert order[0] == "high", order
+    assert sorted(order[1:]) == ["normal0", "normal1", "normal2"]
+    wait_for(lambda: load_of(worker).num_running == 0, timeout_s=30)
+
+
+async def _until(
+    worker: WorkerProcess, what: str, predicate: Callable[[LoadReport], bool], timeout_s: float = 60
+) -> None:
+    """Wait (bounded) for a condition on the worker's load report."""
+    report = None
+    for _ in range(int(timeout_s / 0.02)):
+        report = await asyncio.to_thread(load_of, worker)
+        if predicate(report):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{what}: not reached within {timeout_s}s; last report {report}")
+
+
+def test_load_report_tracks_the_engine(worker: WorkerProcess) -> None:
+    idle = load_of(worker)
+    assert (idle.num_running, idle.num_waiting, idle.num_blocks_used) == (0, 0, 0)
+    seen: list[LoadReport] = []
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=worker.base_url, timeout=300) as ac:
+            body = {"prompt": "fox " * 100, "max_tokens": 600, "ignore_eos": True}
+            reqs = [asyncio.ensure_future(ac.post("/generate", json=body)) for _ in range(6)]
+            while not all(r.done() for r in reqs):
+                seen.append(LoadReport.model_validate_json((await ac.get("/load")).content))
+                await asyncio.sleep(0.05)
+            assert all(r.result().status_code == 200 for r in reqs)
+
+    asyncio.run(run())
+    busiest = max(seen, key=lambda r: (r.num_running, r.num_waiting))
+    assert busiest.num_running == 4 and busiest.num_waiting == 2  # max_num_seqs = 4
+    # Each running request holds its ~100-token prompt (4 blocks of 32) or more.
+    assert max(r.num_blocks_used for r in seen) >= 4 * 4
+    assert all(r.num_blocks_used <= r.num_blocks_total for r in seen)
+    assert min(r.freeness for r in seen) < busiest.num_blocks_total
+    wait_for(lambda: load_of(worker).num_running == 0, timeout_s=30)
+    after = load_of(worker)
+    assert after.num_blocks_used == 0 and after.num_waiting == 0
+    assert after.num_finished_total >= idle.num_finished_total + 6
+
+
+def test_disconnect_aborts_and_kv_returns_to_idle(worker: WorkerProcess) -> None:
+    body = {"prompt": "fox " * 50, "max_tokens": 15000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", worker.base_url + "/generate", json=body, timeout=60) as resp:
+        lines = resp.iter_lines()
+        next(lines), next(lines)
+        wait_for(lambda: load_of(worker).num_running == 1, timeout_s=60)
+        busy = load_of(worker)
+        assert busy.num_blocks_used > 0
+    wait_for(lambda: load_of(worker).num_running == 0, timeout_s=5)
+    report = load_of(worker)
+    assert report.num_blocks_used == 0 and report.num_finished_total >= busy.num_finished_total
+    # The engine itself has let go of the request: a new one runs alone.
+    tokens, last = stream_tokens(worker, {"prompt": "hi", "max_tokens": 3, "ignore_eos": True})
+    assert len(tokens) == 3 and last["finish_reason"] == "length"
+
+
+async def test_reports_reach_redis(worker: WorkerProcess, redis: Redis) -> None:
+    view = await StateStore(redis, KeySchema(NAMESPACE)).get_instance(worker.instance_id)
+    assert view is not None and view.info.engine == "vllm" and view.info.block_size == 32
+    assert view.load is not None and view.load.num_blocks_total == view.info.num_blocks_total > 0
+
+
+async def test_sigkilled_worker_leaves_registry_within_ttl(
+    worker: WorkerProcess, redis: Redis
+) -> None:
+    # Runs last in this module: it kills the shared worker.
+    store = StateStore(redis, KeySchema(NAMESPACE))
+    assert await store.get_instance(worker.instance_id) is not None
+    worker.kill()
+    ids: list[str] = [worker.instance_id]
+    for _ in range(100):
+        ids = [v.info.instance_id for v in await store.list_instances()]
+        if worker.instance_id not in ids:
+            break
+        await asyncio.sleep(0.1)
+    assert worker.instance_id not in ids
