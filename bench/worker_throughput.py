@@ -154,9 +154,10 @@ def main() -> None:
                 results[r.name].append(r)
                 print(f"  {r.name:<14} {r.tokens_per_s:8.0f} tok/s  ({r.tokens} tokens, "
                       f"{r.wall_s:.1f} s)", flush=True)  # fmt: skip
-    print(f"\n{args.requests} requests x {args.max_tokens} tokens, concurrency "
-          f"{args.concurrency}, tiny model, one engine on core 0, {args.rounds} rounds\n")  # fmt: skip
-    print(f"{'server':<14} {'tok/s (mean)':>13} {'rounds':>24} {'p50 req s':>10} {'p99 req s':>10}")
+    setup = f"concurrency {args.concurrency}, tiny model, engine on core 0, {args.rounds} rounds"
+    print(f"\n{args.requests} requests x {args.max_tokens} tokens, {setup}\n")
+    h = ("server", "tok/s (mean)", "rounds", "p50 req s", "p99 req s")
+    print(f"{h[0]:<14} {h[1]:>13} {h[2]:>24} {h[3]:>10} {h[4]:>10}")
     means = {}
     for name, rs in results.items():
         lat = sorted(x for r in rs for x in r.latencies_s)

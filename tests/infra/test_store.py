@@ -54,6 +54,7 @@ async def test_infinite_freeness_is_stored_as_standard_json(redis: Redis) -> Non
     s = store(redis)
     await s.publish(info("x"), report("x", freeness=-math.inf), ttl_s=5)
     raw = await redis.get(s.keys.load("x"))
+    assert isinstance(raw, bytes)
     assert b'"freeness":"-Infinity"' in raw
 
 

@@ -12,6 +12,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -26,14 +27,14 @@ pytestmark = pytest.mark.vllm
 
 NAMESPACE = f"vllmtest-{uuid.uuid4().hex[:6]}"
 GREEDY_TOKENS = 24
-INPUTS = [
+INPUTS: list[dict[str, Any]] = [
     {"messages": [{"role": "user", "content": "Hello, how are you today?"}]},
     {
         "messages": [
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "The quick brown fox"},
         ]
-    },  # fmt: skip
+    },
     {"prompt_token_ids": [5, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]},
 ]
 
@@ -86,7 +87,9 @@ def load_of(worker: WorkerProcess) -> LoadReport:
     return LoadReport.model_validate_json(httpx.get(worker.base_url + "/load").content)
 
 
-def stream_tokens(worker: WorkerProcess, body: dict[str, object]) -> tuple[list[int], dict]:
+def stream_tokens(
+    worker: WorkerProcess, body: dict[str, object]
+) -> tuple[list[int], dict[str, Any]]:
     with httpx.stream("POST", worker.base_url + "/generate", json={**body, "stream": True},
                       timeout=120) as resp:  # fmt: skip
         assert resp.status_code == 200, resp.read()

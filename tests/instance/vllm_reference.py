@@ -21,7 +21,9 @@ def main(model: str, inputs_path: str, out_path: str, max_tokens: int) -> None:
     tok = llm.get_tokenizer()
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     outputs = []
-    for item in json.loads(open(inputs_path).read()):
+    with open(inputs_path) as f:
+        inputs = json.load(f)
+    for item in inputs:
         if "messages" in item:
             text = tok.apply_chat_template(item["messages"], tokenize=False,
                                            add_generation_prompt=True)  # fmt: skip
