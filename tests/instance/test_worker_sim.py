@@ -217,3 +217,36 @@ async def test_sigkilled_worker_leaves_registry_within_ttl(
         assert "sim-victim" not in ids
     finally:
         victim.stop()
+
+
+def test_shoal_status_json_lists_the_worker(redis_url: str, worker: WorkerProcess) -> None:
+    import os
+    import subprocess
+
+    from tests.helpers import REPO, SHOAL
+
+    env = {**os.environ, "SHOAL_REDIS_URL": redis_url, "SHOAL_NAMESPACE": NAMESPACE}
+    out = subprocess.run([*SHOAL, "status", "--json"], env=env, cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    status = json.loads(out)
+    assert status["schema_version"] == 1 and status["namespace"] == NAMESPACE
+    (entry,) = [i for i in status["instances"] if i["info"]["instance_id"] == "sim-a"]
+    assert entry["info"]["address"] == worker.base_url
+    assert entry["load"]["freeness"] in ("Infinity",) or isinstance(
+        entry["load"]["freeness"], float
+    )
+    table = subprocess.run([*SHOAL, "status"], env=env, cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout  # fmt: skip
+    assert "sim-a" in table and "FREENESS" in table
+
+
+def test_shoal_status_without_redis_fails_clearly(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from tests.helpers import REPO, SHOAL
+
+    env = {k: v for k, v in os.environ.items() if k != "SHOAL_REDIS_URL"}
+    env["SHOAL_RUN_DIR"] = str(tmp_path)
+    done = subprocess.run([*SHOAL, "status"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1 and "no Redis" in done.stderr
