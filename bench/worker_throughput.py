@@ -90,7 +90,8 @@ async def _load(
             while not queue.empty():
                 queue.get_nowait()
                 t0 = time.perf_counter()
-                total += await request(client, max_tokens)
+                tokens = await request(client, max_tokens)  # not `total += await`: racy
+                total += tokens
                 latencies.append(time.perf_counter() - t0)
 
         start = time.perf_counter()
@@ -119,7 +120,7 @@ def run_shoal(model: Path, args: argparse.Namespace, log_dir: Path) -> Result:
 
 def run_vllm_serve(model: Path, args: argparse.Namespace, log_dir: Path) -> Result:
     port = free_port()
-    cmd = [python(), "-m", "vllm.entrypoints.cli.main", "serve", str(model), "--port", str(port),
+    cmd = [python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
            "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager",
            "--max-num-seqs", str(args.concurrency), "--block-size", "32",
            "--kv-cache-memory-bytes", str(args.kv_bytes), "--max-model-len", "2048",
