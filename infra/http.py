@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import Awaitable
+from typing import TypeVar
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from infra.errors import PayloadTooLargeError
+
+T = TypeVar("T")
 
 
 class BodyLimitMiddleware:
@@ -56,3 +63,24 @@ class BodyLimitMiddleware:
 
 class _TooLarge(Exception):
     pass
+
+
+DISCONNECT_POLL_S = 0.2
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Await ``work``, cancelling it (and returning ``None``) as soon as the
+    client of ``request`` disconnects; checked every 200 ms."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

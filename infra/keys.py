@@ -6,6 +6,7 @@ key                     type / record           meaning
 ``<ns>:instances``      set of instance ids     index of registered instances
 ``<ns>:instance:<id>``  string / InstanceInfo   registry entry, expires with the heartbeat
 ``<ns>:load:<id>``      string / LoadReport     latest load report, expires likewise
+``<ns>:reserved:<id>``  sorted set              in-flight reservations (request id -> expiry)
 ======================  ======================  ==========================================
 
 An id in the index whose ``instance`` key has expired is dead; readers prune it.
@@ -29,3 +30,6 @@ class KeySchema:
 
     def load(self, instance_id: str) -> str:
         return f"{self.namespace}:load:{instance_id}"
+
+    def reserved(self, instance_id: str) -> str:
+        return f"{self.namespace}:reserved:{instance_id}"

@@ -122,3 +122,41 @@ class InstanceSettings(CommonSettings):
     @property
     def public_host(self) -> str:
         return self.advertise_host or self.host
+
+
+class GatewaySettings(CommonSettings):
+    """Settings of a gateway replica (``shoal gateway``)."""
+
+    host: str = "127.0.0.1"
+    """Interface the gateway listens on."""
+
+    port: int = Field(default=8000, ge=0, le=65535)
+    """TCP port of the OpenAI-compatible API."""
+
+    dispatch_policy: str = "llumnix"
+    """Name of the registered dispatch policy (``llumnix``, ``least-load``,
+    ``round-robin``, ``random``)."""
+
+    view_refresh_interval_s: float = Field(default=0.05, gt=0.0)
+    """How often the gateway re-reads instance load from Redis."""
+
+    view_max_staleness_s: float = Field(default=30.0, gt=0.0)
+    """While Redis is unreachable, keep dispatching from the last view for this long."""
+
+    max_attempts: int = Field(default=3, ge=1)
+    """Instances tried for one request before its first token (failures excluded)."""
+
+    retry_backoff_s: float = Field(default=0.05, ge=0.0)
+    """Base backoff between attempts (doubles each attempt)."""
+
+    reservation_ttl_s: float = Field(default=10.0, gt=0.0)
+    """Lifetime of an in-flight reservation that is never released."""
+
+    connect_timeout_s: float = Field(default=2.0, gt=0.0)
+    """Connect timeout to an instance worker."""
+
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest request body accepted; larger ones get a 413."""
+
+    default_max_priority: str = "normal"
+    """Highest priority a request may ask for when no API keys are configured."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from infra.errors import ErrorDetail, ServiceUnavailableError, install_error_handlers
-from infra.http import BodyLimitMiddleware
+from infra.http import BodyLimitMiddleware, unless_disconnected
 from infra.records import InstanceInfo, InstanceStatus, LoadReport
 from infra.telemetry import extract_context
 from instance.api import (
@@ -31,7 +29,6 @@ from instance.worker import InstanceWorker
 
 log = logging.getLogger(__name__)
 
-DISCONNECT_POLL_S = 0.2
 NDJSON = "application/x-ndjson"
 
 
@@ -166,20 +163,8 @@ async def _collect(worker: InstanceWorker, ereq: EngineRequest) -> GenerateRespo
 
 async def _whole(worker: InstanceWorker, ereq: EngineRequest, request: Request) -> Response:
     """Run a non-streaming request, aborting it if the client disconnects."""
-    task = asyncio.create_task(_collect(worker, ereq))
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return Response(task.result().model_dump_json(), media_type="application/json")
-            if await request.is_disconnected():
-                log.info("client of %s went away: aborting", ereq.request_id)
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                return Response(status_code=499)
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    result = await unless_disconnected(request, _collect(worker, ereq))
+    if result is None:
+        log.info("client of %s went away: aborted", ereq.request_id)
+        return Response(status_code=499)
+    return Response(result.model_dump_json(), media_type="application/json")

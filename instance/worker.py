@@ -149,7 +149,8 @@ class InstanceWorker:
         max_len = self.engine.limits.max_model_len
         if len(prompt_ids) >= max_len:
             raise ContextLengthError(
-                f"prompt has {len(prompt_ids)} tokens; this model's context is {max_len} tokens"
+                f"prompt has {len(prompt_ids)} tokens; this model's context is {max_len} tokens",
+                param="messages" if req.messages is not None else "prompt",
             )
         max_tokens = req.max_tokens if req.max_tokens is not None else max_len - len(prompt_ids)
         if len(prompt_ids) + max_tokens > max_len:

@@ -1,0 +1,29 @@
+"""Prometheus metrics of a gateway replica (``shoal_gateway_*``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        p = "shoal_gateway_"
+        self.requests = Counter(p + "requests", "Requests answered, by status and priority",
+                                ["status", "priority"], registry=registry)  # fmt: skip
+        self.ttft = Histogram(p + "time_to_first_token_seconds", "Time to first token",
+                              ["priority"], buckets=_LATENCY, registry=registry)  # fmt: skip
+        self.tpot = Histogram(p + "time_per_output_token_seconds", "Time per output token",
+                              ["priority"], buckets=_PER_TOKEN, registry=registry)  # fmt: skip
+        self.e2e = Histogram(p + "request_duration_seconds", "End-to-end request latency",
+                             ["priority"], buckets=_LATENCY, registry=registry)  # fmt: skip
+        self.inflight = Gauge(p + "inflight_requests", "Requests in flight", registry=registry)
+        self.dispatched = Counter(p + "dispatch_decisions", "Requests sent, by instance",
+                                  ["instance"], registry=registry)  # fmt: skip
+        self.retries = Counter(p + "retries", "Attempts retried on another instance",
+                               registry=registry)  # fmt: skip
+        self.instances = Gauge(p + "view_instances", "Instances in the gateway's view",
+                               registry=registry)  # fmt: skip

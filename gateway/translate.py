@@ -1,0 +1,85 @@
+"""OpenAI requests to instance requests, instance chunks to OpenAI bodies."""
+
+from __future__ import annotations
+
+from gateway.openai_api import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatMessageOut,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Usage,
+)
+from infra.records import Priority
+from instance.api import GenerateChunk, GenerateRequest
+
+
+def to_generate(
+    req: ChatCompletionRequest | CompletionRequest, request_id: str, priority: Priority
+) -> GenerateRequest:
+    common = dict(
+        request_id=request_id,
+        model=req.model,
+        max_tokens=req.token_limit,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=-1 if req.top_k is None else req.top_k,
+        min_tokens=req.min_tokens,
+        seed=req.seed,
+        stop=req.stop,
+        ignore_eos=req.ignore_eos,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        priority=priority,
+        stream=True,
+    )
+    if isinstance(req, ChatCompletionRequest):
+        return GenerateRequest(messages=req.messages, **common)  # type: ignore[arg-type]
+    return GenerateRequest(prompt=req.prompt, **common)  # type: ignore[arg-type]
+
+
+def usage_of(chunk: GenerateChunk) -> Usage | None:
+    if chunk.usage is None:
+        return None
+    return Usage(**chunk.usage.model_dump())
+
+
+def chat_chunk(
+    rid: str, created: int, model: str, chunk: GenerateChunk, first: bool
+) -> ChatCompletionChunk:
+    delta = ChatDelta(role="assistant" if first else None, content=chunk.text)
+    choice = ChatChunkChoice(delta=delta, finish_reason=chunk.finish_reason)
+    return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
+
+
+def chat_usage_chunk(rid: str, created: int, model: str, usage: Usage) -> ChatCompletionChunk:
+    return ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
+
+
+def completion_chunk(rid: str, created: int, model: str, chunk: GenerateChunk) -> Completion:
+    choice = CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason)
+    return Completion(id=rid, created=created, model=model, choices=[choice])
+
+
+def completion_usage_chunk(rid: str, created: int, model: str, usage: Usage) -> Completion:
+    return Completion(id=rid, created=created, model=model, choices=[], usage=usage)
+
+
+def chat_whole(
+    rid: str, created: int, model: str, text: str, finish: str | None, usage: Usage
+) -> ChatCompletion:
+    choice = ChatChoice(message=ChatMessageOut(content=text), finish_reason=finish)
+    return ChatCompletion(id=rid, created=created, model=model, choices=[choice], usage=usage)
+
+
+def completion_whole(
+    rid: str, created: int, model: str, text: str, finish: str | None, usage: Usage
+) -> Completion:
+    choice = CompletionChoice(text=text, finish_reason=finish)
+    return Completion(id=rid, created=created, model=model, choices=[choice], usage=usage)

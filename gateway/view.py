@@ -1,0 +1,97 @@
+"""The gateway's local view of the cluster, refreshed from Redis.
+
+Reads the registry, the load reports and the reservation counts every
+``refresh_interval_s``. When Redis is unreachable the last view stays in use
+for ``max_staleness_s`` (the gateway reports not-ready meanwhile) and the view
+recovers by itself when Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.policies import Candidate
+from gateway.reservations import Reservations
+from infra.records import InstanceStatus, InstanceView
+from infra.store import StateStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    instances: tuple[InstanceView, ...] = ()
+    reserved: dict[str, int] = field(default_factory=dict)
+    taken_at: float = 0.0
+
+    def models(self) -> list[str]:
+        return sorted({v.info.model for v in self.instances})
+
+    def candidates(self, model: str, exclude: set[str]) -> list[Candidate]:
+        """Active instances serving ``model`` with a load report."""
+        return [
+            Candidate(v.info, v.load, self.reserved.get(v.info.instance_id, 0))
+            for v in self.instances
+            if v.info.model == model
+            and v.load is not None
+            and v.load.status is InstanceStatus.ACTIVE
+            and v.info.status is InstanceStatus.ACTIVE
+            and v.info.instance_id not in exclude
+        ]
+
+
+class ClusterView:
+    def __init__(
+        self,
+        store: StateStore,
+        reservations: Reservations,
+        *,
+        refresh_interval_s: float,
+        max_staleness_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._reservations = reservations
+        self._interval = refresh_interval_s
+        self._max_staleness = max_staleness_s
+        self._clock = clock
+        self.snapshot = Snapshot()
+        self._last_ok: float | None = None
+        self._failures = 0
+
+    async def refresh(self) -> None:
+        views = await self._store.list_instances()
+        reserved = await self._reservations.counts([v.info.instance_id for v in views])
+        self.snapshot = Snapshot(tuple(views), reserved, self._clock())
+        self._last_ok = self._clock()
+        if self._failures:
+            log.info("Redis is back after %d failed refreshes", self._failures)
+        self._failures = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.refresh()
+            except Exception as exc:
+                self._failures += 1
+                if self._failures in (1, 20) or self._failures % 200 == 0:
+                    log.warning(
+                        "cluster view refresh failed (%d in a row): %s", self._failures, exc
+                    )
+            await asyncio.sleep(self._interval)
+
+    @property
+    def fresh(self) -> bool:
+        """The last refresh succeeded recently (the gateway is ready)."""
+        return self._last_ok is not None and self._clock() - self._last_ok < max(
+            1.0, 10 * self._interval
+        )
+
+    @property
+    def usable(self) -> bool:
+        """The view is recent enough to dispatch from."""
+        return self._last_ok is not None and self._clock() - self._last_ok < self._max_staleness
