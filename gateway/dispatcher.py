@@ -27,6 +27,18 @@ class RetryPolicy:
     backoff_s: float = 0.05
 
 
+MAX_RESERVE_CONFLICTS = 8
+
+
+def _prompt_estimate(body: GenerateRequest) -> int:
+    """Rough prompt length in tokens (the gateway does not tokenise)."""
+    if isinstance(body.prompt, list):
+        return max(1, len(body.prompt))
+    if isinstance(body.prompt, str):
+        return max(1, len(body.prompt) // 4)
+    return max(1, sum(len(m.text()) for m in body.messages or []) // 4)
+
+
 class StreamBroken(Exception):
     """The instance failed after tokens reached the client."""
 
@@ -49,6 +61,7 @@ class Dispatcher:
         self._retry = retry
         self._tick = 0
         self._rng = random.Random()
+        self._choosing = asyncio.Lock()
 
     def _candidates(self, model: str, exclude: set[str]) -> list[Candidate]:
         if not self._view.usable:
@@ -61,27 +74,48 @@ class Dispatcher:
             )  # fmt: skip
         return snapshot.candidates(model, exclude)
 
+    def _since(self, c: Candidate) -> float:
+        """Reservations newer than this are not yet reflected in ``c``'s report."""
+        return c.load.timestamp - self._view.reservation_grace_s
+
     async def _choose(self, body: GenerateRequest, model: str, exclude: set[str]) -> Candidate:
-        candidates = self._candidates(model, exclude)
-        if not candidates:
-            raise ServiceUnavailableError(f"no instance of {model!r} is available", retry_after_s=2)
-        prompt_chars = len(body.prompt) if isinstance(body.prompt, list | str) else 0
-        if body.messages:
-            prompt_chars = sum(len(m.text()) for m in body.messages)
-        request = DispatchRequest(
-            priority=body.priority, num_prompt_tokens=max(1, prompt_chars // 4)
-        )
-        ctx = DispatchContext(request, candidates, tick=self._tick, rng=self._rng)
-        self._tick += 1
-        ranking = self._policy.rank(ctx)
+        """Rank with the policy and reserve the best instance atomically. If
+        another request (here or on another replica) reserved it since our
+        snapshot, take the fresh count into account and rank again."""
         assert body.request_id is not None
-        # Optimistic reservation: take the best instance unless another replica
-        # reserved it since our snapshot; then the next; else the best anyway.
-        for c in ranking:
-            if await self._reservations.reserve(c.instance_id, body.request_id, c.num_reserved):
-                return c
-        await self._reservations.reserve(ranking[0].instance_id, body.request_id)
-        return ranking[0]
+        request = DispatchRequest(priority=body.priority, num_prompt_tokens=_prompt_estimate(body))
+        # One choice at a time in this replica, so its own requests always see
+        # each other's reservations; other replicas are caught by the atomic check.
+        async with self._choosing:
+            return await self._reserve_best(body, request, model, exclude)
+
+    async def _reserve_best(
+        self, body: GenerateRequest, request: DispatchRequest, model: str, exclude: set[str]
+    ) -> Candidate:
+        assert body.request_id is not None
+        self._tick += 1
+        for _ in range(MAX_RESERVE_CONFLICTS):
+            candidates = self._candidates(model, exclude)
+            if not candidates:
+                raise ServiceUnavailableError(
+                    f"no instance of {model!r} is available", retry_after_s=2
+                )
+            best = self._policy.rank(DispatchContext(request, candidates, self._tick, self._rng))[0]
+            ok, count = await self._reservations.reserve(
+                best.instance_id, body.request_id, since=self._since(best),
+                expected=best.num_reserved,
+            )  # fmt: skip
+            self._view.snapshot.note_reserved(best.instance_id, count)
+            log.debug("reserve %s on %s: ok=%s, %d unreflected", body.request_id,
+                      best.instance_id, ok, count)  # fmt: skip
+            if ok:
+                return best
+        # Heavy contention: settle for the current best without the check.
+        _, count = await self._reservations.reserve(
+            best.instance_id, body.request_id, since=self._since(best)
+        )
+        self._view.snapshot.note_reserved(best.instance_id, count)
+        return best
 
     async def generate(
         self, body: GenerateRequest, model: str, headers: dict[str, str]
@@ -96,9 +130,7 @@ class Dispatcher:
             started = False
             try:
                 async for chunk in self._upstream.stream(chosen.info.address, body, headers):
-                    if not started:
-                        started = True
-                        await self._reservations.release(chosen.instance_id, body.request_id)
+                    started = True
                     yield chunk
                 return
             except UpstreamError as exc:
@@ -110,7 +142,7 @@ class Dispatcher:
                             body.request_id, chosen.instance_id, exc)  # fmt: skip
                 await asyncio.sleep(self._retry.backoff_s * (2**attempt))
             finally:
-                if not started:
+                if not started:  # a failed attempt must not keep counting
                     await _quietly(self._reservations.release(chosen.instance_id, body.request_id))
         raise ServiceUnavailableError(
             f"no instance could serve the request after {self._retry.max_attempts} attempts"

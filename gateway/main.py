@@ -40,7 +40,8 @@ def build_app(settings: GatewaySettings, redis_url: str) -> FastAPI:
         reservations = Reservations(redis, keys, settings.reservation_ttl_s)
         view = ClusterView(StateStore(redis, keys), reservations,
                            refresh_interval_s=settings.view_refresh_interval_s,
-                           max_staleness_s=settings.view_max_staleness_s)  # fmt: skip
+                           max_staleness_s=settings.view_max_staleness_s,
+                           reservation_grace_s=settings.reservation_grace_s)  # fmt: skip
         timeout = httpx.Timeout(None, connect=settings.connect_timeout_s)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
         client = httpx.AsyncClient(timeout=timeout, limits=limits)

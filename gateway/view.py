@@ -28,6 +28,11 @@ class Snapshot:
     reserved: dict[str, int] = field(default_factory=dict)
     taken_at: float = 0.0
 
+    def note_reserved(self, instance_id: str, count: int) -> None:
+        """Record the instance's unreflected reservations as Redis just counted
+        them, until the next refresh brings every count."""
+        self.reserved[instance_id] = max(self.reserved.get(instance_id, 0), count)
+
     def models(self) -> list[str]:
         return sorted({v.info.model for v in self.instances})
 
@@ -52,12 +57,14 @@ class ClusterView:
         *,
         refresh_interval_s: float,
         max_staleness_s: float,
+        reservation_grace_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._reservations = reservations
         self._interval = refresh_interval_s
         self._max_staleness = max_staleness_s
+        self.reservation_grace_s = reservation_grace_s
         self._clock = clock
         self.snapshot = Snapshot()
         self._last_ok: float | None = None
@@ -65,7 +72,12 @@ class ClusterView:
 
     async def refresh(self) -> None:
         views = await self._store.list_instances()
-        reserved = await self._reservations.counts([v.info.instance_id for v in views])
+        since = {
+            v.info.instance_id: v.load.timestamp - self.reservation_grace_s
+            for v in views
+            if v.load is not None
+        }
+        reserved = await self._reservations.counts(since)
         self.snapshot = Snapshot(tuple(views), reserved, self._clock())
         self._last_ok = self._clock()
         if self._failures:

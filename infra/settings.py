@@ -152,6 +152,10 @@ class GatewaySettings(CommonSettings):
     reservation_ttl_s: float = Field(default=10.0, gt=0.0)
     """Lifetime of an in-flight reservation that is never released."""
 
+    reservation_grace_s: float = Field(default=0.1, ge=0.0)
+    """A reservation keeps counting until a LoadReport this much newer than it
+    exists (covers the request's trip to the instance and the report period)."""
+
     connect_timeout_s: float = Field(default=2.0, gt=0.0)
     """Connect timeout to an instance worker."""
 

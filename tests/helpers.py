@@ -100,3 +100,31 @@ def wait_for(predicate: object, *, timeout_s: float, interval_s: float = 0.05) -
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s")
         time.sleep(interval_s)
+
+
+def start_gateway(
+    *, redis_url: str, namespace: str, log_dir: Path, name: str = "gateway",
+    env: dict[str, str] | None = None, ready_timeout_s: float = 60.0,
+) -> WorkerProcess:  # fmt: skip
+    """A gateway replica on loopback (same process handle as a worker)."""
+    port = free_port()
+    cmd = [*SHOAL, "gateway", "--port", str(port), "--redis-url", redis_url]
+    full_env = {**os.environ, "SHOAL_NAMESPACE": namespace, **(env or {})}
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    gw = WorkerProcess(proc, f"http://127.0.0.1:{port}", name, log_path)
+    deadline = time.monotonic() + ready_timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {proc.returncode}:\n{gw.log_tail()}")
+        try:
+            if httpx.get(gw.base_url + "/readyz", timeout=1.0).status_code == 200:
+                return gw
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            gw.stop()
+            raise TimeoutError(f"gateway not ready:\n{gw.log_tail()}")
+        time.sleep(0.1)

@@ -1,0 +1,305 @@
+"""The gateway over real HTTP in front of sim instance workers, on a real
+Valkey: the OpenAI SDK, errors, priorities, spreading, retries, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from infra.records import LoadReport
+from tests.helpers import WorkerProcess, start_gateway, start_worker, wait_for
+
+NAMESPACE = f"gwtest-{uuid.uuid4().hex[:6]}"
+MODEL = "sim-model"
+SIM_ARGS = ["--sim-speedup", "20", "--max-model-len", "1024", "--num-sim-blocks", "512",
+            "--served-model-name", MODEL]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[WorkerProcess, list[WorkerProcess]]]:
+    logs = tmp_path_factory.mktemp("gw")
+    workers: list[WorkerProcess] = []
+    gateway = None
+    try:
+        for name in ("sim-0", "sim-1"):
+            workers.append(start_worker(engine="sim", redis_url=redis_url, namespace=NAMESPACE,
+                                        log_dir=logs, instance_id=name, args=SIM_ARGS))  # fmt: skip
+        gateway = start_gateway(redis_url=redis_url, namespace=NAMESPACE, log_dir=logs,
+                                env={"SHOAL_MAX_BODY_BYTES": "65536"})  # fmt: skip
+        wait_for(lambda: len(_models(gateway)) == 1, timeout_s=10)
+        yield gateway, workers
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        for w in workers:
+            w.stop()
+
+
+def _models(gw: WorkerProcess) -> list[str]:
+    return [m["id"] for m in httpx.get(gw.base_url + "/v1/models").json()["data"]]
+
+
+@pytest.fixture
+def gateway(cluster: tuple[WorkerProcess, list[WorkerProcess]]) -> WorkerProcess:
+    return cluster[0]
+
+
+@pytest.fixture
+def client(gateway: WorkerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def direct(worker: WorkerProcess, body: dict[str, object]) -> dict[str, object]:
+    resp = httpx.post(worker.base_url + "/generate", json=body, timeout=30)
+    assert resp.status_code == 200
+    data: dict[str, object] = resp.json()
+    return data
+
+
+MESSAGES: Any = [{"role": "user", "content": "Tell me about shoals."}]
+
+
+def test_sdk_chat_non_streaming_matches_the_instance(
+    client: openai.OpenAI, cluster: tuple[WorkerProcess, list[WorkerProcess]]
+) -> None:
+    out = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12)
+    expected = direct(cluster[1][0], {"messages": MESSAGES, "max_tokens": 12})
+    assert out.choices[0].message.content == expected["text"]
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage is not None and out.usage.completion_tokens == 12
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 12
+    assert out.id.startswith("chatcmpl-") and out.model == MODEL
+
+
+def test_sdk_chat_streaming_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=12, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12)
+    assert text == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 12
+    assert len({c.id for c in chunks}) == 1
+
+
+async def test_sdk_async_completions(gateway: WorkerProcess) -> None:
+    client = openai.AsyncOpenAI(base_url=gateway.base_url + "/v1", api_key="x", max_retries=0)
+    whole = await client.completions.create(model=MODEL, prompt="Once upon", max_tokens=8)
+    assert whole.choices[0].finish_reason == "length" and whole.usage is not None
+    stream = await client.completions.create(model=MODEL, prompt="Once upon", max_tokens=8,
+                                             stream=True)  # fmt: skip
+    text = "".join([c.choices[0].text async for c in stream if c.choices])
+    assert text == whole.choices[0].text
+    await client.close()
+
+
+def test_sse_ends_with_one_done(gateway: WorkerProcess) -> None:
+    body = {"model": MODEL, "prompt": "abc", "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", gateway.base_url + "/v1/completions", json=body) as resp:
+        events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and events.count("data: [DONE]") == 1
+    assert all(json.loads(e[6:])["object"] == "text_completion" for e in events[:-1])
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/v1/chat/completions", {"model": "nope", "messages": MESSAGES}, 404, "model"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "n": 2}, 400, "n"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tools": []}, 400, "tools"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": -1}, 400,
+         "max_tokens"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "logprobs": True}, 400,
+         "logprobs"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x" * 2000}, 400, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
+        ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {}}, 400, None),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_openai_errors(
+    gateway: WorkerProcess, path: str, body: dict[str, object], status: int, param: str | None
+) -> None:
+    resp = httpx.post(gateway.base_url + path, json=body)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert err["param"] == param
+
+
+def test_malformed_oversized_and_bad_priority(gateway: WorkerProcess) -> None:
+    url = gateway.base_url + "/v1/chat/completions"
+    resp = httpx.post(url, content=b"{", headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    resp = httpx.post(url, content=b"x" * 70_000, headers={"content-type": "application/json"})
+    assert resp.status_code == 413
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+    resp = httpx.post(url, json=body, headers={"X-Request-Priority": "urgent"})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "X-Request-Priority"
+
+
+def test_priority_is_clamped_and_returned(gateway: WorkerProcess) -> None:
+    url = gateway.base_url + "/v1/chat/completions"
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
+    assert httpx.post(url, json=body).headers["x-request-priority"] == "normal"
+    low = httpx.post(url, json=body, headers={"X-Request-Priority": "low"})
+    assert low.headers["x-request-priority"] == "low"
+    # No keys configured: nobody may ask above normal.
+    high = httpx.post(url, json=body, headers={"X-Request-Priority": "high"})
+    assert high.status_code == 200 and high.headers["x-request-priority"] == "normal"
+
+
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    body=st.dictionaries(
+        st.sampled_from(["model", "messages", "prompt", "max_tokens", "temperature", "n", "stop",
+                         "stream", "seed", "top_p", "extra"]),
+        st.one_of(st.none(), st.booleans(), st.integers(-(2**66), 2**66), st.floats(),
+                  st.text(max_size=10), st.just(MODEL), st.just(MESSAGES)),
+        max_size=6,
+    ),
+    path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+)  # fmt: skip
+def test_fuzzed_requests_never_get_a_5xx(
+    gateway: WorkerProcess, body: dict[str, object], path: str
+) -> None:
+    body.pop("stream", None)
+    if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 32:  # type: ignore[operator]
+        body["max_tokens"] = 32
+    resp = httpx.post(gateway.base_url + path, content=json.dumps(body),
+                      headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert resp.status_code < 500, resp.text
+
+
+def _dispatch_counts(gw: WorkerProcess) -> dict[str, float]:
+    text = httpx.get(gw.base_url + "/metrics").text
+    pattern = r'shoal_gateway_dispatch_decisions_total\{instance="([^"]+)"\} ([0-9.e+]+)'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text)}
+
+
+def test_a_burst_spreads_over_both_instances(gateway: WorkerProcess) -> None:
+    before = _dispatch_counts(gateway)
+
+    async def burst() -> None:
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as ac:
+            body = {"model": MODEL, "prompt": "p" * 50, "max_tokens": 400}
+            results = await asyncio.gather(*[ac.post("/v1/completions", json=body)
+                                             for _ in range(20)])  # fmt: skip
+            assert all(r.status_code == 200 for r in results)
+
+    asyncio.run(burst())
+    after = _dispatch_counts(gateway)
+    sent = {i: after.get(i, 0) - before.get(i, 0) for i in ("sim-0", "sim-1")}
+    assert sum(sent.values()) == 20
+    assert min(sent.values()) >= 5, sent
+
+
+def test_disconnect_mid_stream_frees_the_instance(
+    gateway: WorkerProcess, cluster: tuple[WorkerProcess, list[WorkerProcess]]
+) -> None:
+    body = {"model": MODEL, "prompt": "q" * 20, "max_tokens": 900, "stream": True}
+    with httpx.stream("POST", gateway.base_url + "/v1/completions", json=body) as resp:
+        lines = resp.iter_lines()
+        next(lines), next(lines)
+
+    def idle() -> bool:
+        loads = [LoadReport.model_validate_json(httpx.get(w.base_url + "/load").content)
+                 for w in cluster[1]]  # fmt: skip
+        return all(r.num_running == 0 and r.num_blocks_used == 0 for r in loads)
+
+    wait_for(idle, timeout_s=5)
+
+
+def test_readyz_models_and_metrics(gateway: WorkerProcess) -> None:
+    assert httpx.get(gateway.base_url + "/readyz").json()["instances"] >= 2
+    assert _models(gateway) == [MODEL]
+    text = httpx.get(gateway.base_url + "/metrics").text
+    for name in ["shoal_gateway_requests_total", "shoal_gateway_time_to_first_token_seconds",
+                 "shoal_gateway_request_duration_seconds", "shoal_gateway_inflight_requests",
+                 "shoal_gateway_retries_total"]:  # fmt: skip
+        assert name in text, name
+
+
+def test_killed_instance_requests_are_retried_elsewhere(
+    gateway: WorkerProcess, redis_url: str, tmp_path: Path
+) -> None:
+    # A third instance that dies; the registry still lists it until its TTL runs out.
+    victim = start_worker(engine="sim", redis_url=redis_url, namespace=NAMESPACE,
+                          log_dir=tmp_path, instance_id="sim-victim", args=SIM_ARGS,
+                          env={"SHOAL_HEARTBEAT_TTL_S": "30"})  # fmt: skip
+    try:
+        wait_for(lambda: "sim-victim" in httpx.get(gateway.base_url + "/metrics").text
+                 or _readyz_instances(gateway) >= 3, timeout_s=10)  # fmt: skip
+        victim.kill()
+        victim.proc.wait(10)
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as ac:
+                body = {"model": MODEL, "prompt": "r" * 30, "max_tokens": 20}
+                rs = await asyncio.gather(*[ac.post("/v1/completions", json=body)
+                                            for _ in range(12)])  # fmt: skip
+                return [r.status_code for r in rs]
+
+        assert asyncio.run(burst()) == [200] * 12
+        assert _dispatch_counts(gateway).get("sim-victim", 0) >= 1  # it was tried ...
+        text = httpx.get(gateway.base_url + "/metrics").text
+        assert re.search(r"shoal_gateway_retries_total [1-9]", text)  # ... and retried
+    finally:
+        victim.stop()
+
+
+def _readyz_instances(gw: WorkerProcess) -> int:
+    return int(httpx.get(gw.base_url + "/readyz").json()["instances"])
+
+
+def test_two_replicas_spread_a_burst_without_herding(
+    gateway: WorkerProcess, redis_url: str, tmp_path: Path
+) -> None:
+    second = start_gateway(redis_url=redis_url, namespace=NAMESPACE, log_dir=tmp_path,
+                           name="gateway-2")  # fmt: skip
+    try:
+        wait_for(lambda: _readyz_instances(second) >= 2, timeout_s=10)
+        before = [_dispatch_counts(g) for g in (gateway, second)]
+
+        async def burst() -> None:
+            body = {"model": MODEL, "prompt": "s" * 50, "max_tokens": 400}
+            async with (
+                httpx.AsyncClient(base_url=gateway.base_url, timeout=60) as a,
+                httpx.AsyncClient(base_url=second.base_url, timeout=60) as b,
+            ):
+                calls = [c.post("/v1/completions", json=body) for c in (a, b) for _ in range(12)]
+                assert all(r.status_code == 200 for r in await asyncio.gather(*calls))
+
+        asyncio.run(burst())
+        after = [_dispatch_counts(g) for g in (gateway, second)]
+        sent = {
+            i: sum(a.get(i, 0) - b.get(i, 0) for a, b in zip(after, before, strict=True))
+            for i in ("sim-0", "sim-1")
+        }
+        assert sum(sent.values()) == 24
+        assert min(sent.values()) >= 8, sent  # an even split is 12/12; herding gives 24/0
+    finally:
+        second.stop()
