@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -10,8 +13,18 @@ import pytest
 from redis.asyncio import Redis
 
 from infra.embedded_redis import EmbeddedRedis
+from tests.helpers import (
+    GREEDY_TOKENS,
+    INPUTS,
+    REPO,
+    SHOAL,
+    VLLM_NAMESPACE,
+    WorkerProcess,
+    start_worker,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
@@ -33,6 +46,45 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    subprocess.run([*SHOAL, "model", "tiny", str(path)], cwd=REPO, check=True,
+                   capture_output=True)  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="session")
+def vllm_stack(
+    tiny_model: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[WorkerProcess, list[dict[str, list[int]]]]]:
+    tmp = tmp_path_factory.mktemp("vllm")
+    inputs, out = tmp / "inputs.json", tmp / "reference.json"
+    inputs.write_text(json.dumps(INPUTS))
+    reference = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "instance" / "vllm_reference.py"),
+         str(tiny_model), str(inputs), str(out), str(GREEDY_TOKENS)],
+        env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "1", "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL, stderr=(tmp / "reference.log").open("wb"),
+        start_new_session=True,
+    )  # fmt: skip
+    worker = start_worker(
+        engine="vllm", redis_url=redis_url, namespace=VLLM_NAMESPACE, log_dir=tmp,
+        instance_id="vllm-a",
+        args=["--model", str(tiny_model), "--served-model-name", "tiny-llama",
+              "--cpu-threads-bind", "0", "--max-num-seqs", "4", "--block-size", "32",
+              "--kv-cache-bytes", str(256 * 1024 * 1024), "--max-model-len", "16384"],
+        env={"SHOAL_DTYPE": "float32", "SHOAL_HEARTBEAT_TTL_S": "2"},
+    )  # fmt: skip
+    try:
+        assert reference.wait(600) == 0, (tmp / "reference.log").read_text()[-3000:]
+        yield worker, json.loads(out.read_text())
+    finally:
+        worker.stop()
+        if reference.poll() is None:
+            os.killpg(reference.pid, 9)
 
 
 @pytest.fixture(scope="session")

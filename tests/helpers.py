@@ -9,12 +9,31 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The session shares one real vLLM worker and one offline reference engine
+# (fixture `vllm_stack` in conftest.py): engine start-up costs ~35 s here. Its
+# last user is tests/instance/test_worker_vllm.py, whose final test SIGKILLs it.
+VLLM_NAMESPACE = f"vllmtest-{uuid.uuid4().hex[:6]}"
+GREEDY_TOKENS = 24
+INPUTS: list[dict[str, Any]] = [
+    {"messages": [{"role": "user", "content": "Hello, how are you today?"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "The quick brown fox"},
+        ]
+    },
+    {"prompt_token_ids": [5, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]},
+]
+
 SHOAL = [sys.executable, "-m", "infra.cli"]
 
 

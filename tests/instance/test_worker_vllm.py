@@ -1,17 +1,12 @@
 """The instance worker with real vLLM (CPU build, tiny generated model) and a
-real Valkey. One worker engine and one offline reference engine start for the
-whole module, side by side on the two cores."""
+real Valkey. The session's one worker engine and one offline reference engine
+(conftest.py) start side by side on the two cores."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -21,66 +16,15 @@ from redis.asyncio import Redis
 from infra.keys import KeySchema
 from infra.records import LoadReport
 from infra.store import StateStore
-from tests.helpers import REPO, SHOAL, WorkerProcess, start_worker, wait_for
+from tests.helpers import GREEDY_TOKENS, INPUTS, WorkerProcess, wait_for
+from tests.helpers import VLLM_NAMESPACE as NAMESPACE
 
 pytestmark = pytest.mark.vllm
 
-NAMESPACE = f"vllmtest-{uuid.uuid4().hex[:6]}"
-GREEDY_TOKENS = 24
-INPUTS: list[dict[str, Any]] = [
-    {"messages": [{"role": "user", "content": "Hello, how are you today?"}]},
-    {
-        "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "The quick brown fox"},
-        ]
-    },
-    {"prompt_token_ids": [5, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]},
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("models") / "tiny-llama"
-    subprocess.run([*SHOAL, "model", "tiny", str(path)], cwd=REPO, check=True,
-                   capture_output=True)  # fmt: skip
-    return path
-
-
-@pytest.fixture(scope="module")
-def stack(
-    tiny_model: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[WorkerProcess, list[dict[str, list[int]]]]]:
-    tmp = tmp_path_factory.mktemp("vllm")
-    inputs, out = tmp / "inputs.json", tmp / "reference.json"
-    inputs.write_text(json.dumps(INPUTS))
-    reference = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("vllm_reference.py")),
-         str(tiny_model), str(inputs), str(out), str(GREEDY_TOKENS)],
-        env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "1", "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL, stderr=(tmp / "reference.log").open("wb"),
-        start_new_session=True,
-    )  # fmt: skip
-    worker = start_worker(
-        engine="vllm", redis_url=redis_url, namespace=NAMESPACE, log_dir=tmp,
-        instance_id="vllm-a",
-        args=["--model", str(tiny_model), "--served-model-name", "tiny-llama",
-              "--cpu-threads-bind", "0", "--max-num-seqs", "4", "--block-size", "32",
-              "--kv-cache-bytes", str(256 * 1024 * 1024), "--max-model-len", "16384"],
-        env={"SHOAL_DTYPE": "float32", "SHOAL_HEARTBEAT_TTL_S": "2"},
-    )  # fmt: skip
-    try:
-        assert reference.wait(600) == 0, (tmp / "reference.log").read_text()[-3000:]
-        yield worker, json.loads(out.read_text())
-    finally:
-        worker.stop()
-        if reference.poll() is None:
-            os.killpg(reference.pid, 9)
-
 
 @pytest.fixture
-def worker(stack: tuple[WorkerProcess, list[dict[str, list[int]]]]) -> WorkerProcess:
-    return stack[0]
+def worker(vllm_stack: tuple[WorkerProcess, list[dict[str, list[int]]]]) -> WorkerProcess:
+    return vllm_stack[0]
 
 
 def load_of(worker: WorkerProcess) -> LoadReport:
@@ -98,9 +42,9 @@ def stream_tokens(
 
 
 def test_greedy_stream_equals_offline_llm_generate(
-    stack: tuple[WorkerProcess, list[dict[str, list[int]]]],
+    vllm_stack: tuple[WorkerProcess, list[dict[str, list[int]]]],
 ) -> None:
-    worker, reference = stack
+    worker, reference = vllm_stack
     for item, expected in zip(INPUTS, reference, strict=True):
         body: dict[str, object] = {"temperature": 0.0, "max_tokens": GREEDY_TOKENS,
                                    "ignore_eos": True}  # fmt: skip
