@@ -9,6 +9,8 @@ import random
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+from redis.exceptions import RedisError
+
 from gateway.metrics import GatewayMetrics
 from gateway.policies import Candidate, DispatchContext, DispatchPolicy, DispatchRequest
 from gateway.reservations import Reservations
@@ -87,7 +89,18 @@ class Dispatcher:
         # One choice at a time in this replica, so its own requests always see
         # each other's reservations; other replicas are caught by the atomic check.
         async with self._choosing:
-            return await self._reserve_best(body, request, model, exclude)
+            try:
+                return await self._reserve_best(body, request, model, exclude)
+            except RedisError as exc:
+                # Redis is down: dispatch from the last view without reserving.
+                log.warning("reservation skipped for %s: %s", body.request_id, exc)
+                candidates = self._candidates(model, exclude)
+                if not candidates:
+                    raise ServiceUnavailableError(
+                        f"no instance of {model!r} is available", retry_after_s=2
+                    ) from exc
+                ctx = DispatchContext(request, candidates, self._tick, self._rng)
+                return self._policy.rank(ctx)[0]
 
     async def _reserve_best(
         self, body: GenerateRequest, request: DispatchRequest, model: str, exclude: set[str]

@@ -1,0 +1,56 @@
+"""The gateway without its dependencies: it never loads an ML framework, and
+it rides out a Redis outage."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+
+from infra.embedded_redis import EmbeddedRedis
+from tests.helpers import REPO, free_port, start_gateway, start_worker, wait_for
+
+
+def test_gateway_never_imports_torch_vllm_or_transformers() -> None:
+    code = (
+        "import sys; import gateway.main as m; from infra.settings import GatewaySettings; "
+        "m.build_app(GatewaySettings(), 'redis://127.0.0.1:1/0'); "
+        "print([x for x in ('torch', 'vllm', 'transformers') if x in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_gateway_serves_through_a_redis_outage_and_recovers(tmp_path: Path) -> None:
+    port = free_port()
+    redis = EmbeddedRedis.start(tmp_path / "v1", port=port)
+    namespace = f"outage-{uuid.uuid4().hex[:6]}"
+    worker = gateway = None
+    try:
+        worker = start_worker(engine="sim", redis_url=redis.url, namespace=namespace,
+                              log_dir=tmp_path, instance_id="sim-o",
+                              args=["--served-model-name", "m", "--sim-speedup", "20"])  # fmt: skip
+        gateway = start_gateway(redis_url=redis.url, namespace=namespace, log_dir=tmp_path)
+        url = gateway.base_url
+        body = {"model": "m", "prompt": "hello", "max_tokens": 4}
+        wait_for(lambda: httpx.get(url + "/readyz").json()["instances"] == 1, timeout_s=10)
+
+        redis.stop()
+        wait_for(lambda: httpx.get(url + "/readyz").status_code == 503, timeout_s=10)
+        # Not ready, but still serving from its last view of the cluster.
+        for _ in range(3):
+            assert httpx.post(url + "/v1/completions", json=body, timeout=30).status_code == 200
+
+        redis = EmbeddedRedis.start(tmp_path / "v2", port=port)
+        wait_for(lambda: httpx.get(url + "/readyz").status_code == 200, timeout_s=15)
+        wait_for(lambda: httpx.get(url + "/readyz").json()["instances"] == 1, timeout_s=15)
+        assert httpx.post(url + "/v1/completions", json=body, timeout=30).status_code == 200
+    finally:
+        for p in (gateway, worker):
+            if p is not None:
+                p.stop()
+        redis.stop()
