@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.auth import ApiKey, KeyRing
 from gateway.dispatcher import Dispatcher, StreamBroken, clamp_priority
 from gateway.metrics import GatewayMetrics
 from gateway.openai_api import (
@@ -61,7 +62,9 @@ class GatewayState:
     dispatcher: Dispatcher
     metrics: GatewayMetrics
     max_priority: Priority
+    """Highest priority allowed when authentication is off."""
     tracer: trace.Tracer
+    keys: KeyRing
 
 
 def _priority(header: str | None, maximum: Priority) -> Priority:
@@ -97,8 +100,15 @@ class _Call:
     priority: Priority
     started: float
     metrics: GatewayMetrics
+    key: ApiKey | None = None
+    keys: KeyRing | None = None
     first_at: float | None = None
     num_chunks: int = 0
+
+    async def charge(self, usage: Usage | None) -> None:
+        """Count the tokens against the caller's per-minute token limit."""
+        if usage is not None and self.key is not None and self.keys is not None:
+            await self.keys.record_tokens(self.key, usage.total_tokens)
 
     def observe(self, chunk: GenerateChunk) -> None:
         if chunk.token_ids and self.first_at is None:
@@ -140,6 +150,7 @@ async def _sse_stream(
             yield _sse(body.model_dump_json())
             is_first = False
             chunk = await anext(chunks, None)
+        await call.charge(usage)
         if call.include_usage and usage is not None:
             make = chat_usage_chunk if call.chat else completion_usage_chunk
             yield _sse(make(call.rid, call.created, call.model, usage).model_dump_json())
@@ -180,6 +191,7 @@ async def _collect(
     finally:
         await chunks.aclose()
     assert usage is not None, "the instance ended a request without usage"
+    await call.charge(usage)
     call.done("ok")
     make = chat_whole if call.chat else completion_whole
     body = make(call.rid, call.created, call.model, "".join(texts), finish, usage)
@@ -208,11 +220,14 @@ def create_app(make_state: Callable[[], contextlib.AbstractAsyncContextManager[G
     async def serve(request: Request, body: ChatCompletionRequest | CompletionRequest,
                     priority_header: str | None) -> Response:  # fmt: skip
         st = state(request)
-        priority = _priority(priority_header, st.max_priority)
+        key = st.keys.authenticate(request.headers.get("authorization"))
+        priority = _priority(priority_header, key.max_priority if key else st.max_priority)
+        if key is not None:
+            await st.keys.admit(key)
         chat = isinstance(body, ChatCompletionRequest)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         call = _Call(rid, int(time.time()), body.model, chat, body.include_usage, priority,
-                     time.perf_counter(), st.metrics)  # fmt: skip
+                     time.perf_counter(), st.metrics, key, st.keys)  # fmt: skip
         st.metrics.inflight.inc()
         try:
             with st.tracer.start_as_current_span("gateway.request") as span:

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from gateway.app import GatewayState, create_app
+from gateway.auth import KeyRing, load_keys_file
 from gateway.dispatcher import Dispatcher, RetryPolicy
 from gateway.metrics import GatewayMetrics
 from gateway.policies import make_policy
@@ -36,9 +37,9 @@ def build_app(settings: GatewaySettings, redis_url: str) -> FastAPI:
     @contextlib.asynccontextmanager
     async def state() -> AsyncIterator[GatewayState]:
         redis = Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-        keys = KeySchema(settings.namespace)
-        reservations = Reservations(redis, keys, settings.reservation_ttl_s)
-        view = ClusterView(StateStore(redis, keys), reservations,
+        keys_schema = KeySchema(settings.namespace)
+        reservations = Reservations(redis, keys_schema, settings.reservation_ttl_s)
+        view = ClusterView(StateStore(redis, keys_schema), reservations,
                            refresh_interval_s=settings.view_refresh_interval_s,
                            max_staleness_s=settings.view_max_staleness_s,
                            reservation_grace_s=settings.reservation_grace_s)  # fmt: skip
@@ -48,22 +49,38 @@ def build_app(settings: GatewaySettings, redis_url: str) -> FastAPI:
         metrics = GatewayMetrics(new_registry())
         retry = RetryPolicy(settings.max_attempts, settings.retry_backoff_s)
         dispatcher = Dispatcher(view, policy, reservations, InstanceClient(client), metrics, retry)
+        file_keys = load_keys_file(settings.keys_file) if settings.keys_file else {}
+        keys = KeyRing(redis, keys_schema, file_keys)
         stop = asyncio.Event()
         with contextlib.suppress(Exception):
             await view.refresh()
-        refresher = asyncio.create_task(view.run(stop), name="cluster-view")
+            await keys.refresh()
+        tasks = [
+            asyncio.create_task(view.run(stop), name="cluster-view"),
+            asyncio.create_task(_refresh_keys(keys, stop), name="api-keys"),
+        ]
         try:
-            yield GatewayState(view, dispatcher, metrics, max_priority,
-                               make_tracer("shoal-gateway", settings.otlp_endpoint))  # fmt: skip
+            tracer = make_tracer("shoal-gateway", settings.otlp_endpoint)
+            yield GatewayState(view, dispatcher, metrics, max_priority, tracer, keys)
         finally:
             stop.set()
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await client.aclose()
             await redis.aclose()
 
     return create_app(state, max_body_bytes=settings.max_body_bytes)
+
+
+async def _refresh_keys(keys: KeyRing, stop: asyncio.Event, interval_s: float = 1.0) -> None:
+    while not stop.is_set():
+        await asyncio.sleep(interval_s)
+        try:
+            await keys.refresh()
+        except Exception as exc:  # Redis down: keep the keys we have
+            log.debug("API key refresh failed: %s", exc)
 
 
 async def serve(settings: GatewaySettings) -> None:

@@ -80,6 +80,36 @@ def _cmd_up(args: argparse.Namespace) -> int:
                   port=args.port, base_port=args.base_port)  # fmt: skip
 
 
+# -- shoal keys add NAME -----------------------------------------------------
+def _cmd_keys_add(args: argparse.Namespace) -> int:
+    from redis.asyncio import Redis
+
+    from gateway.auth import ApiKey, KeyRing, digest, new_key
+    from infra.embedded_redis import resolve_redis
+    from infra.keys import KeySchema
+    from infra.records import Priority
+
+    settings = CommonSettings(**_overrides(args, ["redis_url"]))
+    url, _ = resolve_redis(settings.redis_url, settings.run_dir, start=False)
+    if url is None:
+        print("shoal keys: no Redis (set SHOAL_REDIS_URL or start `make up`)", file=sys.stderr)
+        return 1
+    secret = new_key()
+    key = ApiKey(name=args.name, sha256=digest(secret), max_priority=Priority(args.max_priority),
+                 requests_per_min=args.rpm, tokens_per_min=args.tpm)  # fmt: skip
+
+    async def add() -> None:
+        redis = Redis.from_url(url)
+        try:
+            await KeyRing(redis, KeySchema(settings.namespace), {}).add(key)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(add())
+    print(secret)
+    return 0
+
+
 # -- shoal model tiny DIR ----------------------------------------------------
 def _cmd_model_tiny(args: argparse.Namespace) -> int:
     from instance.tiny_model import build_tiny_model
@@ -154,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--base-port", type=int, default=8100, help="first instance port")
     up.set_defaults(func=_cmd_up)
+
+    keys = sub.add_parser("keys", help="API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    add = keys_sub.add_parser("add", help="create a key in Redis and print it (once)")
+    add.add_argument("name")
+    add.add_argument("--max-priority", default="normal", choices=["high", "normal", "low"])
+    add.add_argument("--rpm", type=int, help="requests per minute")
+    add.add_argument("--tpm", type=int, help="tokens per minute")
+    add.add_argument("--redis-url", dest="redis_url")
+    add.set_defaults(func=_cmd_keys_add)
 
     model = sub.add_parser("model", help="model utilities")
     model_sub = model.add_subparsers(dest="model_command", required=True)

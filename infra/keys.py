@@ -6,7 +6,9 @@ key                     type / record           meaning
 ``<ns>:instances``      set of instance ids     index of registered instances
 ``<ns>:instance:<id>``  string / InstanceInfo   registry entry, expires with the heartbeat
 ``<ns>:load:<id>``      string / LoadReport     latest load report, expires likewise
-``<ns>:reserved:<id>``  sorted set              in-flight reservations (request id -> expiry)
+``<ns>:reserved:<id>``  sorted set              in-flight reservations (request id -> dispatch ms)
+``<ns>:apikeys``        hash / ApiKey           API keys by SHA-256 of the key
+``<ns>:rl:<key>:<kind>:<minute>``  counter      rate-limit window (requests or tokens)
 ======================  ======================  ==========================================
 
 An id in the index whose ``instance`` key has expired is dead; readers prune it.
@@ -33,3 +35,10 @@ class KeySchema:
 
     def reserved(self, instance_id: str) -> str:
         return f"{self.namespace}:reserved:{instance_id}"
+
+    @property
+    def api_keys(self) -> str:
+        return f"{self.namespace}:apikeys"
+
+    def rate_window(self, key_name: str, kind: str, minute: int) -> str:
+        return f"{self.namespace}:rl:{key_name}:{kind}:{minute}"

@@ -164,3 +164,7 @@ class GatewaySettings(CommonSettings):
 
     default_max_priority: str = "normal"
     """Highest priority a request may ask for when no API keys are configured."""
+
+    keys_file: Path | None = None
+    """JSON file of API keys (see docs/KEYS.md). Keys are also read from Redis
+    (``shoal keys add``). With no key anywhere, authentication is off."""
