@@ -48,7 +48,7 @@ from infra.errors import (
 )
 from infra.http import BodyLimitMiddleware, unless_disconnected
 from infra.records import Priority
-from infra.telemetry import inject_context
+from infra.telemetry import extract_context
 from instance.api import GenerateChunk
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class _Call:
     metrics: GatewayMetrics
     key: ApiKey | None = None
     keys: KeyRing | None = None
+    span: trace.Span = trace.INVALID_SPAN
     first_at: float | None = None
     num_chunks: int = 0
 
@@ -117,6 +118,8 @@ class _Call:
         self.num_chunks += len(chunk.token_ids)
 
     def done(self, status: str) -> None:
+        self.span.set_attribute("shoal.status", status)
+        self.span.end()
         now = time.perf_counter()
         p = self.priority.value
         self.metrics.requests.labels(status, p).inc()
@@ -226,25 +229,25 @@ def create_app(make_state: Callable[[], contextlib.AbstractAsyncContextManager[G
             await st.keys.admit(key)
         chat = isinstance(body, ChatCompletionRequest)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        # The request's span joins the client's trace if it sent a traceparent;
+        # it ends when the response does (see _Call.done).
+        span = st.tracer.start_span("gateway.request", context=extract_context(request.headers))
+        span.set_attribute("shoal.request_id", rid)
+        span.set_attribute("shoal.priority", priority.value)
         call = _Call(rid, int(time.time()), body.model, chat, body.include_usage, priority,
-                     time.perf_counter(), st.metrics, key, st.keys)  # fmt: skip
+                     time.perf_counter(), st.metrics, key, st.keys, span)  # fmt: skip
         st.metrics.inflight.inc()
         try:
-            with st.tracer.start_as_current_span("gateway.request") as span:
-                span.set_attribute("shoal.request_id", rid)
-                span.set_attribute("shoal.priority", priority.value)
-                headers = inject_context({})
-                chunks = st.dispatcher.generate(
-                    to_generate(body, rid, priority), body.model, headers
-                )
-                try:
-                    first = await anext(chunks)
-                except UpstreamRefused as exc:
-                    call.done(str(exc.status_code))
-                    raise _refused(exc) from exc
-                except ShoalError as exc:
-                    call.done(str(exc.status_code))
-                    raise
+            parent = trace.set_span_in_context(call.span)
+            chunks = st.dispatcher.generate(to_generate(body, rid, priority), body.model, parent)
+            try:
+                first = await anext(chunks)
+            except UpstreamRefused as exc:
+                call.done(str(exc.status_code))
+                raise _refused(exc) from exc
+            except ShoalError as exc:
+                call.done(str(exc.status_code))
+                raise
             out_headers = {PRIORITY_HEADER: priority.value}
             if body.stream:
                 stream = _sse_stream(call, first, chunks)

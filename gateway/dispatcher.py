@@ -9,6 +9,8 @@ import random
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+from opentelemetry import trace
+from opentelemetry.context import Context
 from redis.exceptions import RedisError
 
 from gateway.metrics import GatewayMetrics
@@ -18,6 +20,7 @@ from gateway.upstream import InstanceClient, UpstreamError
 from gateway.view import ClusterView
 from infra.errors import NotFoundError, ServiceUnavailableError
 from infra.records import Priority
+from infra.telemetry import inject_context
 from instance.api import GenerateChunk, GenerateRequest
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,9 @@ class Dispatcher:
         upstream: InstanceClient,
         metrics: GatewayMetrics,
         retry: RetryPolicy,
+        tracer: trace.Tracer | None = None,
     ) -> None:
+        self._tracer = tracer or trace.NoOpTracer()
         self._view = view
         self._policy = policy
         self._reservations = reservations
@@ -131,16 +136,24 @@ class Dispatcher:
         return best
 
     async def generate(
-        self, body: GenerateRequest, model: str, headers: dict[str, str]
+        self, body: GenerateRequest, model: str, parent: Context | None = None
     ) -> AsyncGenerator[GenerateChunk, None]:
         """Stream the request's chunks from the best instance, retrying elsewhere
-        on failure before the first chunk. Raises :class:`StreamBroken` after."""
+        on failure before the first chunk. Raises :class:`StreamBroken` after.
+        Each attempt is traced as a ``gateway.dispatch`` span and a
+        ``gateway.proxy`` span whose context travels to the instance."""
         assert body.request_id is not None
         exclude: set[str] = set()
         for attempt in range(self._retry.max_attempts):
-            chosen = await self._choose(body, model, exclude)
+            with self._tracer.start_as_current_span("gateway.dispatch", context=parent) as span:
+                chosen = await self._choose(body, model, exclude)
+                span.set_attribute("shoal.instance_id", chosen.instance_id)
+                span.set_attribute("shoal.attempt", attempt + 1)
             self._metrics.dispatched.labels(chosen.instance_id).inc()
             started = False
+            proxy = self._tracer.start_span("gateway.proxy", context=parent)
+            proxy.set_attribute("shoal.instance_id", chosen.instance_id)
+            headers = inject_context({}, trace.set_span_in_context(proxy))
             try:
                 async for chunk in self._upstream.stream(chosen.info.address, body, headers):
                     started = True
@@ -155,6 +168,7 @@ class Dispatcher:
                             body.request_id, chosen.instance_id, exc)  # fmt: skip
                 await asyncio.sleep(self._retry.backoff_s * (2**attempt))
             finally:
+                proxy.end()
                 if not started:  # a failed attempt must not keep counting
                     await _quietly(self._reservations.release(chosen.instance_id, body.request_id))
         raise ServiceUnavailableError(

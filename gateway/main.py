@@ -48,7 +48,9 @@ def build_app(settings: GatewaySettings, redis_url: str) -> FastAPI:
         client = httpx.AsyncClient(timeout=timeout, limits=limits)
         metrics = GatewayMetrics(new_registry())
         retry = RetryPolicy(settings.max_attempts, settings.retry_backoff_s)
-        dispatcher = Dispatcher(view, policy, reservations, InstanceClient(client), metrics, retry)
+        tracer = make_tracer("shoal-gateway", settings.otlp_endpoint)
+        dispatcher = Dispatcher(view, policy, reservations, InstanceClient(client), metrics, retry,
+                                tracer)  # fmt: skip
         file_keys = load_keys_file(settings.keys_file) if settings.keys_file else {}
         keys = KeyRing(redis, keys_schema, file_keys)
         stop = asyncio.Event()
@@ -60,7 +62,6 @@ def build_app(settings: GatewaySettings, redis_url: str) -> FastAPI:
             asyncio.create_task(_refresh_keys(keys, stop), name="api-keys"),
         ]
         try:
-            tracer = make_tracer("shoal-gateway", settings.otlp_endpoint)
             yield GatewayState(view, dispatcher, metrics, max_priority, tracer, keys)
         finally:
             stop.set()

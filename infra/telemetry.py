@@ -38,9 +38,10 @@ def extract_context(headers: Mapping[str, str]) -> Context:
     return _PROPAGATOR.extract(carrier=dict(headers))
 
 
-def inject_context(headers: dict[str, str]) -> dict[str, str]:
-    """Add the current span's ``traceparent`` to outgoing headers."""
-    _PROPAGATOR.inject(headers)
+def inject_context(headers: dict[str, str], context: Context | None = None) -> dict[str, str]:
+    """Add the ``traceparent`` of ``context`` (default: the current span) to
+    outgoing headers."""
+    _PROPAGATOR.inject(headers, context=context)
     return headers
 
 
