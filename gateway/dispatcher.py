@@ -68,7 +68,7 @@ class Dispatcher:
         self._retry = retry
         self._tick = 0
         self._rng = random.Random()
-        self._choosing = asyncio.Lock()
+        self._pending: dict[str, int] = {}
 
     def _candidates(self, model: str, exclude: set[str]) -> list[Candidate]:
         if not self._view.usable:
@@ -79,60 +79,53 @@ class Dispatcher:
                 f"model {model!r} does not exist; available: {snapshot.models()}",
                 param="model", code="model_not_found",
             )  # fmt: skip
-        return snapshot.candidates(model, exclude)
+        return snapshot.candidates(model, exclude, self._pending)
 
     def _since(self, c: Candidate) -> float:
         """Reservations newer than this are not yet reflected in ``c``'s report."""
         return c.load.timestamp - self._view.reservation_grace_s
 
     async def _choose(self, body: GenerateRequest, model: str, exclude: set[str]) -> Candidate:
-        """Rank with the policy and reserve the best instance atomically. If
-        another request (here or on another replica) reserved it since our
-        snapshot, take the fresh count into account and rank again."""
+        """Rank with the policy and reserve the best instance in Redis.
+
+        Reservations of this replica still on their way to Redis count as
+        pending, so concurrent requests here see each other at once. If Redis
+        shows more reservations than this replica knew of (another replica
+        chose the same instance meanwhile), rank again with the fresh count and
+        move if another instance is now better."""
         assert body.request_id is not None
         request = DispatchRequest(priority=body.priority, num_prompt_tokens=_prompt_estimate(body))
-        # One choice at a time in this replica, so its own requests always see
-        # each other's reservations; other replicas are caught by the atomic check.
-        async with self._choosing:
-            try:
-                return await self._reserve_best(body, request, model, exclude)
-            except RedisError as exc:
-                # Redis is down: dispatch from the last view without reserving.
-                log.warning("reservation skipped for %s: %s", body.request_id, exc)
-                candidates = self._candidates(model, exclude)
-                if not candidates:
-                    raise ServiceUnavailableError(
-                        f"no instance of {model!r} is available", retry_after_s=2
-                    ) from exc
-                ctx = DispatchContext(request, candidates, self._tick, self._rng)
-                return self._policy.rank(ctx)[0]
-
-    async def _reserve_best(
-        self, body: GenerateRequest, request: DispatchRequest, model: str, exclude: set[str]
-    ) -> Candidate:
-        assert body.request_id is not None
         self._tick += 1
+        best: Candidate | None = None
         for _ in range(MAX_RESERVE_CONFLICTS):
             candidates = self._candidates(model, exclude)
             if not candidates:
                 raise ServiceUnavailableError(
                     f"no instance of {model!r} is available", retry_after_s=2
                 )
-            best = self._policy.rank(DispatchContext(request, candidates, self._tick, self._rng))[0]
-            ok, count = await self._reservations.reserve(
-                best.instance_id, body.request_id, since=self._since(best),
-                expected=best.num_reserved,
-            )  # fmt: skip
+            ranked = self._policy.rank(DispatchContext(request, candidates, self._tick, self._rng))[
+                0
+            ]
+            if best is not None:
+                if ranked.instance_id == best.instance_id:
+                    return best  # still the best with the fresh count: keep it
+                await _quietly(self._reservations.release(best.instance_id, body.request_id))
+            best = ranked
+            known = best.num_reserved + 1
+            self._pending[best.instance_id] = self._pending.get(best.instance_id, 0) + 1
+            try:
+                _, count = await self._reservations.reserve(
+                    best.instance_id, body.request_id, since=self._since(best)
+                )
+            except RedisError as exc:
+                log.warning("reservation skipped for %s: %s", body.request_id, exc)
+                return best  # Redis is down: dispatch from the last view
+            finally:
+                self._pending[best.instance_id] -= 1
             self._view.snapshot.note_reserved(best.instance_id, count)
-            log.debug("reserve %s on %s: ok=%s, %d unreflected", body.request_id,
-                      best.instance_id, ok, count)  # fmt: skip
-            if ok:
+            if count <= known:
                 return best
-        # Heavy contention: settle for the current best without the check.
-        _, count = await self._reservations.reserve(
-            best.instance_id, body.request_id, since=self._since(best)
-        )
-        self._view.snapshot.note_reserved(best.instance_id, count)
+        assert best is not None
         return best
 
     async def generate(

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import FastAPI
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from gateway.app import GatewayState, create_app
 from gateway.auth import KeyRing, load_keys_file
@@ -36,7 +36,13 @@ def build_app(settings: GatewaySettings, redis_url: str) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def state() -> AsyncIterator[GatewayState]:
-        redis = Redis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        # A bounded pool that makes callers wait for a connection (instead of
+        # failing) when many requests reserve at once.
+        pool = BlockingConnectionPool.from_url(
+            redis_url, max_connections=64, timeout=1.0, socket_timeout=1.0,
+            socket_connect_timeout=1.0,
+        )  # fmt: skip
+        redis = Redis(connection_pool=pool)
         keys_schema = KeySchema(settings.namespace)
         reservations = Reservations(redis, keys_schema, settings.reservation_ttl_s)
         view = ClusterView(StateStore(redis, keys_schema), reservations,

@@ -36,10 +36,18 @@ class Snapshot:
     def models(self) -> list[str]:
         return sorted({v.info.model for v in self.instances})
 
-    def candidates(self, model: str, exclude: set[str]) -> list[Candidate]:
-        """Active instances serving ``model`` with a load report."""
+    def candidates(
+        self, model: str, exclude: set[str], pending: dict[str, int] | None = None
+    ) -> list[Candidate]:
+        """Active instances serving ``model`` with a load report; ``pending``
+        adds reservations of this replica still on their way to Redis."""
+        pending = pending or {}
         return [
-            Candidate(v.info, v.load, self.reserved.get(v.info.instance_id, 0))
+            Candidate(
+                v.info,
+                v.load,
+                self.reserved.get(v.info.instance_id, 0) + pending.get(v.info.instance_id, 0),
+            )
             for v in self.instances
             if v.info.model == model
             and v.load is not None

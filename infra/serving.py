@@ -20,9 +20,17 @@ class _Server(uvicorn.Server):
         yield
 
 
+KEEP_ALIVE_S = 75
+"""Idle keep-alive connections stay open this long (uvicorn's default of 5 s
+makes clients that reuse a connection just as it is closed see read errors)."""
+
+
 async def run_server(app: ASGIApp, host: str, port: int, *, log_level: str = "warning") -> None:
     """Serve until SIGINT/SIGTERM, then return (so ``finally`` blocks run)."""
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S
+    )
+    server = _Server(config)
     loop = asyncio.get_running_loop()
 
     def _exit() -> None:
