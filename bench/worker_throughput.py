@@ -127,7 +127,7 @@ def run_vllm_serve(model: Path, args: argparse.Namespace, log_dir: Path) -> Resu
            "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager",
            "--max-num-seqs", str(args.concurrency), "--block-size", "32",
            "--kv-cache-memory-bytes", str(args.kv_bytes), "--max-model-len", "2048",
-           "--scheduling-policy", "priority", "--distributed-executor-backend", "uni"]  # fmt: skip
+           "--scheduling-policy", "priority"]  # fmt: skip
     env = {"VLLM_CPU_OMP_THREADS_BIND": "0", "HF_HUB_OFFLINE": "1"}
     server = Server(cmd, f"http://127.0.0.1:{port}/health", env, log_dir / "vllm.log")
     try:

@@ -154,9 +154,6 @@ class VllmEngine:
             scheduling_policy="priority",
             seed=o.seed,
             disable_log_stats=False,
-            # One engine process running the model itself (vLLM's default for a
-            # single device on GPU); on CPU this saves a busy-polling process.
-            distributed_executor_backend="uni",
         )
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._view.logger_factory()])
         cache = self._llm.vllm_config.cache_config
