@@ -72,6 +72,31 @@ class WorkerProcess:
         self.proc.wait(5)
 
 
+def _spawn(name: str, cmd: list[str], env: dict[str, str], log_dir: Path, port: int,
+           ready_path: str, ready_timeout_s: float) -> WorkerProcess:  # fmt: skip
+    """Start ``shoal <cmd>`` on loopback and wait until ``ready_path`` answers 200."""
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*SHOAL, *cmd], cwd=REPO, env={**os.environ, **env}, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    handle = WorkerProcess(proc, f"http://127.0.0.1:{port}", name, log_path)
+    deadline = time.monotonic() + ready_timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{handle.log_tail()}")
+        try:
+            if httpx.get(handle.base_url + ready_path, timeout=1.0).status_code == 200:
+                return handle
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            handle.stop()
+            raise TimeoutError(f"{name} not ready in {ready_timeout_s}s:\n{handle.log_tail()}")
+        time.sleep(0.1)
+
+
 def start_worker(
     *,
     engine: str,
@@ -83,31 +108,13 @@ def start_worker(
     env: dict[str, str] | None = None,
     ready_timeout_s: float = 300.0,
 ) -> WorkerProcess:
+    """An instance worker on loopback, ready to serve."""
     port = free_port()
-    cmd = [*SHOAL, "instance", "--engine", engine, "--port", str(port),
-           "--instance-id", instance_id, "--redis-url", redis_url, *(args or [])]  # fmt: skip
-    full_env = {**os.environ, "SHOAL_NAMESPACE": namespace, "HF_HUB_OFFLINE": "1",
+    cmd = ["instance", "--engine", engine, "--port", str(port), "--instance-id", instance_id,
+           "--redis-url", redis_url, *(args or [])]  # fmt: skip
+    full_env = {"SHOAL_NAMESPACE": namespace, "HF_HUB_OFFLINE": "1",
                 "SHOAL_RUN_DIR": str(log_dir / "run"), **(env or {})}  # fmt: skip
-    log_path = log_dir / f"{instance_id}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    worker = WorkerProcess(proc, f"http://127.0.0.1:{port}", instance_id, log_path)
-    deadline = time.monotonic() + ready_timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {proc.returncode}:\n{worker.log_tail()}")
-        try:
-            if httpx.get(worker.base_url + "/ready", timeout=1.0).status_code == 200:
-                return worker
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            worker.stop()
-            raise TimeoutError(f"worker not ready in {ready_timeout_s}s:\n{worker.log_tail()}")
-        time.sleep(0.2)
+    return _spawn(instance_id, cmd, full_env, log_dir, port, "/ready", ready_timeout_s)
 
 
 def wait_for(predicate: object, *, timeout_s: float, interval_s: float = 0.05) -> None:
@@ -127,23 +134,6 @@ def start_gateway(
 ) -> WorkerProcess:  # fmt: skip
     """A gateway replica on loopback (same process handle as a worker)."""
     port = free_port()
-    cmd = [*SHOAL, "gateway", "--port", str(port), "--redis-url", redis_url]
-    full_env = {**os.environ, "SHOAL_NAMESPACE": namespace, **(env or {})}
-    log_path = log_dir / f"{name}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    gw = WorkerProcess(proc, f"http://127.0.0.1:{port}", name, log_path)
-    deadline = time.monotonic() + ready_timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited with {proc.returncode}:\n{gw.log_tail()}")
-        try:
-            if httpx.get(gw.base_url + "/readyz", timeout=1.0).status_code == 200:
-                return gw
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            gw.stop()
-            raise TimeoutError(f"gateway not ready:\n{gw.log_tail()}")
-        time.sleep(0.1)
+    cmd = ["gateway", "--port", str(port), "--redis-url", redis_url]
+    full_env = {"SHOAL_NAMESPACE": namespace, **(env or {})}
+    return _spawn(name, cmd, full_env, log_dir, port, "/readyz", ready_timeout_s)
