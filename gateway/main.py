@@ -7,7 +7,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import httpx
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
 
@@ -17,7 +16,7 @@ from gateway.dispatcher import Dispatcher, RetryPolicy
 from gateway.metrics import GatewayMetrics
 from gateway.policies import make_policy
 from gateway.reservations import Reservations
-from gateway.upstream import InstanceClient
+from gateway.upstream import InstanceClient, make_session
 from gateway.view import ClusterView
 from infra.embedded_redis import resolve_redis
 from infra.keys import KeySchema
@@ -49,13 +48,11 @@ def build_app(settings: GatewaySettings, redis_url: str) -> FastAPI:
                            refresh_interval_s=settings.view_refresh_interval_s,
                            max_staleness_s=settings.view_max_staleness_s,
                            reservation_grace_s=settings.reservation_grace_s)  # fmt: skip
-        timeout = httpx.Timeout(None, connect=settings.connect_timeout_s)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
-        client = httpx.AsyncClient(timeout=timeout, limits=limits)
+        session = make_session(settings.connect_timeout_s)
         metrics = GatewayMetrics(new_registry())
         retry = RetryPolicy(settings.max_attempts, settings.retry_backoff_s)
         tracer = make_tracer("shoal-gateway", settings.otlp_endpoint)
-        dispatcher = Dispatcher(view, policy, reservations, InstanceClient(client), metrics, retry,
+        dispatcher = Dispatcher(view, policy, reservations, InstanceClient(session), metrics, retry,
                                 tracer)  # fmt: skip
         file_keys = load_keys_file(settings.keys_file) if settings.keys_file else {}
         keys = KeyRing(redis, keys_schema, file_keys)
@@ -75,7 +72,7 @@ def build_app(settings: GatewaySettings, redis_url: str) -> FastAPI:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await client.aclose()
+            await session.close()
             await redis.aclose()
 
     return create_app(state, max_body_bytes=settings.max_body_bytes)

@@ -1,13 +1,21 @@
-"""HTTP client of the instance workers' ``/generate`` stream."""
+"""HTTP client of the instance workers' ``/generate`` stream.
+
+aiohttp rather than httpx: httpx's connection pool scans every connection on
+each request, which at a few hundred concurrent streams costs more CPU than
+the rest of the gateway together (see docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator
 
-import httpx
+import aiohttp
 
 from infra.errors import ErrorDetail
 from instance.api import GenerateChunk, GenerateRequest
+
+MAX_LINE_BYTES = 1 << 22
+"""Longest NDJSON line accepted from an instance (a chunk's text and ids)."""
 
 
 class UpstreamError(Exception):
@@ -23,30 +31,53 @@ class UpstreamRefused(Exception):
         self.detail = detail
 
 
+def make_session(connect_timeout_s: float) -> aiohttp.ClientSession:
+    """One pooled session per gateway: unlimited connections, kept alive."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
+    return aiohttp.ClientSession(
+        connector=connector, timeout=timeout, read_bufsize=MAX_LINE_BYTES, trust_env=False
+    )
+
+
 class InstanceClient:
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self._client = client
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
 
     async def stream(
         self, address: str, body: GenerateRequest, headers: dict[str, str]
     ) -> AsyncGenerator[GenerateChunk, None]:
         """Yield the instance's chunks. Raises :class:`UpstreamError` if the
-        instance cannot be reached or fails before its first chunk."""
-        payload = body.model_dump(exclude_none=True)
+        instance cannot be reached or fails before its first chunk; closing
+        the generator early closes the connection, which aborts the request on
+        the instance."""
+        payload = body.model_dump_json(exclude_none=True)
+        headers = {**headers, "content-type": "application/json"}
         try:
-            async with self._client.stream(
-                "POST", address + "/generate", json=payload, headers=headers
+            async with self._session.post(
+                address + "/generate", data=payload, headers=headers
             ) as resp:
-                if resp.status_code >= 500:
-                    raise UpstreamError(f"{address} answered {resp.status_code}")
-                if resp.status_code >= 400:
-                    raw = await resp.aread()
-                    detail = ErrorDetail.model_validate(
-                        httpx.Response(200, content=raw).json()["error"]
-                    )
-                    raise UpstreamRefused(resp.status_code, detail)
-                async for line in resp.aiter_lines():
-                    if line:
-                        yield GenerateChunk.model_validate_json(line)
-        except httpx.HTTPError as exc:
+                if resp.status >= 500:
+                    raise UpstreamError(f"{address} answered {resp.status}")
+                if resp.status >= 400:
+                    raise UpstreamRefused(resp.status, _error_detail(await resp.read()))
+                finished = False
+                try:
+                    async for line in resp.content:
+                        if line.strip():
+                            yield GenerateChunk.model_validate_json(line)
+                    finished = True
+                finally:
+                    if not finished:  # client gone or consumer stopped: hang up
+                        resp.close()
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamError(f"{address}: {type(exc).__name__}: {exc}") from exc
+
+
+def _error_detail(raw: bytes) -> ErrorDetail:
+    """The ``error`` object of an instance's OpenAI-format error body."""
+    try:
+        return ErrorDetail.model_validate(json.loads(raw)["error"])
+    except (ValueError, KeyError, TypeError):
+        return ErrorDetail(message=raw.decode(errors="replace")[:500] or "refused",
+                           type="invalid_request_error")  # fmt: skip
