@@ -1,16 +1,23 @@
-"""The official OpenAI SDK (sync and async, streaming and not) through the
-gateway to a real vLLM CPU instance: greedy content equals the instance's own."""
+"""Through the gateway to real vLLM CPU instances: the official OpenAI SDK
+(sync and async, streaming and not) gets the instance's own greedy content, and
+a second instance SIGKILLed during a burst loses no request that had not
+started and hangs none."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.helpers import VLLM_NAMESPACE, WorkerProcess, start_gateway, wait_for
+from tests.helpers import VLLM_NAMESPACE, WorkerProcess, start_gateway, start_worker, wait_for
 
 pytestmark = pytest.mark.vllm
 
@@ -76,3 +83,82 @@ def test_context_overflow_is_a_400_from_the_gateway(
     resp = httpx.post(gateway.base_url + "/v1/completions", json=body, timeout=60)
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "context_length_exceeded"
+
+
+@dataclass
+class _Outcome:
+    chunks: int = 0
+    tokens: int = 0
+    """Completion tokens in the final usage chunk (absent if the stream broke)."""
+    status: int = 0
+    error: bool = False
+    done: bool = False
+
+
+async def _stream(client: httpx.AsyncClient, max_tokens: int) -> _Outcome:
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": max_tokens,
+            "stream": True, "ignore_eos": True, "temperature": 0.0,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    out = _Outcome()
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        out.status = resp.status_code
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                out.done = True
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                out.error = True
+            elif event["choices"]:
+                out.chunks += 1
+            else:
+                out.tokens = event["usage"]["completion_tokens"]
+    return out
+
+
+def test_instance_sigkilled_during_a_burst(
+    stack: tuple[WorkerProcess, WorkerProcess], tiny_model: Path, redis_url: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    gateway, _ = stack
+    victim = start_worker(
+        engine="vllm", redis_url=redis_url, namespace=VLLM_NAMESPACE, log_dir=tmp_path,
+        instance_id="vllm-victim",
+        args=["--model", str(tiny_model), "--served-model-name", MODEL,
+              "--cpu-threads-bind", "1", "--max-num-seqs", "2", "--block-size", "32",
+              "--kv-cache-bytes", str(128 * 1024 * 1024), "--max-model-len", "4096"],
+        env={"SHOAL_DTYPE": "float32", "SHOAL_HEARTBEAT_TTL_S": "30"},
+    )  # fmt: skip
+    try:
+        wait_for(lambda: httpx.get(gateway.base_url + "/readyz").json()["instances"] >= 2,
+                 timeout_s=10)  # fmt: skip
+
+        def victim_busy() -> bool:
+            load = httpx.get(victim.base_url + "/load").json()
+            return bool(load["num_running"] >= 1 and load["num_waiting"] >= 1)
+
+        async def burst() -> list[_Outcome]:
+            async with httpx.AsyncClient(base_url=gateway.base_url, timeout=120) as ac:
+                before = [asyncio.create_task(_stream(ac, 256)) for _ in range(12)]
+                await asyncio.to_thread(wait_for, victim_busy, timeout_s=60, interval_s=0.02)
+                victim.kill()
+                after = [asyncio.create_task(_stream(ac, 16)) for _ in range(6)]
+                return await asyncio.wait_for(asyncio.gather(*before, *after), 300)
+
+        outcomes = asyncio.run(burst())
+    finally:
+        victim.stop()
+    for out in outcomes:
+        assert out.status == 200 and out.done, out  # answered, ended, nothing hangs
+        if out.error:  # it was streaming from the victim: ended with an error event
+            assert out.chunks >= 1, out
+    complete = [o for o in outcomes if not o.error]
+    assert len(complete) >= len(outcomes) - 2  # at most the victim's 2 running broke
+    assert all(o.tokens in (256, 16) for o in complete)
+    metrics = httpx.get(gateway.base_url + "/metrics").text
+    assert re.search(r"shoal_gateway_retries_total [1-9]", metrics)  # the victim's queue moved
+    assert re.search(
+        r'shoal_gateway_dispatch_decisions_total\{instance="vllm-victim"\} [1-9]', metrics
+    )
