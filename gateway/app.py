@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -18,42 +16,28 @@ from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.auth import ApiKey, KeyRing
-from gateway.dispatcher import Dispatcher, StreamBroken, clamp_priority
+from gateway.dispatcher import Dispatcher, clamp_priority
 from gateway.metrics import GatewayMetrics
-from gateway.openai_api import (
+from gateway.upstream import UpstreamRefused
+from gateway.view import ClusterView
+from infra.errors import ShoalError, install_error_handlers
+from infra.http import BodyLimitMiddleware, unless_disconnected
+from infra.openai_protocol.models import (
+    PRIORITY_HEADER,
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
     ModelList,
     Usage,
+    priority_from_header,
 )
-from gateway.translate import (
-    chat_chunk,
-    chat_usage_chunk,
-    chat_whole,
-    completion_chunk,
-    completion_usage_chunk,
-    completion_whole,
-    to_generate,
-    usage_of,
-)
-from gateway.upstream import UpstreamRefused
-from gateway.view import ClusterView
-from infra.errors import (
-    BadRequestError,
-    ErrorDetail,
-    ServiceUnavailableError,
-    ShoalError,
-    install_error_handlers,
-)
-from infra.http import BodyLimitMiddleware, unless_disconnected
+from infra.openai_protocol.render import sse_events, whole_response
+from infra.openai_protocol.translate import to_generate
 from infra.records import Priority
 from infra.telemetry import extract_context
 from instance.api import GenerateChunk
 
 log = logging.getLogger(__name__)
-
-PRIORITY_HEADER = "X-Request-Priority"
 
 
 @dataclass
@@ -68,17 +52,7 @@ class GatewayState:
 
 
 def _priority(header: str | None, maximum: Priority) -> Priority:
-    if header is None or not header.strip():
-        asked = Priority.NORMAL
-    else:
-        try:
-            asked = Priority(header.strip().lower())
-        except ValueError:
-            raise BadRequestError(
-                f"{PRIORITY_HEADER} must be one of high, normal, low (got {header!r})",
-                param=PRIORITY_HEADER,
-            ) from None
-    return clamp_priority(asked, maximum)
+    return clamp_priority(priority_from_header(header), maximum)
 
 
 def _refused(exc: UpstreamRefused) -> ShoalError:
@@ -126,79 +100,6 @@ class _Call:
         self.metrics.e2e.labels(p).observe(now - self.started)
         if self.first_at is not None and self.num_chunks > 1:
             self.metrics.tpot.labels(p).observe((now - self.first_at) / (self.num_chunks - 1))
-
-
-def _sse(payload: str) -> bytes:
-    return f"data: {payload}\n\n".encode()
-
-
-async def _sse_stream(
-    call: _Call, first: GenerateChunk, chunks: AsyncGenerator[GenerateChunk, None]
-) -> AsyncIterator[bytes]:
-    usage: Usage | None = None
-    status = "ok"
-    try:
-        chunk: GenerateChunk | None = first
-        is_first = True
-        while chunk is not None:
-            call.observe(chunk)
-            usage = usage_of(chunk) or usage
-            if chunk.error is not None:
-                raise StreamBroken(chunk.error.message)
-            body = (
-                chat_chunk(call.rid, call.created, call.model, chunk, is_first)
-                if call.chat
-                else completion_chunk(call.rid, call.created, call.model, chunk)
-            )
-            yield _sse(body.model_dump_json())
-            is_first = False
-            chunk = await anext(chunks, None)
-        await call.charge(usage)
-        if call.include_usage and usage is not None:
-            make = chat_usage_chunk if call.chat else completion_usage_chunk
-            yield _sse(make(call.rid, call.created, call.model, usage).model_dump_json())
-    except StreamBroken as exc:
-        status = "broken"
-        log.warning("stream %s broke after the first token: %s", call.rid, exc)
-        detail = ErrorDetail(message=f"the instance failed mid-stream: {exc}",
-                             type="server_error", code="upstream_failed")  # fmt: skip
-        yield _sse(json.dumps({"error": detail.model_dump()}))
-    except asyncio.CancelledError:
-        status = "disconnected"
-        raise
-    finally:
-        await chunks.aclose()
-        call.done(status)
-    yield _sse("[DONE]")
-
-
-async def _collect(
-    call: _Call, first: GenerateChunk, chunks: AsyncGenerator[GenerateChunk, None]
-) -> Response:
-    texts: list[str] = []
-    finish: str | None = None
-    usage: Usage | None = None
-    try:
-        chunk: GenerateChunk | None = first
-        while chunk is not None:
-            call.observe(chunk)
-            if chunk.error is not None:
-                raise StreamBroken(chunk.error.message)
-            texts.append(chunk.text)
-            finish = chunk.finish_reason or finish
-            usage = usage_of(chunk) or usage
-            chunk = await anext(chunks, None)
-    except StreamBroken as exc:
-        call.done("broken")
-        raise ServiceUnavailableError(f"the instance failed mid-request: {exc}") from exc
-    finally:
-        await chunks.aclose()
-    assert usage is not None, "the instance ended a request without usage"
-    await call.charge(usage)
-    call.done("ok")
-    make = chat_whole if call.chat else completion_whole
-    body = make(call.rid, call.created, call.model, "".join(texts), finish, usage)
-    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def create_app(make_state: Callable[[], contextlib.AbstractAsyncContextManager[GatewayState]],
@@ -250,11 +151,11 @@ def create_app(make_state: Callable[[], contextlib.AbstractAsyncContextManager[G
                 raise
             out_headers = {PRIORITY_HEADER: priority.value}
             if body.stream:
-                stream = _sse_stream(call, first, chunks)
+                stream = sse_events(call, first, chunks)
                 return StreamingResponse(
                     stream, media_type="text/event-stream", headers=out_headers
                 )
-            response = await unless_disconnected(request, _collect(call, first, chunks))
+            response = await unless_disconnected(request, whole_response(call, first, chunks))
             if response is None:
                 call.done("disconnected")
                 return Response(status_code=499)

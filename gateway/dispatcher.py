@@ -19,6 +19,7 @@ from gateway.reservations import Reservations
 from gateway.upstream import InstanceClient, UpstreamError
 from gateway.view import ClusterView
 from infra.errors import NotFoundError, ServiceUnavailableError
+from infra.openai_protocol.render import StreamBroken
 from infra.records import Priority
 from infra.telemetry import inject_context
 from instance.api import GenerateChunk, GenerateRequest
@@ -42,10 +43,6 @@ def _prompt_estimate(body: GenerateRequest) -> int:
     if isinstance(body.prompt, str):
         return max(1, len(body.prompt) // 4)
     return max(1, sum(len(m.text()) for m in body.messages or []) // 4)
-
-
-class StreamBroken(Exception):
-    """The instance failed after tokens reached the client."""
 
 
 class Dispatcher:

@@ -25,6 +25,7 @@ from instance.api import (
     Usage,
 )
 from instance.engine import EngineRequest
+from instance.openai_routes import add_openai_routes
 from instance.worker import InstanceWorker
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ def create_app(
     app = FastAPI(title="Shoal instance worker", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+
+    add_openai_routes(app, worker)
 
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(body: GenerateRequest, request: Request) -> Response:

@@ -8,8 +8,10 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -62,6 +64,28 @@ def test_non_streaming_and_streaming_agree(client: httpx.Client) -> None:
     assert "".join(c["text"] for c in chunks) == whole["text"]
     assert chunks[-1]["finish_reason"] == "length" and chunks[-1]["usage"] == whole["usage"]
     assert all("finish_reason" not in c for c in chunks[:-1])
+
+
+def test_openai_endpoints_match_generate(client: httpx.Client, worker: WorkerProcess) -> None:
+    """The worker's own /v1 endpoints (what third-party routers and SDKs use)
+    give the same greedy text as /generate, streaming and not."""
+    model = client.get("/v1/models").json()["data"][0]["id"]
+    sdk = openai.OpenAI(base_url=worker.base_url + "/v1", api_key="unused", max_retries=0)
+    messages: Any = [{"role": "user", "content": "hello"}]
+    expected = client.post("/generate", json={"messages": messages, "max_tokens": 12}).json()
+    whole = sdk.chat.completions.create(model=model, messages=messages, max_tokens=12)
+    assert whole.choices[0].message.content == expected["text"]
+    assert whole.usage is not None and whole.usage.completion_tokens == 12
+    stream = sdk.completions.create(model=model, prompt="hello", max_tokens=12, stream=True,
+                                    stream_options={"include_usage": True},
+                                    extra_headers={"X-Request-Priority": "high"})  # fmt: skip
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    assert len("".join(c.choices[0].text for c in chunks if c.choices)) > 0
+    with pytest.raises(openai.NotFoundError):
+        sdk.completions.create(model="no-such-model", prompt="hello", max_tokens=2)
+    bad = client.post("/v1/completions", json={"model": model, "prompt": "x", "n": 2})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.openai_api import (
+from infra.openai_protocol.models import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,

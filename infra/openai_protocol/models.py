@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from infra.errors import BadRequestError
+from infra.records import Priority
 from instance.api import Message
 
 MAX_STOP = 8
@@ -151,3 +153,20 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+PRIORITY_HEADER = "X-Request-Priority"
+"""Shoal's per-request priority header: ``high``, ``normal`` (default) or ``low``."""
+
+
+def priority_from_header(header: str | None) -> Priority:
+    """The priority a request asks for; a 400 for anything but the three names."""
+    if header is None or not header.strip():
+        return Priority.NORMAL
+    try:
+        return Priority(header.strip().lower())
+    except ValueError:
+        raise BadRequestError(
+            f"{PRIORITY_HEADER} must be one of high, normal, low (got {header!r})",
+            param=PRIORITY_HEADER,
+        ) from None

@@ -1,0 +1,99 @@
+"""The worker's own OpenAI-compatible endpoints, as ``vllm serve`` offers:
+``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models``.
+
+They let any OpenAI client or third-party router talk to one instance
+directly (the gateway uses ``/generate``). ``X-Request-Priority`` is honoured
+as sent: an instance trusts its callers."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Header, Request, Response
+from fastapi.responses import StreamingResponse
+
+from infra.errors import ServiceUnavailableError
+from infra.http import unless_disconnected
+from infra.openai_protocol.models import (
+    PRIORITY_HEADER,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    Usage,
+    priority_from_header,
+)
+from infra.openai_protocol.render import sse_events, whole_response
+from infra.openai_protocol.translate import to_generate
+from instance.api import GenerateChunk
+from instance.worker import InstanceWorker
+
+
+@dataclass
+class _DirectCall:
+    """A call answered by this instance: no dispatch, metering or keys."""
+
+    rid: str
+    created: int
+    model: str
+    chat: bool
+    include_usage: bool
+
+    def observe(self, chunk: GenerateChunk) -> None:
+        pass
+
+    async def charge(self, usage: Usage | None) -> None:
+        pass
+
+    def done(self, status: str) -> None:
+        pass
+
+
+def add_openai_routes(app: FastAPI, worker: InstanceWorker) -> None:
+    async def serve(
+        request: Request,
+        body: ChatCompletionRequest | CompletionRequest,
+        priority_header: str | None,
+    ) -> Response:
+        priority = priority_from_header(priority_header)
+        chat = isinstance(body, ChatCompletionRequest)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        ereq = worker.prepare(to_generate(body, rid, priority))
+        call = _DirectCall(rid, int(time.time()), body.model, chat, body.include_usage)
+        chunks = worker.run(ereq)
+        first = await anext(chunks, None)
+        if first is None:
+            await chunks.aclose()
+            raise ServiceUnavailableError("the engine stopped before the request started")
+        headers = {PRIORITY_HEADER: priority.value}
+        if body.stream:
+            events = sse_events(call, first, chunks)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        response = await unless_disconnected(request, whole_response(call, first, chunks))
+        if response is None:
+            return Response(status_code=499)
+        response.headers.update(headers)
+        return response
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(
+        body: ChatCompletionRequest,
+        request: Request,
+        x_request_priority: str | None = Header(default=None),
+    ) -> Response:
+        return await serve(request, body, x_request_priority)
+
+    @app.post("/v1/completions")
+    async def completions(
+        body: CompletionRequest,
+        request: Request,
+        x_request_priority: str | None = Header(default=None),
+    ) -> Response:
+        return await serve(request, body, x_request_priority)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        info = worker.info()
+        return ModelList(data=[ModelCard(id=info.model, created=int(info.started_at))])
