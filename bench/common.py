@@ -27,13 +27,15 @@ def free_port() -> int:
 class Server:
     """A server process on loopback, killed with its whole process group."""
 
-    def __init__(self, cmd: Sequence[str], ready_url: str, env: dict[str, str], log: Path) -> None:
+    def __init__(self, cmd: Sequence[str], ready_url: str, env: dict[str, str], log: Path,
+                 cpus: set[int] | None = None) -> None:  # fmt: skip
         self.ready_url = ready_url
         self.log = log
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 list(cmd), env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=REPO,
+                start_new_session=True, cwd=REPO, preexec_fn=pin,
             )  # fmt: skip
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
@@ -48,6 +50,33 @@ class Server:
                 pass
             time.sleep(0.3)
         raise TimeoutError(self.ready_url)
+
+    @property
+    def base_url(self) -> str:
+        """``scheme://host:port`` of the ready URL."""
+        return "/".join(self.ready_url.split("/")[:3])
+
+    def cpu_s(self) -> float:
+        """CPU seconds used so far by the server and all its children."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        total = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def rss_mib(self) -> float:
+        """Resident memory of the server and its children."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        procs = [root, *root.children(recursive=True)]
+        return sum(p.memory_info().rss for p in procs) / 2**20
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -69,8 +98,9 @@ def bar_plot(path: Path, title: str, labels: list[str], values: list[float], yla
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bars = ax.bar(labels, values, color=["#3b7dd8", "#e07b39", "#5aa469", "#9467bd"][: len(values)])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(values)), 3.5))
+    palette = ["#3b7dd8", "#e07b39", "#5aa469", "#9467bd", "#c44e52", "#8c8c8c"]
+    bars = ax.bar(labels, values, color=[palette[i % len(palette)] for i in range(len(values))])
     ax.bar_label(bars, fmt="%.0f")
     ax.set_title(title)
     ax.set_ylabel(ylabel)

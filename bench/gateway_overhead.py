@@ -1,186 +1,252 @@
-"""Gateway overhead: latency added per request, requests/s per gateway core,
-gateway memory, and start-up time, against a zero-latency sim instance.
+"""Gateway overhead: latency added per request, requests/s per core, and
+memory, for Shoal's gateway next to vLLM's router and LiteLLM's proxy in front
+of the same two sim instances, and direct to the instances.
 
-    .venv/bin/python -m bench.gateway_overhead [--requests 2000] [--concurrency 200]
+    .venv/bin/python -m bench.gateway_overhead [--requests 3000] [--concurrency 200]
 
-Direct = the instance worker's own /generate; gateway = /v1/completions through
-one gateway replica (Llumnix dispatch, Redis reservations). Same sim instance,
-same load generator, alternating rounds. Everything shares this machine's two
-cores, so the load generator competes with what it measures: read the
-per-core figure (gateway CPU time per request) rather than raw throughput.
+Two scenarios, each a closed loop of ``--concurrency`` streaming (or whole)
+completions of 16 tokens:
+
+- ``saturate``: zero-latency sim instances, so every target runs flat out.
+  The figure that matters is the target's CPU time per request (summed over
+  its processes), i.e. requests/s per core; raw req/s is capped by the core
+  that the load generator shares with the instances.
+- ``200 streams``: sim instances at the A10 latency model (about 1 s per
+  request at this batch size), so 200 streams are open at once at a rate every
+  target should sustain; latency added = target minus direct, p50 and p99.
+
+The target under test is pinned to core 0 (with Redis, whose CPU counts as
+Shoal's); the instances and this load generator to core 1. The third-party
+routers live in their own virtualenv (``bench/out/routers-venv``, created on
+first run; see bench/routers.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import os
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 import psutil
 
 from bench.common import PLOTS, REPO, Server, bar_plot, free_port, python
+from bench.routers import LITELLM_KEY, start_litellm, start_vllm_router
 from infra.embedded_redis import EmbeddedRedis
+
+MODEL = "m"
+TARGET_CPUS, LOAD_CPUS = {0}, {1}
+LOGS = REPO / "bench" / "out"
 
 
 @dataclass
 class Run:
-    name: str
+    target: str
+    scenario: str
     stream: bool
-    latencies_s: list[float] = field(default_factory=list)
+    e2e_s: list[float] = field(default_factory=list)
     ttft_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
-    gateway_cpu_s: float = 0.0
+    cpu_s: float = 0.0
+    errors: int = 0
 
-    def pct(self, values: list[float], q: float) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    @property
+    def rps(self) -> float:
+        return len(self.e2e_s) / self.wall_s
+
+    @property
+    def cpu_ms_per_req(self) -> float:
+        return 1000 * self.cpu_s / max(1, len(self.e2e_s))
 
 
-Request = Callable[[httpx.AsyncClient, bool], Awaitable[tuple[float, float]]]
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def _direct(client: httpx.AsyncClient, stream: bool) -> tuple[float, float]:
-    body = {"prompt": "hello world", "max_tokens": 16, "stream": stream}
+@dataclass
+class Target:
+    name: str
+    urls: list[str]
+    """Base URLs requests go to, in turn (several only for direct)."""
+    server: Server | None = None
+    shares: list[psutil.Process] = field(default_factory=list)
+    """Other processes whose CPU this target's requests use (Shoal: Redis)."""
+
+    def cpu_s(self) -> float:
+        if self.server is None:
+            return 0.0
+        return self.server.cpu_s() + sum(sum(p.cpu_times()[:2]) for p in self.shares)
+
+
+async def _one(session: aiohttp.ClientSession, url: str, stream: bool, run: Run) -> None:
+    body = {"model": MODEL, "prompt": "hello world", "max_tokens": 16, "stream": stream,
+            "ignore_eos": True}  # fmt: skip
     t0 = time.perf_counter()
     first = 0.0
-    async with client.stream("POST", "/generate", json=body) as resp:
-        async for _ in resp.aiter_lines():
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        if resp.status != 200:
+            run.errors += 1
+            await resp.read()
+            return
+        async for _ in resp.content:
             first = first or time.perf_counter() - t0
-    return first, time.perf_counter() - t0
+    run.ttft_s.append(first)
+    run.e2e_s.append(time.perf_counter() - t0)
 
 
-async def _gateway(client: httpx.AsyncClient, stream: bool) -> tuple[float, float]:
-    body = {"model": "m", "prompt": "hello world", "max_tokens": 16, "stream": stream}
-    t0 = time.perf_counter()
-    first = 0.0
-    async with client.stream("POST", "/v1/completions", json=body) as resp:
-        assert resp.status_code == 200
-        async for _ in resp.aiter_lines():
-            first = first or time.perf_counter() - t0
-    return first, time.perf_counter() - t0
-
-
-async def _load(base: str, request: Request, run: Run, requests: int, concurrency: int,
-                gateway_pid: int | None) -> None:  # fmt: skip
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
-        for _ in range(20):
-            await request(client, run.stream)
+async def _load(target: Target, run: Run, requests: int, concurrency: int) -> None:
+    headers = {"Authorization": f"Bearer {LITELLM_KEY}"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+        urls = itertools.cycle(target.urls)
+        for _ in range(50):  # warm up connections and code paths
+            await _one(session, next(urls), run.stream, Run("", "", run.stream))
         remaining = requests
-        proc = psutil.Process(gateway_pid) if gateway_pid else None
-        cpu0 = sum(proc.cpu_times()[:2]) if proc else 0.0
+        cpu0 = target.cpu_s()
 
-        async def worker() -> None:
+        async def client() -> None:
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
-                first, total = await request(client, run.stream)
-                run.ttft_s.append(first)
-                run.latencies_s.append(total)
+                await _one(session, next(urls), run.stream, run)
 
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(client() for _ in range(concurrency)))
         run.wall_s = time.perf_counter() - start
-        run.gateway_cpu_s = sum(proc.cpu_times()[:2]) - cpu0 if proc else 0.0
+        run.cpu_s = target.cpu_s() - cpu0
 
 
-def _startup_s(redis_url: str, log: Path, runs: int = 5) -> list[float]:
-    times = []
-    for _ in range(runs):
+@contextmanager
+def _instances(redis_url: str, speedup: float, tag: str) -> Iterator[list[str]]:
+    servers = []
+    for i in range(2):
         port = free_port()
-        t0 = time.perf_counter()
-        server = Server([python(), "-m", "infra.cli", "gateway", "--port", str(port),
-                         "--redis-url", redis_url], f"http://127.0.0.1:{port}/healthz", {},
-                        log)  # fmt: skip
-        server.wait_ready(30)
-        times.append(time.perf_counter() - t0)
-        server.stop()
-    return times
+        cmd = [python(), "-m", "infra.cli", "instance", "--engine", "sim", "--port", str(port),
+               "--instance-id", f"sim-{i}", "--served-model-name", MODEL,
+               "--sim-speedup", str(speedup), "--max-num-seqs", "1024",
+               "--num-sim-blocks", "1000000"]  # fmt: skip
+        servers.append(Server(cmd, f"http://127.0.0.1:{port}/ready",
+                              {"SHOAL_REDIS_URL": redis_url}, LOGS / f"{tag}-sim-{i}.log",
+                              cpus=LOAD_CPUS))  # fmt: skip
+    try:
+        for s in servers:
+            s.wait_ready()
+        yield [s.base_url for s in servers]
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _start_shoal(redis_url: str, tag: str) -> Server:
+    port = free_port()
+    cmd = [python(), "-m", "infra.cli", "gateway", "--port", str(port)]
+    return Server(cmd, f"http://127.0.0.1:{port}/readyz", {"SHOAL_REDIS_URL": redis_url},
+                  LOGS / f"{tag}-shoal.log", cpus=TARGET_CPUS)  # fmt: skip
+
+
+def _scenario(name: str, speedup: float, redis_url: str, redis_pid: int, args: argparse.Namespace,
+              rss: dict[str, float]) -> list[Run]:  # fmt: skip
+    tag = name.replace(" ", "-")
+    runs: list[Run] = []
+    with _instances(redis_url, speedup, tag) as urls:
+        servers = {
+            "shoal": _start_shoal(redis_url, tag),
+            "vllm-router": start_vllm_router(urls, TARGET_CPUS, LOGS / f"{tag}-vllm-router.log"),
+            "litellm": start_litellm(MODEL, urls, TARGET_CPUS, LOGS / f"{tag}-litellm.log"),
+        }
+        try:
+            targets = [Target("direct", urls)]
+            for target_name, server in servers.items():
+                server.wait_ready(120)
+                shares = [psutil.Process(redis_pid)] if target_name == "shoal" else []
+                targets.append(Target(target_name, [server.base_url], server, shares))
+            time.sleep(1)
+            for _ in range(args.rounds):
+                for stream in (True, False):
+                    for target in targets:
+                        run = Run(target.name, name, stream)
+                        # LiteLLM manages tens of requests/s: fewer keep the run short.
+                        n = args.requests // 4 if target.name == "litellm" else args.requests
+                        asyncio.run(_load(target, run, n, args.concurrency))
+                        print(f"  {name:<12} {target.name:<12} {'stream' if stream else 'whole':<7}"
+                              f"{run.rps:7.0f} req/s  p50 {pct(run.e2e_s, .5) * 1000:7.1f} ms"
+                              f"  errors {run.errors}", flush=True)  # fmt: skip
+                        runs.append(run)
+            for target in targets:
+                if target.server is not None:
+                    rss[target.name] = max(rss.get(target.name, 0.0), target.server.rss_mib())
+        finally:
+            for server in servers.values():
+                server.stop()
+    return runs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    runs: list[Run] = []
-    with tempfile.TemporaryDirectory() as tmp_dir:
-        tmp = Path(tmp_dir)
-        logs = REPO / "bench" / "out"
-        logs.mkdir(parents=True, exist_ok=True)
-        redis = EmbeddedRedis.start(tmp / "valkey")
-        env = {"SHOAL_REDIS_URL": redis.url}
-        wport, gport = free_port(), free_port()
-        worker = Server([python(), "-m", "infra.cli", "instance", "--engine", "sim",
-                         "--port", str(wport), "--served-model-name", "m",
-                         "--sim-speedup", "1000000", "--max-num-seqs", "1024",
-                         "--num-sim-blocks", "1000000"],
-                        f"http://127.0.0.1:{wport}/ready", env, logs / "worker.log")  # fmt: skip
-        gateway = Server([python(), "-m", "infra.cli", "gateway", "--port", str(gport)],
-                         f"http://127.0.0.1:{gport}/readyz", env, logs / "gateway.log")  # fmt: skip
+    LOGS.mkdir(parents=True, exist_ok=True)
+    rss: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = EmbeddedRedis.start(Path(tmp) / "valkey")
+        # Redis is Shoal's: it shares the target's core and its CPU counts as Shoal's.
+        os.sched_setaffinity(redis.process.pid, TARGET_CPUS)
+        os.sched_setaffinity(0, LOAD_CPUS)
         try:
-            worker.wait_ready()
-            gateway.wait_ready()
-            time.sleep(1)
-            for _ in range(args.rounds):
-                for stream in (True, False):
-                    for name, base, req, pid in (
-                        ("direct", f"http://127.0.0.1:{wport}", _direct, None),
-                        ("gateway", f"http://127.0.0.1:{gport}", _gateway, gateway.proc.pid),
-                    ):
-                        run = Run(name, stream)
-                        asyncio.run(_load(base, req, run, args.requests, args.concurrency, pid))
-                        runs.append(run)
-            rss_mb = psutil.Process(gateway.proc.pid).memory_info().rss / 2**20
+            pid = redis.process.pid
+            runs = _scenario("saturate", 1e6, redis.url, pid, args, rss)
+            runs += _scenario("200 streams", 1.0, redis.url, pid, args, rss)
         finally:
-            gateway.stop()
-            worker.stop()
-        startup = _startup_s(redis.url, logs / "startup.log")
-        redis.stop()
-    _report(runs, args, rss_mb, startup)
+            redis.stop()
+    _report(runs, args, rss)
 
 
-def _report(runs: list[Run], args: argparse.Namespace, rss_mb: float, startup: list[float]) -> None:
-    print(f"\n{args.requests} requests x {args.rounds} rounds, {args.concurrency} concurrent, "
-          "16 tokens each, zero-latency sim instance\n")  # fmt: skip
-    print(f"{'mode':<10} {'path':<8} {'p50 ms':>8} {'p99 ms':>8} {'TTFT p50':>9} {'req/s':>8} "
-          f"{'gw CPU ms/req':>14}")  # fmt: skip
-    summary: dict[tuple[str, bool], tuple[float, float]] = {}
-    for stream in (True, False):
-        for name in ("direct", "gateway"):
-            rs = [r for r in runs if r.name == name and r.stream == stream]
-            lat = [x for r in rs for x in r.latencies_s]
-            ttft = [x for r in rs for x in r.ttft_s]
-            rps = statistics.mean(len(r.latencies_s) / r.wall_s for r in rs)
-            cpu = statistics.mean(1000 * r.gateway_cpu_s / len(r.latencies_s) for r in rs)
-            p50, p99 = rs[0].pct(lat, 0.5) * 1000, rs[0].pct(lat, 0.99) * 1000
-            summary[(name, stream)] = (p50, p99)
-            mode = "stream" if stream else "whole"
-            cpu_txt = f"{cpu:14.2f}" if name == "gateway" else f"{'-':>14}"
-            print(f"{mode:<10} {name:<8} {p50:8.1f} {p99:8.1f} {rs[0].pct(ttft, 0.5) * 1000:9.1f} "
-                  f"{rps:8.0f} {cpu_txt}")  # fmt: skip
-    for stream in (True, False):
-        d, g = summary[("direct", stream)], summary[("gateway", stream)]
-        print(f"added by the gateway ({'stream' if stream else 'whole'}): "
-              f"p50 {g[0] - d[0]:+.1f} ms, p99 {g[1] - d[1]:+.1f} ms")  # fmt: skip
-    gw_cpu = [1000 * r.gateway_cpu_s / len(r.latencies_s) for r in runs if r.name == "gateway"]
-    print(
-        f"gateway requests/s per core (1 / CPU per request): {1000 / statistics.mean(gw_cpu):.0f}"
-    )
-    print(f"gateway RSS after load: {rss_mb:.0f} MiB")
-    print(f"gateway start-up to /healthz: median {statistics.median(startup):.2f} s "
-          f"(runs: {', '.join(f'{t:.2f}' for t in startup)})")  # fmt: skip
-    modes = [(n, s) for s in (True, False) for n in ("direct", "gateway")]
-    labels = [f"{n}\n{'stream' if s else 'whole'}" for n, s in modes]
-    title = "p50 request latency, 200 concurrent (ms)"
-    bar_plot(PLOTS / "gateway_overhead.png", title, labels, [summary[m][0] for m in modes], "ms")
+def _report(runs: list[Run], args: argparse.Namespace, rss: dict[str, float]) -> None:
+    targets = ["direct", "shoal", "vllm-router", "litellm"]
+    print(f"\n{args.concurrency} concurrent clients, 16-token completions, {args.rounds} rounds; "
+          "target on core 0, instances + load generator on core 1\n")  # fmt: skip
+    header = (f"{'scenario':<12} {'mode':<7} {'target':<12} {'req/s':>7} {'p50 ms':>8} "
+              f"{'p99 ms':>8} {'TTFT p50':>9} {'+p50 ms':>8} {'+p99 ms':>8} {'CPU ms/req':>11} "
+              f"{'req/s/core':>11} {'errors':>6}")  # fmt: skip
+    print(header)
+    per_core: dict[str, float] = {}
+    for scenario in ("saturate", "200 streams"):
+        for stream in (True, False):
+            base = [r for r in runs if r.scenario == scenario and r.stream == stream
+                    and r.target == "direct"]  # fmt: skip
+            b50 = pct([x for r in base for x in r.e2e_s], 0.5)
+            b99 = pct([x for r in base for x in r.e2e_s], 0.99)
+            for target in targets:
+                rs = [r for r in runs if r.scenario == scenario and r.stream == stream
+                      and r.target == target]  # fmt: skip
+                e2e = [x for r in rs for x in r.e2e_s]
+                ttft = [x for r in rs for x in r.ttft_s]
+                rps = statistics.mean(r.rps for r in rs)
+                cpu = statistics.mean(r.cpu_ms_per_req for r in rs)
+                p50, p99 = pct(e2e, 0.5), pct(e2e, 0.99)
+                cpu_txt = f"{cpu:11.2f}" if target != "direct" else f"{'-':>11}"
+                core_txt = f"{1000 / cpu:11.0f}" if target != "direct" else f"{'-':>11}"
+                if scenario == "saturate" and target != "direct":
+                    per_core[f"{target}\n{'stream' if stream else 'whole'}"] = 1000 / cpu
+                added = (f"{(p50 - b50) * 1000:+8.1f} {(p99 - b99) * 1000:+8.1f}"
+                         if target != "direct" else f"{'-':>8} {'-':>8}")  # fmt: skip
+                print(f"{scenario:<12} {'stream' if stream else 'whole':<7} {target:<12} "
+                      f"{rps:7.0f} {p50 * 1000:8.1f} {p99 * 1000:8.1f} {pct(ttft, .5) * 1000:9.1f} "
+                      f"{added} {cpu_txt} {core_txt} {sum(r.errors for r in rs):6d}")  # fmt: skip
+    print("\nRSS after load (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items()))
+    bar_plot(PLOTS / "gateway_overhead.png", "Requests/s per core of the target (saturate)",
+             list(per_core), list(per_core.values()), "req/s per core")  # fmt: skip
     print(f"plot: {PLOTS / 'gateway_overhead.png'}")
 
 

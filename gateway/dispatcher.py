@@ -22,7 +22,7 @@ from infra.errors import NotFoundError, ServiceUnavailableError
 from infra.openai_protocol.render import StreamBroken
 from infra.records import Priority
 from infra.telemetry import inject_context
-from instance.api import GenerateChunk, GenerateRequest
+from instance.api import ChunkBatch, GenerateRequest
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,8 @@ class Dispatcher:
 
     async def generate(
         self, body: GenerateRequest, model: str, parent: Context | None = None
-    ) -> AsyncGenerator[GenerateChunk, None]:
-        """Stream the request's chunks from the best instance, retrying elsewhere
+    ) -> AsyncGenerator[ChunkBatch, None]:
+        """Stream the request's chunks (in batches) from the best instance, retrying elsewhere
         on failure before the first chunk. Raises :class:`StreamBroken` after.
         Each attempt is traced as a ``gateway.dispatch`` span and a
         ``gateway.proxy`` span whose context travels to the instance."""
@@ -145,9 +145,9 @@ class Dispatcher:
             proxy.set_attribute("shoal.instance_id", chosen.instance_id)
             headers = inject_context({}, trace.set_span_in_context(proxy))
             try:
-                async for chunk in self._upstream.stream(chosen.info.address, body, headers):
+                async for batch in self._upstream.stream(chosen.info.address, body, headers):
                     started = True
-                    yield chunk
+                    yield batch
                 return
             except UpstreamError as exc:
                 if started:

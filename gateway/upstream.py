@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator
 import aiohttp
 
 from infra.errors import ErrorDetail
-from instance.api import GenerateChunk, GenerateRequest
+from instance.api import ChunkBatch, GenerateChunk, GenerateRequest
 
 MAX_LINE_BYTES = 1 << 22
 """Longest NDJSON line accepted from an instance (a chunk's text and ids)."""
@@ -35,9 +35,7 @@ def make_session(connect_timeout_s: float) -> aiohttp.ClientSession:
     """One pooled session per gateway: unlimited connections, kept alive."""
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
-    return aiohttp.ClientSession(
-        connector=connector, timeout=timeout, read_bufsize=MAX_LINE_BYTES, trust_env=False
-    )
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False)
 
 
 class InstanceClient:
@@ -46,9 +44,10 @@ class InstanceClient:
 
     async def stream(
         self, address: str, body: GenerateRequest, headers: dict[str, str]
-    ) -> AsyncGenerator[GenerateChunk, None]:
-        """Yield the instance's chunks. Raises :class:`UpstreamError` if the
-        instance cannot be reached or fails before its first chunk; closing
+    ) -> AsyncGenerator[ChunkBatch, None]:
+        """Yield the instance's chunks, in batches of those that arrived
+        together. Raises :class:`UpstreamError` if the instance cannot be
+        reached or fails before its first chunk; closing
         the generator early closes the connection, which aborts the request on
         the instance."""
         payload = body.model_dump_json(exclude_none=True)
@@ -63,15 +62,29 @@ class InstanceClient:
                     raise UpstreamRefused(resp.status, _error_detail(await resp.read()))
                 finished = False
                 try:
-                    async for line in resp.content:
-                        if line.strip():
-                            yield GenerateChunk.model_validate_json(line)
+                    async for batch in _ndjson_batches(resp.content):
+                        yield batch
                     finished = True
                 finally:
                     if not finished:  # client gone or consumer stopped: hang up
                         resp.close()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:  # ValueError: bad JSON
             raise UpstreamError(f"{address}: {type(exc).__name__}: {exc}") from exc
+
+
+async def _ndjson_batches(content: aiohttp.StreamReader) -> AsyncGenerator[ChunkBatch, None]:
+    """Chunks from NDJSON, one batch per read: under load several arrive at
+    once and go on to the client in one write."""
+    pending = b""
+    async for data in content.iter_any():
+        *lines, pending = (pending + data).split(b"\n")
+        if len(pending) > MAX_LINE_BYTES:
+            raise UpstreamError(f"an instance sent a line over {MAX_LINE_BYTES} bytes")
+        batch = [GenerateChunk.model_validate_json(line) for line in lines if line.strip()]
+        if batch:
+            yield batch
+    if pending.strip():
+        yield [GenerateChunk.model_validate_json(pending)]
 
 
 def _error_detail(raw: bytes) -> ErrorDetail:

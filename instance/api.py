@@ -100,6 +100,10 @@ class GenerateChunk(BaseModel):
     error: ErrorDetail | None = None
 
 
+ChunkBatch = list[GenerateChunk]
+"""Chunks of one request that arrived together."""
+
+
 class GenerateResponse(BaseModel):
     """A whole (non-streaming) response."""
 

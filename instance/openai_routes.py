@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Header, Request, Response
@@ -27,7 +28,7 @@ from infra.openai_protocol.models import (
 )
 from infra.openai_protocol.render import sse_events, whole_response
 from infra.openai_protocol.translate import to_generate
-from instance.api import GenerateChunk
+from instance.api import ChunkBatch, GenerateChunk
 from instance.worker import InstanceWorker
 
 
@@ -51,6 +52,16 @@ class _DirectCall:
         pass
 
 
+async def _batches(
+    chunks: AsyncGenerator[GenerateChunk, None],
+) -> AsyncGenerator[ChunkBatch, None]:
+    try:
+        async for chunk in chunks:
+            yield [chunk]
+    finally:
+        await chunks.aclose()
+
+
 def add_openai_routes(app: FastAPI, worker: InstanceWorker) -> None:
     async def serve(
         request: Request,
@@ -62,7 +73,7 @@ def add_openai_routes(app: FastAPI, worker: InstanceWorker) -> None:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         ereq = worker.prepare(to_generate(body, rid, priority))
         call = _DirectCall(rid, int(time.time()), body.model, chat, body.include_usage)
-        chunks = worker.run(ereq)
+        chunks = _batches(worker.run(ereq))
         first = await anext(chunks, None)
         if first is None:
             await chunks.aclose()

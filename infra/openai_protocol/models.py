@@ -43,6 +43,11 @@ class _Sampling(BaseModel):
     min_tokens: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     ignore_eos: bool = False
+    skip_special_tokens: Literal[True] = True
+    # Sent by routers (vLLM's router, SGLang) with values that ask for what
+    # Shoal does anyway; any other value is refused.
+    no_stop_trim: Literal[False] = False
+    return_hidden_states: Literal[False] = False
 
     @model_validator(mode="after")
     def _check_stop(self) -> _Sampling:
@@ -62,6 +67,11 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: Literal[False] | None = None
+    continue_final_message: Literal[False] = False
+    # Reasoning switches: no reasoning parser runs, so there is nothing to split.
+    include_reasoning: bool = True
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
 
     @property
     def token_limit(self) -> int | None:

@@ -22,7 +22,7 @@ from infra.openai_protocol.translate import (
     completion_whole,
     usage_of,
 )
-from instance.api import GenerateChunk
+from instance.api import ChunkBatch, GenerateChunk
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +55,37 @@ def _sse(payload: str) -> bytes:
 
 
 async def sse_events(
-    call: Call, first: GenerateChunk, chunks: AsyncGenerator[GenerateChunk, None]
+    call: Call, first: ChunkBatch, batches: AsyncGenerator[ChunkBatch, None]
 ) -> AsyncIterator[bytes]:
-    """SSE events for ``first`` and the rest of ``chunks``; a failure after
-    the first token ends the stream with an OpenAI-format error event."""
+    """SSE events for ``first`` and the rest of ``batches``, one write per
+    batch; a failure after the first token ends the stream with an
+    OpenAI-format error event."""
     usage: Usage | None = None
     status = "ok"
     try:
-        chunk: GenerateChunk | None = first
+        batch: ChunkBatch | None = first
         is_first = True
-        while chunk is not None:
-            call.observe(chunk)
-            usage = usage_of(chunk) or usage
-            if chunk.error is not None:
-                raise StreamBroken(chunk.error.message)
-            body = (
-                chat_chunk(call.rid, call.created, call.model, chunk, is_first)
-                if call.chat
-                else completion_chunk(call.rid, call.created, call.model, chunk)
-            )
-            yield _sse(body.model_dump_json())
-            is_first = False
-            chunk = await anext(chunks, None)
+        while batch is not None:
+            events: list[bytes] = []
+            broken: str | None = None
+            for chunk in batch:
+                call.observe(chunk)
+                usage = usage_of(chunk) or usage
+                if chunk.error is not None:
+                    broken = chunk.error.message
+                    break
+                body = (
+                    chat_chunk(call.rid, call.created, call.model, chunk, is_first)
+                    if call.chat
+                    else completion_chunk(call.rid, call.created, call.model, chunk)
+                )
+                events.append(_sse(body.model_dump_json()))
+                is_first = False
+            if events:
+                yield b"".join(events)
+            if broken is not None:
+                raise StreamBroken(broken)
+            batch = await anext(batches, None)
         await call.charge(usage)
         if call.include_usage and usage is not None:
             make = chat_usage_chunk if call.chat else completion_usage_chunk
@@ -91,33 +100,34 @@ async def sse_events(
         status = "disconnected"
         raise
     finally:
-        await chunks.aclose()
+        await batches.aclose()
         call.done(status)
     yield _sse("[DONE]")
 
 
 async def whole_response(
-    call: Call, first: GenerateChunk, chunks: AsyncGenerator[GenerateChunk, None]
+    call: Call, first: ChunkBatch, batches: AsyncGenerator[ChunkBatch, None]
 ) -> Response:
     """One complete response body once the request has finished."""
     texts: list[str] = []
     finish: str | None = None
     usage: Usage | None = None
     try:
-        chunk: GenerateChunk | None = first
-        while chunk is not None:
-            call.observe(chunk)
-            if chunk.error is not None:
-                raise StreamBroken(chunk.error.message)
-            texts.append(chunk.text)
-            finish = chunk.finish_reason or finish
-            usage = usage_of(chunk) or usage
-            chunk = await anext(chunks, None)
+        batch: ChunkBatch | None = first
+        while batch is not None:
+            for chunk in batch:
+                call.observe(chunk)
+                if chunk.error is not None:
+                    raise StreamBroken(chunk.error.message)
+                texts.append(chunk.text)
+                finish = chunk.finish_reason or finish
+                usage = usage_of(chunk) or usage
+            batch = await anext(batches, None)
     except StreamBroken as exc:
         call.done("broken")
         raise ServiceUnavailableError(f"the instance failed mid-request: {exc}") from exc
     finally:
-        await chunks.aclose()
+        await batches.aclose()
     if usage is None:
         call.done("broken")
         raise ServiceUnavailableError("the instance ended the request without usage")
