@@ -4,13 +4,15 @@ of the same two sim instances, and direct to the instances.
 
     .venv/bin/python -m bench.gateway_overhead [--requests 3000] [--concurrency 200]
 
-Two scenarios, each a closed loop of ``--concurrency`` streaming (or whole)
-completions of 16 tokens:
+Three loads, each a closed loop of streaming (and of whole) completions of 16
+tokens:
 
 - ``saturate``: zero-latency sim instances, so every target runs flat out.
   The figure that matters is the target's CPU time per request (summed over
   its processes), i.e. requests/s per core; raw req/s is capped by the core
   that the load generator shares with the instances.
+- ``1 client``: the same instances, one request at a time: the latency a
+  target adds when it is idle.
 - ``200 streams``: sim instances at the A10 latency model (about 1 s per
   request at this batch size), so 200 streams are open at once at a rate every
   target should sustain; latency added = target minus direct, p50 and p99.
@@ -153,9 +155,12 @@ def _start_shoal(redis_url: str, tag: str) -> Server:
                   LOGS / f"{tag}-shoal.log", cpus=TARGET_CPUS)  # fmt: skip
 
 
-def _scenario(name: str, speedup: float, redis_url: str, redis_pid: int, args: argparse.Namespace,
-              rss: dict[str, float]) -> list[Run]:  # fmt: skip
-    tag = name.replace(" ", "-")
+Load = tuple[str, int, int]
+"""A load on a set of targets: its name, concurrent clients and requests."""
+
+
+def _scenario(tag: str, speedup: float, loads: list[Load], redis_url: str, redis_pid: int,
+              rounds: int, rss: dict[str, float]) -> list[Run]:  # fmt: skip
     runs: list[Run] = []
     with _instances(redis_url, speedup, tag) as urls:
         servers = {
@@ -170,17 +175,17 @@ def _scenario(name: str, speedup: float, redis_url: str, redis_pid: int, args: a
                 shares = [psutil.Process(redis_pid)] if target_name == "shoal" else []
                 targets.append(Target(target_name, [server.base_url], server, shares))
             time.sleep(1)
-            for _ in range(args.rounds):
-                for stream in (True, False):
-                    for target in targets:
-                        run = Run(target.name, name, stream)
-                        # LiteLLM manages tens of requests/s: fewer keep the run short.
-                        n = args.requests // 4 if target.name == "litellm" else args.requests
-                        asyncio.run(_load(target, run, n, args.concurrency))
-                        print(f"  {name:<12} {target.name:<12} {'stream' if stream else 'whole':<7}"
-                              f"{run.rps:7.0f} req/s  p50 {pct(run.e2e_s, .5) * 1000:7.1f} ms"
-                              f"  errors {run.errors}", flush=True)  # fmt: skip
-                        runs.append(run)
+            for (name, concurrency, requests), _, stream, target in itertools.product(
+                loads, range(rounds), (True, False), targets
+            ):
+                run = Run(target.name, name, stream)
+                # LiteLLM manages tens of requests/s: fewer keep the run short.
+                n = requests // 4 if target.name == "litellm" and concurrency > 1 else requests
+                asyncio.run(_load(target, run, n, concurrency))
+                print(f"  {name:<12} {target.name:<12} {'stream' if stream else 'whole':<7}"
+                      f"{run.rps:7.0f} req/s  p50 {pct(run.e2e_s, .5) * 1000:7.1f} ms"
+                      f"  errors {run.errors}", flush=True)  # fmt: skip
+                runs.append(run)
             for target in targets:
                 if target.server is not None:
                     rss[target.name] = max(rss.get(target.name, 0.0), target.server.rss_mib())
@@ -205,8 +210,10 @@ def main() -> None:
         os.sched_setaffinity(0, LOAD_CPUS)
         try:
             pid = redis.process.pid
-            runs = _scenario("saturate", 1e6, redis.url, pid, args, rss)
-            runs += _scenario("200 streams", 1.0, redis.url, pid, args, rss)
+            fast = [("saturate", args.concurrency, args.requests), ("1 client", 1, 300)]
+            paced = [(f"{args.concurrency} streams", args.concurrency, args.requests)]
+            runs = _scenario("fast", 1e6, fast, redis.url, pid, args.rounds, rss)
+            runs += _scenario("paced", 1.0, paced, redis.url, pid, args.rounds, rss)
         finally:
             redis.stop()
     _report(runs, args, rss)
@@ -221,7 +228,7 @@ def _report(runs: list[Run], args: argparse.Namespace, rss: dict[str, float]) ->
               f"{'req/s/core':>11} {'errors':>6}")  # fmt: skip
     print(header)
     per_core: dict[str, float] = {}
-    for scenario in ("saturate", "200 streams"):
+    for scenario in dict.fromkeys(r.scenario for r in runs):
         for stream in (True, False):
             base = [r for r in runs if r.scenario == scenario and r.stream == stream
                     and r.target == "direct"]  # fmt: skip

@@ -140,7 +140,9 @@ def create_app(make_state: Callable[[], contextlib.AbstractAsyncContextManager[G
         st.metrics.inflight.inc()
         try:
             parent = trace.set_span_in_context(call.span)
-            chunks = st.dispatcher.generate(to_generate(body, rid, priority), body.model, parent)
+            chunks = st.dispatcher.generate(
+                to_generate(body, rid, priority, migratable=True), body.model, parent
+            )
             try:
                 first = await anext(chunks)
             except UpstreamRefused as exc:

@@ -145,9 +145,18 @@ class Dispatcher:
             proxy.set_attribute("shoal.instance_id", chosen.instance_id)
             headers = inject_context({}, trace.set_span_in_context(proxy))
             try:
+                moved_to: str | None = None
                 async for batch in self._upstream.stream(chosen.info.address, body, headers):
                     started = True
-                    yield batch
+                    moved_to, batch = _split_migrated(batch)
+                    if batch:
+                        yield batch
+                while moved_to is not None:  # the request moved: follow it
+                    self._metrics.migrations_followed.inc()
+                    async for batch in self._upstream.resume(moved_to, body.request_id):
+                        moved_to, batch = _split_migrated(batch)
+                        if batch:
+                            yield batch
                 return
             except UpstreamError as exc:
                 if started:
@@ -164,6 +173,12 @@ class Dispatcher:
         raise ServiceUnavailableError(
             f"no instance could serve the request after {self._retry.max_attempts} attempts"
         )
+
+
+def _split_migrated(batch: ChunkBatch) -> tuple[str | None, ChunkBatch]:
+    """Where the request moved (if it did) and the chunks to pass on."""
+    moved = next((c.migrated_to for c in batch if c.migrated_to), None)
+    return moved, [c for c in batch if not c.migrated_to]
 
 
 async def _quietly(coro: object) -> None:

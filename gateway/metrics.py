@@ -25,5 +25,9 @@ class GatewayMetrics:
                                   ["instance"], registry=registry)  # fmt: skip
         self.retries = Counter(p + "retries", "Attempts retried on another instance",
                                registry=registry)  # fmt: skip
+        self.migrations_followed = Counter(
+            p + "migrations_followed", "Streams resumed on another instance after a migration",
+            registry=registry,
+        )  # fmt: skip
         self.instances = Gauge(p + "view_instances", "Instances in the gateway's view",
                                registry=registry)  # fmt: skip

@@ -42,6 +42,9 @@ class InstanceClient:
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self._session = session
 
+    def resume(self, address: str, request_id: str) -> AsyncGenerator[ChunkBatch, None]:
+        return resume_stream(self._session, address, request_id)
+
     async def stream(
         self, address: str, body: GenerateRequest, headers: dict[str, str]
     ) -> AsyncGenerator[ChunkBatch, None]:
@@ -85,6 +88,26 @@ async def _ndjson_batches(content: aiohttp.StreamReader) -> AsyncGenerator[Chunk
             yield batch
     if pending.strip():
         yield [GenerateChunk.model_validate_json(pending)]
+
+
+async def resume_stream(
+    session: aiohttp.ClientSession, address: str, request_id: str
+) -> AsyncGenerator[ChunkBatch, None]:
+    """Chunks of a request that migrated to ``address``, from where it resumed."""
+    try:
+        async with session.get(f"{address}/resume/{request_id}") as resp:
+            if resp.status >= 400:
+                raise UpstreamError(f"{address} could not resume {request_id}: {resp.status}")
+            finished = False
+            try:
+                async for batch in _ndjson_batches(resp.content):
+                    yield batch
+                finished = True
+            finally:
+                if not finished:
+                    resp.close()
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+        raise UpstreamError(f"{address}: {type(exc).__name__}: {exc}") from exc
 
 
 def _error_detail(raw: bytes) -> ErrorDetail:

@@ -111,6 +111,15 @@ class InstanceSettings(CommonSettings):
     enforce_eager: bool = True
     """Disable graph capture in vLLM (faster start-up; the CPU build needs it)."""
 
+    kv_transfer: bool = True
+    """Live migration by KV transfer (vLLM engine): loads Shoal's KV connector,
+    which serves this instance's KV blocks to peers over TCP. Off = migrations
+    from and to this instance recompute."""
+
+    kv_port: int = Field(default=0, ge=0, le=65535)
+    """TCP port of the KV connector (0 = a free port); reachable by the other
+    instances at ``advertise_host``."""
+
     @model_validator(mode="after")
     def _check(self) -> InstanceSettings:
         if self.block_size is not None and self.max_model_len < self.block_size:

@@ -60,6 +60,9 @@ class GenerateRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1, description="Only n = 1 is supported")
     priority: Priority = Priority.NORMAL
     stream: bool = False
+    migratable: bool = False
+    """The caller follows ``migrated_to`` chunks (the gateway does), so the
+    request may be live-migrated to another instance."""
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -98,6 +101,9 @@ class GenerateChunk(BaseModel):
     finish_reason: str | None = None
     usage: Usage | None = None
     error: ErrorDetail | None = None
+    migrated_to: str | None = None
+    """Last chunk of a request that moved: continue at this instance's
+    ``/resume/{request_id}``."""
 
 
 ChunkBatch = list[GenerateChunk]

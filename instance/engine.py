@@ -40,6 +40,17 @@ class EngineRequest:
     sampling: SamplingSpec
     priority: Priority = Priority.NORMAL
     arrival_time: float = 0.0
+    kv_transfer: KvLoad | None = None
+    """Set on a migrated request: KV of its first tokens is staged here."""
+
+
+@dataclass(frozen=True)
+class KvLoad:
+    """KV staged on this instance for a migrated request's first tokens."""
+
+    key: str
+    num_tokens: int
+    """Tokens whose KV is staged (whole blocks); the rest is recomputed."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +125,41 @@ class Tokenizer(Protocol):
     def decode(self, token_ids: Sequence[int]) -> str: ...
 
 
+class KvPort(Protocol):
+    """Moving KV blocks between instances for live migration: an engine that
+    has one can migrate by KV transfer; all engines can recompute.
+
+    Blocks are a request's logical blocks (0 = its first ``block_size``
+    tokens); ``request_id`` is the engine's id of the running request."""
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` where peers read this instance's blocks."""
+        ...
+
+    @property
+    def block_bytes(self) -> int: ...
+
+    async def stage(self, key: str, source: str, request_id: str, first: int, count: int) -> int:
+        """Pull blocks ``[first, first + count)`` of ``request_id`` from the
+        instance at ``source`` into staging under ``key``; returns bytes."""
+        ...
+
+    async def drop(self, key: str) -> None:
+        """Forget what is staged under ``key``."""
+        ...
+
+    async def pin(self, request_id: str) -> None:
+        """Keep the request's blocks after it is stopped, until unpinned."""
+        ...
+
+    async def unpin(self, request_id: str) -> None: ...
+
+    async def status(self) -> dict[str, object]:
+        """Pins, staging areas and delayed frees (all empty when idle)."""
+        ...
+
+
 class EngineDeadError(RuntimeError):
     """The engine stopped working; the instance must leave the registry."""
 
@@ -140,6 +186,11 @@ class Engine(Protocol):
         ...
 
     async def abort(self, request_id: str) -> bool: ...
+
+    @property
+    def kv_port(self) -> KvPort | None:
+        """KV transfer for migration, or None (migration recomputes)."""
+        ...
 
     def load(self) -> EngineLoad: ...
 

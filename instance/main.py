@@ -60,6 +60,11 @@ def build_engine(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
             max_model_len=settings.max_model_len,
             kv_cache_bytes=settings.kv_cache_bytes,
             enforce_eager=settings.enforce_eager,
+            kv_endpoint=(
+                f"{settings.public_host}:{_pick_port(settings.host, settings.kv_port)}"
+                if settings.kv_transfer
+                else None
+            ),
         )
     )
     name = settings.served_model_name or settings.model or TINY_MODEL_NAME

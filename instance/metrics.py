@@ -46,6 +46,21 @@ class InstanceMetrics:
         self.report_errors = Counter(
             p + "load_report_errors", "LoadReports that failed to publish", registry=registry
         )
+        self.migrations = Counter(
+            p + "migrations", "Migrations out of this instance, by mode and outcome",
+            ["mode", "outcome"], registry=registry,
+        )  # fmt: skip
+        self.migration_downtime = Histogram(
+            p + "migration_downtime_seconds", "Time a migrated request made no progress",
+            ["mode"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.migration_bytes = Counter(
+            p + "migration_bytes", "KV bytes copied out by migrations", registry=registry
+        )
+        self.migration_reserved_blocks = Gauge(
+            p + "migration_reserved_blocks", "Blocks reserved for incoming migrations",
+            registry=registry,
+        )  # fmt: skip
         self._last_preempted = 0
 
     def observe_load(self, report: LoadReport) -> None:

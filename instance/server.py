@@ -12,25 +12,24 @@ from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from infra.errors import ErrorDetail, ServiceUnavailableError, install_error_handlers
+from infra.errors import ServiceUnavailableError, install_error_handlers
 from infra.http import BodyLimitMiddleware, unless_disconnected
 from infra.records import InstanceInfo, InstanceStatus, LoadReport
 from infra.telemetry import extract_context
 from instance.api import (
     AbortResponse,
-    GenerateChunk,
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
     Usage,
 )
 from instance.engine import EngineRequest
+from instance.migration_routes import MigrationService, add_migration_routes
 from instance.openai_routes import add_openai_routes
+from instance.streaming import NDJSON_MEDIA_TYPE, ndjson
 from instance.worker import InstanceWorker
 
 log = logging.getLogger(__name__)
-
-NDJSON = "application/x-ndjson"
 
 
 class StatusChange(BaseModel):
@@ -49,7 +48,8 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await worker.start()
         try:
-            yield
+            async with migrations.running():
+                yield
         finally:
             await worker.stop()
 
@@ -58,6 +58,8 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
 
     add_openai_routes(app, worker)
+    migrations = MigrationService(worker)
+    add_migration_routes(app, migrations)
 
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(body: GenerateRequest, request: Request) -> Response:
@@ -68,12 +70,13 @@ def create_app(
             span.set_attribute("shoal.priority", ereq.priority.value)
             span.set_attribute("shoal.prompt_tokens", len(ereq.prompt_token_ids))
         if body.stream:
-            return StreamingResponse(_ndjson(worker, ereq), media_type=NDJSON)
+            chunks = worker.run(ereq, migratable=body.migratable)
+            return StreamingResponse(ndjson(ereq.request_id, chunks), media_type=NDJSON_MEDIA_TYPE)
         return await _whole(worker, ereq, request)
 
     @app.post("/abort/{request_id}", response_model=AbortResponse)
     async def abort(request_id: str) -> AbortResponse:
-        return AbortResponse(request_id=request_id, aborted=await worker.engine.abort(request_id))
+        return AbortResponse(request_id=request_id, aborted=await worker.abort(request_id))
 
     @app.get("/health", response_model=HealthResponse)
     async def health() -> JSONResponse:
@@ -118,25 +121,6 @@ def create_app(
         return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-async def _ndjson(worker: InstanceWorker, ereq: EngineRequest) -> AsyncIterator[bytes]:
-    """Stream chunks as NDJSON. A client that goes away cancels this generator,
-    whose ``finally`` aborts the request in the engine."""
-    chunks = worker.run(ereq)
-    try:
-        async for chunk in chunks:
-            yield chunk.model_dump_json(exclude_none=True).encode() + b"\n"
-    except Exception as exc:
-        log.exception("request %s failed mid-stream", ereq.request_id)
-        err = GenerateChunk(
-            request_id=ereq.request_id,
-            finish_reason="error",
-            error=ErrorDetail(message=f"engine error: {exc}", type="engine_error"),
-        )
-        yield err.model_dump_json(exclude_none=True).encode() + b"\n"
-    finally:
-        await chunks.aclose()
 
 
 async def _collect(worker: InstanceWorker, ereq: EngineRequest) -> GenerateResponse:

@@ -23,10 +23,12 @@ from instance.engine import (
     EngineLimits,
     EngineLoad,
     EngineRequest,
+    KvPort,
     RequestLoad,
     TokenDelta,
     blocks_for,
 )
+from migration.wire import TRANSFER_KEY, Endpoint, call
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class VllmOptions:
     kv_cache_bytes: int = 64 * 1024 * 1024
     enforce_eager: bool = True
     seed: int = 0
+    kv_endpoint: str | None = None
+    """``host:port`` for Shoal's KV connector (live migration); None = off."""
 
 
 class HfTokenizer:
@@ -135,6 +139,9 @@ class VllmEngine:
         self._llm: Any = None
         self._view = _SchedulerView()
         self._tracked: dict[str, _Tracked] = {}
+        self.kv_port: KvPort | None = (
+            ConnectorPort(Endpoint.parse(options.kv_endpoint)) if options.kv_endpoint else None
+        )
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -154,6 +161,7 @@ class VllmEngine:
             scheduling_policy="priority",
             seed=o.seed,
             disable_log_stats=False,
+            kv_transfer_config=self._kv_transfer_config(),
         )
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._view.logger_factory()])
         cache = self._llm.vllm_config.cache_config
@@ -165,6 +173,20 @@ class VllmEngine:
             self.limits.num_blocks_total,
             self.limits.block_size,
             self.limits.max_model_len,
+        )
+
+    def _kv_transfer_config(self) -> Any:
+        if self.options.kv_endpoint is None:
+            return None
+        from vllm.config import KVTransferConfig
+
+        endpoint = Endpoint.parse(self.options.kv_endpoint)
+        return KVTransferConfig(
+            kv_connector="ShoalKVConnector",
+            kv_connector_module_path="migration.kv_connector",
+            kv_role="kv_both",
+            kv_connector_extra_config={"host": endpoint.host, "port": endpoint.port},
+            kv_load_failure_policy="recompute",
         )
 
     async def stop(self) -> None:
@@ -201,6 +223,10 @@ class VllmEngine:
             repetition_penalty=s.repetition_penalty,
             output_kind=RequestOutputKind.DELTA,
         )
+        if request.kv_transfer is not None:
+            load = request.kv_transfer
+            params.extra_args = {"kv_transfer_params": {TRANSFER_KEY: {
+                "key": load.key, "num_tokens": load.num_tokens}}}  # fmt: skip
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
         tracked = _Tracked(request)
         self._tracked[request.request_id] = tracked
@@ -259,6 +285,47 @@ class VllmEngine:
             num_finished_total=self._view.num_finished_total,
             num_generation_tokens_total=self._view.num_generation_tokens_total,
         )
+
+
+class ConnectorPort:
+    """:class:`KvPort` over the wire to Shoal's KV connector, which lives in
+    vLLM's worker process beside the KV cache."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
+        self._block_bytes = 0
+
+    @property
+    def endpoint(self) -> str:
+        return str(self._endpoint)
+
+    @property
+    def block_bytes(self) -> int:
+        return self._block_bytes
+
+    async def _call(self, op: str, **fields: Any) -> dict[str, Any]:
+        header, _ = await asyncio.to_thread(call, self._endpoint, op, **fields)
+        return header
+
+    async def stage(self, key: str, source: str, request_id: str, first: int, count: int) -> int:
+        reply = await self._call("stage", key=key, source=source, request_id=request_id,
+                                 first=first, count=count)  # fmt: skip
+        return int(reply["bytes"])
+
+    async def drop(self, key: str) -> None:
+        await self._call("drop", key=key)
+
+    async def pin(self, request_id: str) -> None:
+        await self._call("pin", request_id=request_id)
+
+    async def unpin(self, request_id: str) -> None:
+        await self._call("unpin", request_id=request_id)
+
+    async def status(self) -> dict[str, object]:
+        reply = await self._call("status")
+        self._block_bytes = int(reply["block_bytes"])
+        keys = ("pinned", "delayed", "staging", "block_bytes", "loaded_blocks")
+        return {k: reply[k] for k in keys}
 
 
 def _request_load(t: _Tracked, block_size: int) -> RequestLoad:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from infra.errors import (
     BadRequestError,
     ContextLengthError,
+    ErrorDetail,
     NotFoundError,
     ServiceUnavailableError,
 )
@@ -24,6 +25,7 @@ from infra.records import InstanceInfo, InstanceStatus
 from infra.store import StateStore
 from instance.api import GenerateChunk, GenerateRequest, Usage
 from instance.engine import ChatMessage, Engine, EngineRequest, SamplingSpec
+from instance.generation import Generation
 from instance.metrics import InstanceMetrics
 from instance.reporter import LoadReporter, ReporterConfig
 
@@ -38,6 +40,8 @@ class WorkerConfig:
     report: ReporterConfig
     vocab_size: int | None = None
     health_check_interval_s: float = 0.5
+    resume_timeout_s: float = 30.0
+    """A migrated-in request nobody resumes within this long is aborted."""
 
 
 class InstanceWorker:
@@ -57,7 +61,8 @@ class InstanceWorker:
         self._clock = clock
         self._status = InstanceStatus.STARTING
         self._started_at = clock()
-        self._inflight: set[str] = set()
+        self._generations: dict[str, Generation] = {}
+        self._parked: dict[str, tuple[asyncio.Queue[GenerateChunk | None], asyncio.Task[None]]] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.unhealthy_reason: str | None = None
@@ -159,7 +164,7 @@ class InstanceWorker:
                 f"the context of {max_len} tokens", param="max_tokens",
             )  # fmt: skip
         request_id = req.request_id or f"req-{uuid.uuid4().hex}"
-        if request_id in self._inflight:
+        if request_id in self._generations:
             raise BadRequestError(
                 f"request id {request_id!r} is already in use", param="request_id"
             )
@@ -203,46 +208,143 @@ class InstanceWorker:
             repetition_penalty=req.repetition_penalty,
         )
 
-    async def run(self, request: EngineRequest) -> AsyncGenerator[GenerateChunk, None]:
+    async def run(
+        self, request: EngineRequest, generation: Generation | None = None, *,
+        migratable: bool = False,
+    ) -> AsyncGenerator[GenerateChunk, None]:  # fmt: skip
         """Generate, yielding one chunk per engine delta. Closing the iterator
-        aborts the request in the engine."""
-        rid = request.request_id
+        aborts the request in the engine. A migration may freeze the request
+        mid-way: the stream then ends with a ``migrated`` chunk, or carries on
+        here if the migration rolled back."""
+        gen = generation or Generation(
+            request, num_prompt_tokens=len(request.prompt_token_ids), migratable=migratable
+        )
+        rid = gen.request_id
         priority = request.priority.value
-        self._inflight.add(rid)
+        self._generations[rid] = gen
         first: float | None = None
         last = request.arrival_time
         finish: str | None = None
         try:
-            async for delta in self.engine.generate(request):
-                now = self._clock()
-                if delta.token_ids:
-                    if first is None:
-                        first = now
-                        self.metrics.ttft.labels(priority).observe(now - request.arrival_time)
-                    else:
-                        self.metrics.tpot.labels(priority).observe(now - last)
-                    last = now
-                usage = None
-                if delta.finish_reason is not None:
-                    finish = delta.finish_reason
-                    usage = Usage(
-                        prompt_tokens=delta.num_prompt_tokens,
-                        completion_tokens=delta.num_output_tokens,
-                        total_tokens=delta.num_prompt_tokens + delta.num_output_tokens,
-                    )
-                yield GenerateChunk(
-                    request_id=rid,
-                    token_ids=list(delta.token_ids),
-                    text=delta.text,
-                    finish_reason=delta.finish_reason,
-                    usage=usage,
-                )
+            while finish is None:
+                async with contextlib.aclosing(self.engine.generate(gen.next_segment())) as deltas:
+                    async for delta in deltas:
+                        if gen.frozen:
+                            continue  # the destination produces these again
+                        now = self._clock()
+                        if delta.token_ids:
+                            if first is None:
+                                first = now
+                                self.metrics.ttft.labels(priority).observe(
+                                    now - request.arrival_time
+                                )
+                            else:
+                                self.metrics.tpot.labels(priority).observe(now - last)
+                            last = now
+                        gen.delivered.extend(delta.token_ids)
+                        usage = None
+                        if delta.finish_reason is not None:
+                            finish = delta.finish_reason
+                            gen.finished = True
+                            usage = Usage(
+                                prompt_tokens=gen.num_prompt_tokens,
+                                completion_tokens=gen.num_output,
+                                total_tokens=gen.num_prompt_tokens + gen.num_output,
+                            )
+                        yield GenerateChunk(
+                            request_id=rid,
+                            token_ids=list(delta.token_ids),
+                            text=delta.text,
+                            finish_reason=delta.finish_reason,
+                            usage=usage,
+                        )
+                if finish is None and not gen.frozen:
+                    finish = "abort"  # the engine ended it without a reason
+                if gen.frozen:
+                    destination = await gen.outcome()
+                    if destination is not None:
+                        finish = "migrated"
+                        yield GenerateChunk(request_id=rid, migrated_to=destination)
         finally:
-            self._inflight.discard(rid)
+            gen.finished = True
+            if self._generations.get(rid) is gen:
+                del self._generations[rid]
             self.metrics.requests.labels(priority, finish or "abort").inc()
-            if finish is not None:
+            if finish not in (None, "migrated", "abort"):
                 self.metrics.e2e.labels(priority).observe(self._clock() - request.arrival_time)
+
+    # -- migrated-in requests ------------------------------------------------
+    def adopt(self, gen: Generation) -> asyncio.Future[float | None]:
+        """Run a migrated-in request, holding its chunks until the client's
+        gateway resumes it (``resume``). Resolves at its first token here
+        with the seconds it took (None if it ended first)."""
+        loop = asyncio.get_running_loop()
+        started: asyncio.Future[float | None] = loop.create_future()
+        queue: asyncio.Queue[GenerateChunk | None] = asyncio.Queue()
+        t0 = self._clock()
+
+        async def pump() -> None:
+            try:
+                async with contextlib.aclosing(self.run(gen.request, gen)) as chunks:
+                    async for chunk in chunks:
+                        if chunk.token_ids and not started.done():
+                            started.set_result(self._clock() - t0)
+                        queue.put_nowait(chunk)
+            except Exception as exc:
+                log.exception("migrated-in request %s failed", gen.request_id)
+                queue.put_nowait(GenerateChunk(
+                    request_id=gen.request_id, finish_reason="error",
+                    error=ErrorDetail(message=f"engine error: {exc}", type="engine_error"),
+                ))  # fmt: skip
+            finally:
+                if not started.done():
+                    started.set_result(None)
+                queue.put_nowait(None)
+
+        task = asyncio.create_task(pump(), name=f"adopted-{gen.request_id}")
+        self._parked[gen.request_id] = (queue, task)
+        loop.call_later(self.config.resume_timeout_s, self._unclaimed, gen.request_id, task)
+        return started
+
+    def _unclaimed(self, request_id: str, task: asyncio.Task[None]) -> None:
+        parked = self._parked.get(request_id)
+        if parked is not None and parked[1] is task:
+            log.warning("nobody resumed migrated request %s: aborting it", request_id)
+            del self._parked[request_id]
+            task.cancel()
+
+    def resume(self, request_id: str) -> AsyncGenerator[GenerateChunk, None]:
+        """The chunks of a migrated-in request, for the one client that
+        follows it here. Closing the stream aborts the request."""
+        parked = self._parked.pop(request_id, None)
+        if parked is None:
+            raise NotFoundError(f"no migrated request {request_id!r} waits here",
+                                param="request_id")  # fmt: skip
+        queue, task = parked
+
+        async def chunks() -> AsyncGenerator[GenerateChunk, None]:
+            try:
+                while (chunk := await queue.get()) is not None:
+                    yield chunk
+            finally:
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+        return chunks()
+
+    async def abort(self, request_id: str) -> bool:
+        gen = self._generations.get(request_id)
+        return gen is not None and await self.engine.abort(gen.engine_request_id)
+
+    def generation(self, request_id: str) -> Generation | None:
+        return self._generations.get(request_id)
+
+    @property
+    def generations(self) -> list[Generation]:
+        return list(self._generations.values())
 
     @property
     def num_inflight(self) -> int:
-        return len(self._inflight)
+        return len(self._generations)

@@ -25,6 +25,13 @@ from tests.helpers import (
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``kills_shared_engine`` run last: they SIGKILL the
+    session's vLLM worker, which the other vLLM tests share."""
+    items.sort(key=lambda item: item.get_closest_marker("kills_shared_engine") is not None)
+
+
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 

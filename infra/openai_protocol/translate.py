@@ -20,8 +20,9 @@ from instance.api import GenerateChunk, GenerateRequest
 
 
 def to_generate(
-    req: ChatCompletionRequest | CompletionRequest, request_id: str, priority: Priority
-) -> GenerateRequest:
+    req: ChatCompletionRequest | CompletionRequest, request_id: str, priority: Priority,
+    *, migratable: bool = False,
+) -> GenerateRequest:  # fmt: skip
     common = dict(
         request_id=request_id,
         model=req.model,
@@ -38,6 +39,7 @@ def to_generate(
         repetition_penalty=req.repetition_penalty,
         priority=priority,
         stream=True,
+        migratable=migratable,
     )
     if isinstance(req, ChatCompletionRequest):
         return GenerateRequest(messages=req.messages, **common)  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
-from instance.engine import EngineLimits, EngineLoad, EngineRequest, TokenDelta
+from instance.engine import EngineLimits, EngineLoad, EngineRequest, KvPort, TokenDelta
 from instance.sim.codec import ByteTokenizer
 from instance.sim.core import SimConfig, SimCore, SimOutput
 
@@ -38,6 +38,8 @@ class SimEngine:
         self._failed: BaseException | None = None
         self.steps: list[tuple[str, ...]] = []
         """Batches run so far (kept for tests comparing drivers); bounded."""
+        self.kv_port: KvPort | None = None
+        """The sim migrates by recompute."""
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="sim-engine")

@@ -193,10 +193,11 @@ async def test_reports_reach_redis(worker: WorkerProcess, redis: Redis) -> None:
     assert view.load is not None and view.load.num_blocks_total == view.info.num_blocks_total > 0
 
 
+@pytest.mark.kills_shared_engine
 async def test_sigkilled_worker_leaves_registry_within_ttl(
     worker: WorkerProcess, redis: Redis
 ) -> None:
-    # Runs last in this module: it kills the shared worker.
+    # Runs last of the session (see conftest): it kills the shared worker.
     store = StateStore(redis, KeySchema(NAMESPACE))
     assert await store.get_instance(worker.instance_id) is not None
     worker.kill()

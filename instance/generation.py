@@ -1,0 +1,91 @@
+"""One logical request as this instance serves it, across engine segments.
+
+A request normally runs as one engine request. Live migration freezes it
+(tokens the engine produces after the freeze are dropped, because the
+destination will produce them again), then either moves it — this
+instance's stream ends by pointing the client at the destination — or rolls
+back and resumes it here as a new segment whose prompt is everything so far
+(its KV is still in the prefix cache, so nothing is recomputed but the tail).
+A migrated-in request starts here as a segment of the same kind, with its
+first tokens' KV staged by the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field, replace
+
+from instance.engine import EngineRequest, KvLoad
+
+
+@dataclass
+class Generation:
+    request: EngineRequest
+    """The request as first received (logical id, original prompt, sampling)."""
+    num_prompt_tokens: int
+    """Prompt length the client sees in usage."""
+    earlier_output: tuple[int, ...] = ()
+    """Tokens generated on instances this request ran on before."""
+    migratable: bool = True
+    delivered: list[int] = field(default_factory=list)
+    """Tokens this instance has streamed to the client."""
+    engine_request_id: str = ""
+    segment: int = 0
+    frozen: bool = False
+    finished: bool = False
+    kv_load: KvLoad | None = None
+    _outcome: asyncio.Future[str | None] | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def tokens(self) -> list[int]:
+        """Whole context so far: prompt, earlier output, output here."""
+        return [*self.request.prompt_token_ids, *self.earlier_output, *self.delivered]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.earlier_output) + len(self.delivered)
+
+    def next_segment(self) -> EngineRequest:
+        """The engine request that continues this generation from here."""
+        self.segment += 1
+        self.engine_request_id = f"{self.request_id}~{self.segment}-{uuid.uuid4().hex[:6]}"
+        if self.segment == 1 and not self.earlier_output and self.kv_load is None:
+            return replace(self.request, request_id=self.engine_request_id)
+        s = self.request.sampling
+        done = self.num_output
+        sampling = replace(
+            s, max_tokens=s.max_tokens - done, min_tokens=max(0, s.min_tokens - done)
+        )
+        load, self.kv_load = self.kv_load, None
+        return replace(self.request, request_id=self.engine_request_id,
+                       prompt_token_ids=tuple(self.tokens), sampling=sampling,
+                       kv_transfer=load)  # fmt: skip
+
+    # -- migration (source side) ---------------------------------------------
+    def freeze(self) -> list[int]:
+        """Stop streaming here and return the context the destination takes over."""
+        self.frozen = True
+        self._outcome = asyncio.get_running_loop().create_future()
+        return self.tokens
+
+    def moved_to(self, address: str) -> None:
+        assert self._outcome is not None
+        self._outcome.set_result(address)
+
+    def resume_here(self) -> None:
+        assert self._outcome is not None
+        if not self._outcome.done():
+            self._outcome.set_result(None)
+
+    async def outcome(self) -> str | None:
+        """After a freeze: the destination's address, or None to resume here."""
+        assert self._outcome is not None
+        destination = await self._outcome
+        self.frozen = False
+        self._outcome = None
+        return destination

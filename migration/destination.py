@@ -1,0 +1,148 @@
+"""The destination side of a live migration: block reservations with a free
+watermark, staging through the engine's KV port, and the commit that adopts
+the request. A migration whose source goes quiet is dropped after a timeout,
+returning its reservation and staging memory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from infra.errors import ShoalError
+from instance.engine import EngineLoad, EngineRequest, KvLoad, KvPort, SamplingSpec
+from instance.generation import Generation
+from migration.protocol import ResumeSpec
+from migration.wire import WireError
+
+log = logging.getLogger(__name__)
+
+
+class NoRoom(ShoalError):
+    """The destination cannot take the blocks without crossing its watermark."""
+
+    status_code = 409
+    error_type = "conflict"
+
+
+class StageFailed(ShoalError):
+    """Pulling blocks from the source failed (source gone or request changed)."""
+
+    status_code = 502
+    error_type = "upstream_error"
+
+
+class Adopter(Protocol):
+    """The worker: runs an adopted generation until a client resumes it."""
+
+    def adopt(self, gen: Generation) -> asyncio.Future[float | None]:
+        """Start ``gen``; the future resolves at its first token (seconds)."""
+        ...
+
+
+@dataclass
+class _Incoming:
+    blocks: int = 0
+    touched: float = field(default_factory=time.monotonic)
+
+
+class Inbox:
+    def __init__(
+        self,
+        load: Callable[[], EngineLoad],
+        port: KvPort | None,
+        *,
+        watermark_blocks: int = 4,
+        timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._load = load
+        self._port = port
+        self._watermark = watermark_blocks
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._incoming: dict[str, _Incoming] = {}
+
+    @property
+    def reserved_blocks(self) -> int:
+        return sum(i.blocks for i in self._incoming.values())
+
+    @property
+    def in_flight(self) -> list[str]:
+        return sorted(self._incoming)
+
+    def reserve(self, key: str, num_blocks: int) -> None:
+        """Hold ``num_blocks`` in total for ``key`` (growing stage by stage)."""
+        entry = self._incoming.setdefault(key, _Incoming())
+        load = self._load()
+        free = load.num_blocks_total - load.num_blocks_used - self.reserved_blocks
+        extra = num_blocks - entry.blocks
+        if extra > 0 and free - extra < self._watermark:
+            if entry.blocks == 0:
+                del self._incoming[key]
+            raise NoRoom(f"{extra} more blocks would leave {free - extra} free "
+                         f"(watermark {self._watermark})")  # fmt: skip
+        entry.blocks = max(entry.blocks, num_blocks)
+        entry.touched = self._clock()
+
+    async def stage(self, key: str, source: str, engine_request_id: str, first: int,
+                    count: int) -> int:  # fmt: skip
+        if key not in self._incoming:
+            raise NoRoom(f"migration {key} holds no reservation here")
+        if self._port is None:
+            raise NoRoom("this instance cannot receive KV (no KV port)")
+        self._incoming[key].touched = self._clock()
+        try:
+            return await self._port.stage(key, source, engine_request_id, first, count)
+        except WireError as exc:
+            raise StageFailed(str(exc)) from exc
+
+    async def commit(
+        self, spec: ResumeSpec, adopter: Adopter, timeout_s: float = 60.0
+    ) -> float | None:
+        """Adopt the request; returns seconds until its first token here."""
+        self._incoming.pop(spec.key, None)  # its blocks now belong to the request
+        gen = Generation(
+            EngineRequest(
+                request_id=spec.request_id,
+                prompt_token_ids=tuple(spec.prompt_token_ids),
+                sampling=SamplingSpec(
+                    max_tokens=spec.max_tokens, temperature=spec.temperature,
+                    top_p=spec.top_p, top_k=spec.top_k, min_tokens=spec.min_tokens,
+                    seed=spec.seed, stop=tuple(spec.stop), ignore_eos=spec.ignore_eos,
+                    presence_penalty=spec.presence_penalty,
+                    frequency_penalty=spec.frequency_penalty,
+                    repetition_penalty=spec.repetition_penalty,
+                ),
+                priority=spec.priority,
+                arrival_time=spec.arrival_time,
+            ),
+            num_prompt_tokens=len(spec.prompt_token_ids),
+            earlier_output=tuple(spec.output_token_ids),
+            migratable=True,
+            kv_load=KvLoad(spec.key, spec.num_kv_tokens) if spec.num_kv_tokens else None,
+        )  # fmt: skip
+        started = adopter.adopt(gen)
+        try:
+            return await asyncio.wait_for(started, timeout_s)
+        finally:
+            if self._port is not None:  # loaded by now, or never needed (cache hit)
+                await self._port.drop(spec.key)
+
+    async def abort(self, key: str) -> None:
+        self._incoming.pop(key, None)
+        if self._port is not None:
+            await self._port.drop(key)
+
+    async def expire(self) -> None:
+        """Drop migrations whose source has gone quiet."""
+        now = self._clock()
+        for key, entry in list(self._incoming.items()):
+            if now - entry.touched > self._timeout_s:
+                log.warning("migration %s timed out: dropping its reservation", key)
+                with contextlib.suppress(Exception):
+                    await self.abort(key)

@@ -1,0 +1,437 @@
+"""Shoal's KV connector for upstream vLLM: live migration without a patched vLLM.
+
+Loaded through ``kv_transfer_config`` (``kv_connector="ShoalKVConnector"``,
+``kv_connector_module_path="migration.kv_connector"``). One instance of the
+class runs beside vLLM's scheduler and one inside the worker process that
+holds the KV cache tensors.
+
+Scheduler side
+  * tells the worker side, step by step, which KV blocks each request holds
+    (its block table), so full blocks of a *running* request can be read;
+  * keeps the blocks of an aborted request alive until the worker side
+    releases them, so a migrating request's last blocks survive its stop on
+    the source until the destination holds them (``request_finished`` →
+    delayed free → ``get_finished``);
+  * on the destination, reports the migrated tokens of a resumed request as
+    already computed (``get_num_new_matched_tokens``) and plans their load
+    into the blocks vLLM allocated (``update_state_after_alloc``).
+
+Worker side
+  * serves block reads of the live cache over TCP (:mod:`migration.wire`);
+  * pulls blocks from a source into host staging memory, stage by stage,
+    while the request still decodes there (``stage``);
+  * copies the staged blocks into the allocated blocks when the resumed
+    request is scheduled (``start_load_kv``);
+  * pins a migrating request's blocks on the source and releases them when
+    told (or when the pin expires, so a vanished peer leaks nothing).
+
+Only full blocks move: the tail (fewer than a block of tokens) is recomputed
+on the destination together with the last token, which vLLM must run anyway
+to produce logits. Full blocks of a running request never change, so reading
+them while the source keeps decoding is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.request import RequestStatus
+
+from migration.wire import TRANSFER_KEY, Endpoint, WireError, call, recv_frame, send_frame
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+PIN_TTL_S = 60.0
+# Pins and reads name requests by the engine client's id; tables and delayed
+# frees use vLLM's internal id (the client's id plus "-" and 8 characters).
+"""A pin not released within this long is dropped (the peer is gone)."""
+
+
+@dataclass
+class LoadOp:
+    request_id: str
+    key: str
+    staged: list[int]
+    """Logical block indices in the staging area."""
+    local: list[int]
+    """Block ids allocated by vLLM, in the same order."""
+
+
+@dataclass
+class ShoalMetadata(KVConnectorMetadata):  # type: ignore[misc]
+    tables_set: dict[str, list[int]] = field(default_factory=dict)
+    tables_append: dict[str, list[int]] = field(default_factory=dict)
+    preempted: list[str] = field(default_factory=list)
+    delayed: list[str] = field(default_factory=list)
+    loads: list[LoadOp] = field(default_factory=list)
+
+
+class ShoalKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self._block_size = int(vllm_config.cache_config.block_size)
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config  # type: ignore[union-attr]
+        # Scheduler side.
+        self._plans: dict[str, tuple[str, int, int]] = {}
+        self._planned: set[str] = set()
+        self._delayed: set[str] = set()
+        self._new_delayed: list[str] = []
+        # Worker side.
+        self._worker: _WorkerState | None = None
+        if role == KVConnectorRole.WORKER:
+            self._worker = _WorkerState(
+                host=str(extra.get("host", "127.0.0.1")),
+                port=int(extra["port"]),
+                num_blocks=int(kv_cache_config.num_blocks),
+            )
+
+    # -- scheduler side ----------------------------------------------------
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        spec = (request.kv_transfer_params or {}).get(TRANSFER_KEY)
+        if not spec or request.request_id in self._planned:
+            return 0, False
+        num_tokens = int(spec["num_tokens"])
+        return max(0, num_tokens - num_computed_tokens), False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        spec = (request.kv_transfer_params or {}).get(TRANSFER_KEY)
+        if not spec or num_external_tokens == 0:
+            return
+        end = int(spec["num_tokens"])
+        self._plans[request.request_id] = (str(spec["key"]), end - num_external_tokens, end)
+        self._planned.add(request.request_id)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = ShoalMetadata()
+        bs = self._block_size
+        loaded: set[int] = set()
+        for new in scheduler_output.scheduled_new_reqs:
+            table = list(new.block_ids[0])
+            meta.tables_set[new.req_id] = table
+            plan = self._plans.pop(new.req_id, None)
+            if plan is not None:
+                key, start, end = plan
+                first, last = start // bs, end // bs
+                local = table[first:last]
+                meta.loads.append(LoadOp(new.req_id, key, list(range(first, last)), local))
+                loaded.update(local)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            new_ids = cached.new_block_ids[i]
+            if new_ids is None:
+                continue
+            if req_id in cached.resumed_req_ids:
+                meta.tables_set[req_id] = list(new_ids[0])
+            elif new_ids[0]:
+                meta.tables_append[req_id] = list(new_ids[0])
+        meta.preempted = sorted(scheduler_output.preempted_req_ids or ())
+        meta.delayed, self._new_delayed = self._new_delayed, []
+        if loaded and scheduler_output.new_block_ids_to_zero:
+            # Blocks this step fills from staging must not be zeroed after.
+            scheduler_output.new_block_ids_to_zero = [
+                b for b in scheduler_output.new_block_ids_to_zero if b not in loaded
+            ]
+        for req_id in scheduler_output.finished_req_ids:
+            self._planned.discard(req_id)
+        return meta
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        self._plans.pop(request.request_id, None)
+        if request.status != RequestStatus.FINISHED_ABORTED:
+            return False, None
+        # An abort may be a migration's stop: the worker side frees the
+        # blocks at once unless the request is pinned.
+        self._delayed.add(request.request_id)
+        self._new_delayed.append(request.request_id)
+        return True, None
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        for req_id in connector_output.finished_sending or ():
+            self._delayed.discard(req_id)
+
+    def has_pending_push_work(self) -> bool:
+        return bool(self._delayed)
+
+    # -- worker side -------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        self._worker.register(kv_caches)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        assert self._worker is not None and isinstance(connector_metadata, ShoalMetadata)
+        self._worker.apply(connector_metadata)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert self._worker is not None and isinstance(meta, ShoalMetadata)
+        for op in meta.loads:
+            self._worker.load(op)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        return
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self._worker is not None
+        return self._worker.finished(finished_req_ids) or None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors() if self._worker is not None else set()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+
+
+class _WorkerState:
+    """Block tables, pins and staging inside vLLM's worker process, and the
+    TCP server that exposes them."""
+
+    def __init__(self, host: str, port: int, num_blocks: int) -> None:
+        self._lock = threading.Lock()
+        self._num_blocks = num_blocks
+        self._layers: list[torch.Tensor] = []
+        self._block_dim = 0
+        self._tables: dict[str, list[int]] = {}
+        self._versions: dict[str, int] = {}
+        self._pins: dict[str, float] = {}
+        self._delayed: set[str] = set()
+        self._release: set[str] = set()
+        self._staging: dict[str, dict[int, bytes]] = {}
+        self._load_errors: set[int] = set()
+        self.loaded_blocks = 0
+        self._server = _Server((host, port), self)
+        threading.Thread(target=self._server.serve_forever, name="shoal-kv", daemon=True).start()
+        log.info("Shoal KV connector serving on %s:%d", host, port)
+
+    # KV cache layout -------------------------------------------------------
+    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._layers = [kv_caches[name] for name in sorted(kv_caches)]
+        shape = tuple(self._layers[0].shape)
+        dims = [d for d, size in enumerate(shape) if size == self._num_blocks]
+        if not dims:
+            raise RuntimeError(f"no block dimension of size {self._num_blocks} in {shape}")
+        self._block_dim = dims[0]
+        log.info("KV cache: %d layers of %s, block dim %d, %d bytes per block",
+                 len(self._layers), shape, self._block_dim, self.block_bytes)  # fmt: skip
+
+    @property
+    def block_bytes(self) -> int:
+        return sum(layer.select(self._block_dim, 0).numel() * layer.element_size()
+                   for layer in self._layers)  # fmt: skip
+
+    def _read_block(self, block_id: int) -> bytes:
+        return b"".join(
+            layer.select(self._block_dim, block_id).contiguous().view(torch.uint8).numpy().tobytes()
+            for layer in self._layers
+        )
+
+    def _write_block(self, block_id: int, data: bytes) -> None:
+        offset = 0
+        for layer in self._layers:
+            dst = layer.select(self._block_dim, block_id)
+            n = dst.numel() * dst.element_size()
+            src = torch.frombuffer(bytearray(data[offset : offset + n]), dtype=torch.uint8)
+            dst.copy_(src.view(dst.dtype).view(dst.shape))
+            offset += n
+
+    # Scheduler updates (model thread) -------------------------------------
+    def apply(self, meta: ShoalMetadata) -> None:
+        with self._lock:
+            for req_id, table in meta.tables_set.items():
+                self._tables[req_id] = table
+                self._versions[req_id] = self._versions.get(req_id, 0) + 1
+            for req_id, ids in meta.tables_append.items():
+                self._tables.setdefault(req_id, []).extend(ids)
+            for req_id in meta.preempted:
+                self._forget(req_id)
+            self._delayed.update(meta.delayed)
+
+    def _internal(self, request_id: str) -> str:
+        """vLLM's id for the request the engine client knows as ``request_id``
+        (vLLM appends ``-<8 random chars>`` to make ids unique)."""
+        if request_id in self._tables:
+            return request_id
+        prefix = request_id + "-"
+        for key in self._tables:
+            if key.startswith(prefix) and len(key) == len(prefix) + 8:
+                return key
+        return request_id
+
+    @staticmethod
+    def _external(internal_id: str) -> str:
+        head, _, tail = internal_id.rpartition("-")
+        return head if head and len(tail) == 8 else internal_id
+
+    def _forget(self, req_id: str) -> None:
+        self._tables.pop(req_id, None)
+        self._versions[req_id] = self._versions.get(req_id, 0) + 1
+
+    def load(self, op: LoadOp) -> None:
+        """Fill the request's blocks from staging. Blocks that were never
+        staged are reported to vLLM, which recomputes them."""
+        with self._lock:
+            staged = self._staging.pop(op.key, {})
+        for index, block_id in zip(op.staged, op.local, strict=True):
+            if index in staged:
+                self._write_block(block_id, staged[index])
+            else:
+                self._load_errors.add(block_id)
+        if self._load_errors:
+            log.warning("migration %s: %d blocks were not staged; vLLM recomputes them",
+                        op.key, len(self._load_errors))  # fmt: skip
+        self.loaded_blocks += len(op.local)
+
+    def take_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def finished(self, finished_req_ids: set[str]) -> set[str]:
+        now = time.monotonic()
+        with self._lock:
+            for req_id, since in list(self._pins.items()):
+                if now - since > PIN_TTL_S:
+                    log.warning("pin on %s expired: releasing its blocks", req_id)
+                    del self._pins[req_id]
+                    self._release.update(d for d in self._delayed if self._external(d) == req_id)
+            for req_id in finished_req_ids:
+                if req_id in self._delayed and self._external(req_id) not in self._pins:
+                    self._release.add(req_id)
+                elif req_id not in self._delayed:
+                    self._forget(req_id)
+            done, self._release = self._release, set()
+            for req_id in done:
+                self._delayed.discard(req_id)
+                self._forget(req_id)
+            return done
+
+    # Requests from the wire (server threads) ------------------------------
+    def handle(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+        op = header.get("op")
+        if op == "read":
+            return self._serve_read(str(header["request_id"]), int(header["first"]),
+                                    int(header["count"]))  # fmt: skip
+        if op == "stage":
+            return self._stage(header), b""
+        if op == "pin":
+            with self._lock:
+                self._pins[str(header["request_id"])] = time.monotonic()
+            return {"ok": True}, b""
+        if op == "unpin":
+            req_id = str(header["request_id"])
+            with self._lock:
+                self._pins.pop(req_id, None)
+                self._release.update(d for d in self._delayed if self._external(d) == req_id)
+            return {"ok": True}, b""
+        if op == "drop":
+            with self._lock:
+                self._staging.pop(str(header["key"]), None)
+            return {"ok": True}, b""
+        if op == "status":
+            with self._lock:
+                status = {"ok": True, "pinned": sorted(self._pins),
+                          "delayed": sorted(self._delayed),
+                          "staging": {k: len(v) for k, v in self._staging.items()},
+                          "block_bytes": self.block_bytes, "tables": len(self._tables),
+                          "loaded_blocks": self.loaded_blocks}  # fmt: skip
+            return status, b""
+        return {"ok": False, "error": f"unknown op {op!r}"}, b""
+
+    def _serve_read(self, req_id: str, first: int, count: int) -> tuple[dict[str, Any], bytes]:
+        with self._lock:
+            req_id = self._internal(req_id)
+            table = list(self._tables.get(req_id, ()))
+            version = self._versions.get(req_id, 0)
+        if first + count > len(table):
+            return {"ok": False, "error": f"{req_id} holds {len(table)} blocks, "
+                    f"asked for {first}+{count}"}, b""  # fmt: skip
+        data = b"".join(self._read_block(b) for b in table[first : first + count])
+        with self._lock:  # a preemption or finish meanwhile makes the copy void
+            if self._versions.get(req_id, 0) != version or req_id not in self._tables:
+                return {"ok": False, "error": f"{req_id} lost its blocks during the read"}, b""
+        return {"ok": True, "count": count}, data
+
+    def _stage(self, header: dict[str, Any]) -> dict[str, Any]:
+        key, first, count = str(header["key"]), int(header["first"]), int(header["count"])
+        source = Endpoint.parse(str(header["source"]))
+        try:
+            _, data = call(source, "read", request_id=header["request_id"], first=first,
+                           count=count)  # fmt: skip
+        except WireError as exc:
+            return {"ok": False, "error": str(exc)}
+        size = self.block_bytes
+        if len(data) != size * count:
+            return {"ok": False, "error": f"got {len(data)} bytes for {count} blocks of {size}"}
+        with self._lock:
+            blocks = self._staging.setdefault(key, {})
+            for i in range(count):
+                blocks[first + i] = data[i * size : (i + 1) * size]
+        return {"ok": True, "blocks": count, "bytes": len(data)}
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            header, payload = recv_frame(sock)
+            try:
+                reply, data = self.server.state.handle(header, payload)
+            except Exception as exc:  # a bad request must not kill the server
+                log.exception("KV connector request failed")
+                reply, data = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}, b""
+            send_frame(sock, reply, data)
+        except (ConnectionError, OSError) as exc:
+            log.debug("KV connector connection dropped: %s", exc)
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], state: _WorkerState) -> None:
+        self.state = state
+        super().__init__(address, _Handler)

@@ -1,0 +1,87 @@
+"""Migration policies, pure and registered by name: which running requests
+leave a source first, and whether each moves its KV or recomputes it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from infra.records import Priority
+
+
+@dataclass(frozen=True)
+class Movable:
+    """A running request as a selection policy sees it."""
+
+    request_id: str
+    priority: Priority
+    arrival_time: float
+    num_tokens: int
+    """Context so far (prompt and output)."""
+    num_remaining: int
+    """Tokens it may still generate."""
+
+
+SelectionPolicy = Callable[[Sequence[Movable]], list[Movable]]
+"""Orders candidates, first to move first."""
+
+_SELECTION: dict[str, SelectionPolicy] = {}
+
+
+def selection_policy(name: str) -> Callable[[SelectionPolicy], SelectionPolicy]:
+    def register(fn: SelectionPolicy) -> SelectionPolicy:
+        _SELECTION[name] = fn
+        return fn
+
+    return register
+
+
+@selection_policy("lcfs")
+def last_come_first(candidates: Sequence[Movable]) -> list[Movable]:
+    """Newest first: the least context to move (Llumnix's default)."""
+    return sorted(candidates, key=lambda m: -m.arrival_time)
+
+
+@selection_policy("shortest-remaining")
+def shortest_remaining(candidates: Sequence[Movable]) -> list[Movable]:
+    """Fewest tokens still to generate first."""
+    return sorted(candidates, key=lambda m: (m.num_remaining, -m.arrival_time))
+
+
+@selection_policy("lowest-priority")
+def lowest_priority(candidates: Sequence[Movable]) -> list[Movable]:
+    """Low priority first, then newest."""
+    return sorted(candidates, key=lambda m: (-m.priority.rank, -m.arrival_time))
+
+
+def selection_policies() -> list[str]:
+    return sorted(_SELECTION)
+
+
+def select(
+    name: str, candidates: Sequence[Movable], count: int, *, include_high: bool = False
+) -> list[Movable]:
+    """Up to ``count`` requests to move; high priority only when asked."""
+    if name not in _SELECTION:
+        raise ValueError(f"unknown selection policy {name!r}; known: {selection_policies()}")
+    allowed = [m for m in candidates if include_high or m.priority is not Priority.HIGH]
+    return _SELECTION[name](allowed)[:count]
+
+
+def choose_mode(
+    asked: Literal["kv", "recompute", "auto"],
+    *,
+    kv_available: bool,
+    num_tokens: int,
+    block_size: int,
+    min_kv_blocks: int = 2,
+) -> Literal["kv", "recompute"]:
+    """KV transfer unless it cannot run or recomputing is cheaper: a context
+    shorter than ``min_kv_blocks`` full blocks costs less to prefill again
+    than a multi-stage copy's round trips."""
+    if asked == "recompute" or not kv_available:
+        return "recompute"
+    if asked == "kv":
+        return "kv"
+    return "kv" if (num_tokens - 1) // block_size >= min_kv_blocks else "recompute"

@@ -1,0 +1,130 @@
+"""Typed messages of live migration: what an operator (or the autoscaler)
+asks of a source instance, the source-destination handshake, and the record
+every migration leaves behind."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from infra.records import Priority
+
+Mode = Literal["kv", "recompute", "auto"]
+
+
+class Outcome(StrEnum):
+    MIGRATED = "migrated"
+    """The request continues on the destination."""
+    REFUSED = "refused"
+    """The destination had no room: nothing changed."""
+    SOURCE_FINISHED = "source_finished"
+    """The request finished (or was preempted) on the source during a stage."""
+    ROLLED_BACK = "rolled_back"
+    """The destination failed after the stop: the request resumed on the source."""
+    FAILED = "failed"
+    """The destination failed before the stop: the request kept running."""
+
+
+class MigrateRequest(BaseModel):
+    """``POST /migrate`` on the source: move requests to ``destination``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    destination: str = Field(min_length=1, description="base URL of the destination instance")
+    request_ids: list[str] | None = Field(default=None, min_length=1)
+    count: int | None = Field(default=None, ge=1, description="or this many, chosen by policy")
+    policy: str = "lcfs"
+    mode: Mode = "auto"
+    include_high: bool = Field(default=False, description="let the policy pick high priority")
+
+
+class ReserveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str = Field(min_length=1)
+    num_blocks: int = Field(ge=0)
+
+
+class StageRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str = Field(min_length=1)
+    source: str = Field(description="host:port of the source's KV endpoint")
+    engine_request_id: str
+    first: int = Field(ge=0)
+    count: int = Field(ge=1)
+
+
+class StageReply(BaseModel):
+    bytes: int
+
+
+class ResumeSpec(BaseModel):
+    """Everything the destination needs to continue the request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(min_length=1)
+    request_id: str
+    prompt_token_ids: list[int] = Field(min_length=1)
+    output_token_ids: list[int]
+    num_kv_tokens: int = Field(ge=0, description="leading tokens whose KV is staged")
+    max_tokens: int = Field(ge=1, description="the original limit, output so far included")
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    priority: Priority = Priority.NORMAL
+    arrival_time: float = 0.0
+
+
+class CommitReply(BaseModel):
+    first_token_s: float | None
+    """Seconds from commit until the destination produced its first token."""
+
+
+class AbortMigration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str = Field(min_length=1)
+
+
+class MigrationRecord(BaseModel):
+    """One migration attempt of one request, as the source saw it."""
+
+    request_id: str
+    source: str
+    destination: str
+    mode: Literal["kv", "recompute"]
+    outcome: Outcome
+    stages: int = 0
+    blocks: int = 0
+    bytes: int = 0
+    downtime_s: float | None = None
+    """From the freeze on the source to the destination's first token."""
+    duration_s: float = 0.0
+    started_at: float = 0.0
+    error: str | None = None
+
+
+class MigrationStatus(BaseModel):
+    in_flight: list[str]
+    reserved_blocks: int
+    history: list[MigrationRecord]
+
+
+class RunningRequest(BaseModel):
+    """A request in flight on an instance (``GET /requests``)."""
+
+    request_id: str
+    engine_request_id: str
+    priority: Priority
+    num_tokens: int
+    num_output: int
+    migratable: bool
+    frozen: bool

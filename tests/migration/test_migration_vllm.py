@@ -1,0 +1,244 @@
+"""Live migration between real vLLM CPU engines (tiny model), through Shoal's
+KV connector on upstream vLLM: greedy output is identical to an unmigrated
+run, for KV transfer and recompute, once and back and forth; the gateway's
+client sees one continuous stream; a refusing destination changes nothing;
+and every instance returns to idle (no pinned blocks, staging or
+reservations left)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import VLLM_NAMESPACE, WorkerProcess, start_gateway, start_worker, wait_for
+
+pytestmark = pytest.mark.vllm
+
+MODEL = "tiny-llama"
+PROMPT = [1, 45, 49, 173, 170, 299, 43, 172, 97, 27, 173, 112]  # the tiny model has 320 tokens
+MAX_TOKENS = 300
+
+
+@pytest.fixture(scope="module")
+def pair(
+    vllm_stack: tuple[WorkerProcess, Any], tiny_model: Path, redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[WorkerProcess, WorkerProcess]]:  # fmt: skip
+    """The session's vLLM instance (A, core 0) and a second one (B, core 1)."""
+    a = vllm_stack[0]
+    b = start_worker(
+        engine="vllm", redis_url=redis_url, namespace=VLLM_NAMESPACE,
+        log_dir=tmp_path_factory.mktemp("vllm-b"), instance_id="vllm-b",
+        args=["--model", str(tiny_model), "--served-model-name", MODEL,
+              "--cpu-threads-bind", "1", "--max-num-seqs", "4", "--block-size", "32",
+              "--kv-cache-bytes", str(256 * 1024 * 1024), "--max-model-len", "16384"],
+        env={"SHOAL_DTYPE": "float32", "SHOAL_HEARTBEAT_TTL_S": "2"},
+    )  # fmt: skip
+    yield a, b
+    b.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(pair: tuple[WorkerProcess, WorkerProcess]) -> Iterator[None]:
+    yield
+    for w in pair:
+        wait_for(lambda w=w: _idle(w), timeout_s=30)  # type: ignore[misc]
+
+
+def _idle(w: WorkerProcess) -> bool:
+    kv = httpx.get(w.base_url + "/migrations/kv").json()
+    status = httpx.get(w.base_url + "/migrations").json()
+    load = httpx.get(w.base_url + "/load").json()
+    return bool(
+        not kv["pinned"] and not kv["delayed"] and not kv["staging"]
+        and status["reserved_blocks"] == 0 and not status["in_flight"]
+        and load["num_running"] == 0 and load["num_waiting"] == 0
+        and not httpx.get(w.base_url + "/requests").json()
+    )  # fmt: skip
+
+
+def _prompt(tag: int) -> list[int]:
+    """A prompt of its own per test, so no instance has its KV cached."""
+    return [*PROMPT, 100 + tag]
+
+
+def _body(prompt: list[int], **extra: Any) -> dict[str, Any]:
+    return {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "migratable": True, **extra}  # fmt: skip
+
+
+def _reference(w: WorkerProcess, prompt: list[int]) -> list[int]:
+    """The unmigrated output (it leaves the sequence in ``w``'s prefix cache)."""
+    body = {**_body(prompt), "stream": False, "migratable": False}
+    resp = httpx.post(w.base_url + "/generate", json=body, timeout=120)
+    assert resp.status_code == 200, resp.text
+    tokens = resp.json()["token_ids"]
+    assert len(tokens) == MAX_TOKENS
+    return list(tokens)
+
+
+def _loaded_blocks(w: WorkerProcess) -> int:
+    return int(httpx.get(w.base_url + "/migrations/kv").json()["loaded_blocks"])
+
+
+class Follower:
+    """Reads a migratable stream the way the gateway does, following moves,
+    and migrates the request when asked."""
+
+    def __init__(
+        self, client: httpx.Client, start: WorkerProcess, rid: str, prompt: list[int]
+    ) -> None:
+        self.client, self.rid = client, rid
+        self.tokens: list[int] = []
+        self.usage: dict[str, int] | None = None
+        self.finish: str | None = None
+        self.hops: list[str] = [start.base_url]
+        self._lines = self._open(start.base_url + "/generate", _body(prompt, request_id=rid))
+
+    def _open(self, url: str, body: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+        method = "POST" if body is not None else "GET"
+        with self.client.stream(method, url, json=body, timeout=120) as resp:
+            assert resp.status_code == 200, resp.read()
+            for line in resp.iter_lines():
+                if line:
+                    yield json.loads(line)
+
+    def read_until(self, n: int | None) -> None:
+        """Read until ``n`` tokens (None: the end), following migrations."""
+        while n is None or len(self.tokens) < n:
+            chunk = next(self._lines, None)
+            if chunk is None:
+                return
+            if chunk.get("migrated_to"):
+                self.hops.append(chunk["migrated_to"])
+                self._lines = self._open(f"{chunk['migrated_to']}/resume/{self.rid}", None)
+                continue
+            assert chunk.get("error") is None, chunk
+            self.tokens.extend(chunk.get("token_ids", []))
+            if chunk.get("finish_reason"):
+                self.finish, self.usage = chunk["finish_reason"], chunk["usage"]
+                return
+
+
+def _runs(w: WorkerProcess, request_id: str) -> bool:
+    return any(r["request_id"] == request_id for r in httpx.get(w.base_url + "/requests").json())
+
+
+def _migrate(source: WorkerProcess, dest: WorkerProcess, rid: str, mode: str) -> dict[str, Any]:
+    body = {"destination": dest.base_url, "request_ids": [rid], "mode": mode}
+    resp = httpx.post(source.base_url + "/migrate", json=body, timeout=120)
+    assert resp.status_code == 200, resp.text
+    records: list[dict[str, Any]] = resp.json()
+    assert len(records) == 1
+    return records[0]
+
+
+@pytest.mark.parametrize("mode", ["kv", "recompute"])
+def test_migrated_once_equals_unmigrated(
+    pair: tuple[WorkerProcess, WorkerProcess], mode: str
+) -> None:
+    a, b = pair
+    prompt = _prompt(1 if mode == "kv" else 2)
+    reference = _reference(a, prompt)  # B has never seen this prompt
+    loaded = _loaded_blocks(b)
+    with httpx.Client() as client:
+        f = Follower(client, a, f"once-{mode}", prompt)
+        f.read_until(70)  # two full blocks of output beyond the prompt
+        record = _migrate(a, b, f.rid, mode)
+        assert record["outcome"] == "migrated", record
+        assert record["mode"] == mode
+        f.read_until(None)
+    if mode == "kv":  # the blocks crossed over and B loaded them instead of recomputing
+        assert record["blocks"] >= 2 and record["bytes"] > 0
+        assert _loaded_blocks(b) - loaded >= 2
+    else:
+        assert record["blocks"] == 0 and _loaded_blocks(b) == loaded
+    assert record["downtime_s"] is not None and record["downtime_s"] > 0
+    assert f.hops == [a.base_url, b.base_url]
+    assert f.tokens == reference
+    assert f.finish == "length"
+    assert f.usage == {"prompt_tokens": len(prompt), "completion_tokens": MAX_TOKENS,
+                       "total_tokens": len(prompt) + MAX_TOKENS}  # fmt: skip
+
+
+def test_back_and_forth_equals_unmigrated(pair: tuple[WorkerProcess, WorkerProcess]) -> None:
+    a, b = pair
+    prompt = _prompt(3)
+    reference = _reference(b, prompt)
+    with httpx.Client() as client:
+        f = Follower(client, a, "a-b-a", prompt)
+        f.read_until(40)
+        assert _migrate(a, b, f.rid, "kv")["outcome"] == "migrated"
+        f.read_until(120)
+        assert _migrate(b, a, f.rid, "kv")["outcome"] == "migrated"
+        f.read_until(200)
+        assert _migrate(a, b, f.rid, "recompute")["outcome"] == "migrated"
+        f.read_until(None)
+    assert f.hops == [a.base_url, b.base_url, a.base_url, b.base_url]
+    assert f.tokens == reference
+
+
+def test_refusing_destination_changes_nothing(pair: tuple[WorkerProcess, WorkerProcess]) -> None:
+    a, b = pair
+    prompt = _prompt(4)
+    reference = _reference(a, prompt)
+    total = httpx.get(b.base_url + "/load").json()["num_blocks_total"]
+    hog = {"key": "test-hog", "num_blocks": total - 8}  # leaves less than the watermark needs
+    assert httpx.post(b.base_url + "/migration/reserve", json=hog).status_code == 200
+    try:
+        with httpx.Client() as client:
+            f = Follower(client, a, "refused", prompt)
+            f.read_until(100)
+            record = _migrate(a, b, f.rid, "kv")
+            assert record["outcome"] == "refused", record
+            f.read_until(None)
+    finally:
+        httpx.post(b.base_url + "/migration/abort", json={"key": "test-hog"})
+    assert f.hops == [a.base_url]  # it never left
+    assert f.tokens == reference
+
+
+def test_gateway_client_sees_one_continuous_stream(
+    pair: tuple[WorkerProcess, WorkerProcess], redis_url: str, tmp_path: Path
+) -> None:
+    a, b = pair
+    gateway = start_gateway(redis_url=redis_url, namespace=VLLM_NAMESPACE, log_dir=tmp_path)
+    try:
+        sdk = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="x", max_retries=0)
+        args: Any = {"model": MODEL, "prompt": _prompt(5), "max_tokens": MAX_TOKENS,
+                     "temperature": 0.0, "extra_body": {"ignore_eos": True}}  # fmt: skip
+        expected = sdk.completions.create(**args).choices[0].text
+        stream = sdk.completions.create(**args, stream=True,
+                                        stream_options={"include_usage": True})  # fmt: skip
+        texts: list[str] = []
+        usage = None
+        migrated = 0
+        for chunk in stream:
+            if chunk.choices:
+                texts.append(chunk.choices[0].text)
+            usage = chunk.usage or usage
+            if len(texts) in (30, 150) and migrated < 2:
+                here = next(
+                    w
+                    for w in (a, b)
+                    if any(
+                        r["request_id"] == chunk.id
+                        for r in httpx.get(w.base_url + "/requests").json()
+                    )
+                )
+                there = b if here is a else a
+                assert _migrate(here, there, chunk.id, "kv")["outcome"] == "migrated"
+                migrated += 1
+        assert migrated == 2
+        assert "".join(texts) == expected
+        assert usage is not None and usage.completion_tokens == MAX_TOKENS
+        metrics = httpx.get(gateway.base_url + "/metrics").text
+        assert "shoal_gateway_migrations_followed_total 2.0" in metrics
+    finally:
+        gateway.stop()
