@@ -35,7 +35,7 @@ class Server:
         with log.open("wb") as out:
             self.proc = subprocess.Popen(
                 list(cmd), env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=REPO, preexec_fn=pin,
+                process_group=0, cwd=REPO, preexec_fn=pin,
             )  # fmt: skip
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:

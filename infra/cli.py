@@ -149,6 +149,27 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- shoal migrate -----------------------------------------------------------
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from migration.cli import MigrateError, migrate, render
+
+    settings = CommonSettings(**_overrides(args, ["redis_url"]))
+    _setup_logging("WARNING")
+    try:
+        records = asyncio.run(migrate(
+            settings, args.source, args.destination, request_ids=args.request_ids,
+            count=args.count, mode=args.mode, policy=args.policy,
+        ))  # fmt: skip
+    except (ConnectionError, MigrateError) as exc:
+        print(f"shoal migrate: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+    else:
+        print(render(records))
+    return 0 if all(r.outcome.value == "migrated" for r in records) else 2
+
+
 # -- shoal redis -------------------------------------------------------------
 def _cmd_redis(args: argparse.Namespace) -> int:
     from infra.embedded_redis import resolve_redis
@@ -220,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     redis = sub.add_parser("redis", help="run this checkout's embedded Valkey server")
     redis.set_defaults(func=_cmd_redis)
+
+    mig = sub.add_parser("migrate", help="live-migrate running requests between instances")
+    mig.add_argument("--from", dest="source", required=True, help="source instance id")
+    mig.add_argument("--to", dest="destination", required=True, help="destination instance id")
+    which = mig.add_mutually_exclusive_group()
+    which.add_argument("--request", dest="request_ids", action="append",
+                       help="request id to move (repeatable)")  # fmt: skip
+    which.add_argument("--count", type=int, help="move this many, chosen by --policy")
+    mig.add_argument("--policy", default="lcfs", help="lcfs, shortest-remaining, lowest-priority")
+    mig.add_argument("--mode", default="auto", choices=["auto", "kv", "recompute"])
+    mig.add_argument("--json", action="store_true", help="the migration records as JSON")
+    mig.add_argument("--redis-url", dest="redis_url")
+    mig.set_defaults(func=_cmd_migrate)
     return parser
 
 

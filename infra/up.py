@@ -50,9 +50,13 @@ class Child:
 
 def _spawn(name: str, args: list[str], env: dict[str, str], logs: Path, ready_url: str) -> Child:
     log = (logs / f"{name}.log").open("wb")
+    # Own process group (killed as one; the terminal's Ctrl-C reaches only us),
+    # but the same session: with the kernel's autogroup scheduling a session
+    # is a fairness unit, and a vLLM engine busy-polling in a session of its
+    # own starves the other processes on its cores for seconds.
     proc = subprocess.Popen(
         [sys.executable, "-m", "infra.cli", *args], env={**os.environ, **env},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, process_group=0,
     )  # fmt: skip
     log.close()
     return Child(name, proc, ready_url)

@@ -35,6 +35,11 @@ class Generation:
     frozen: bool = False
     finished: bool = False
     kv_load: KvLoad | None = None
+    emitted_chars: int = 0
+    """Characters of text the client has received so far (all instances)."""
+    realign_text: bool = False
+    """Set on a migrated-in request until its text is realigned: the engine
+    here never saw the characters a token split across the move had pending."""
     _outcome: asyncio.Future[str | None] | None = None
 
     @property

@@ -132,6 +132,8 @@ class MigrationService:
 
     async def migrate(self, body: MigrateRequest) -> list[MigrationRecord]:
         assert self._session is not None
+        if body.destination.rstrip("/") == self.worker.config.address:
+            raise BadRequestError("the destination is this instance", param="destination")
         gens = self._chosen(body)
         destination = HttpDestination(self._session, body.destination)
         engine = self.worker.engine

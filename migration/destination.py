@@ -125,6 +125,8 @@ class Inbox:
             earlier_output=tuple(spec.output_token_ids),
             migratable=True,
             kv_load=KvLoad(spec.key, spec.num_kv_tokens) if spec.num_kv_tokens else None,
+            emitted_chars=spec.emitted_chars,
+            realign_text=True,
         )  # fmt: skip
         started = adopter.adopt(gen)
         try:

@@ -69,6 +69,7 @@ class ResumeSpec(BaseModel):
     prompt_token_ids: list[int] = Field(min_length=1)
     output_token_ids: list[int]
     num_kv_tokens: int = Field(ge=0, description="leading tokens whose KV is staged")
+    emitted_chars: int = Field(default=0, ge=0, description="text characters the client has")
     max_tokens: int = Field(ge=1, description="the original limit, output so far included")
     min_tokens: int = 0
     temperature: float = 1.0

@@ -157,7 +157,7 @@ def _resume_spec(gen: Generation, key: str, tokens: list[int], num_kv_tokens: in
         top_p=s.top_p, top_k=s.top_k, seed=s.seed, stop=list(s.stop), ignore_eos=s.ignore_eos,
         presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
         repetition_penalty=s.repetition_penalty, priority=r.priority,
-        arrival_time=r.arrival_time,
+        arrival_time=r.arrival_time, emitted_chars=gen.emitted_chars,
     )  # fmt: skip
 
 

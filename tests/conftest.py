@@ -75,7 +75,7 @@ def vllm_stack(
          str(tiny_model), str(inputs), str(out), str(GREEDY_TOKENS)],
         env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "1", "HF_HUB_OFFLINE": "1"},
         stdout=subprocess.DEVNULL, stderr=(tmp / "reference.log").open("wb"),
-        start_new_session=True,
+        process_group=0,
     )  # fmt: skip
     worker = start_worker(
         engine="vllm", redis_url=redis_url, namespace=VLLM_NAMESPACE, log_dir=tmp,

@@ -79,7 +79,7 @@ def _spawn(name: str, cmd: list[str], env: dict[str, str], log_dir: Path, port: 
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [*SHOAL, *cmd], cwd=REPO, env={**os.environ, **env}, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            stderr=subprocess.STDOUT, process_group=0,
         )  # fmt: skip
     handle = WorkerProcess(proc, f"http://127.0.0.1:{port}", name, log_path)
     deadline = time.monotonic() + ready_timeout_s
