@@ -136,8 +136,10 @@ def test_load_report_tracks_the_engine(worker: WorkerProcess) -> None:
 
     async def run() -> LoadReport:
         async with httpx.AsyncClient(base_url=worker.base_url, timeout=300) as ac:
-            body = {"prompt": "fox " * 100, "max_tokens": 8000, "ignore_eos": True}
-            reqs = [asyncio.ensure_future(ac.post("/generate", json=body)) for _ in range(6)]
+            # Distinct prompts: prefix caching would share the blocks of equal ones.
+            bodies = [{"prompt": f"{i} fox " * 100, "max_tokens": 8000, "ignore_eos": True}
+                      for i in range(6)]  # fmt: skip
+            reqs = [asyncio.ensure_future(ac.post("/generate", json=b)) for b in bodies]
             await _until(worker, "4 running, 2 waiting",
                          lambda r: r.num_running == 4 and r.num_waiting == 2)  # fmt: skip
             busy = await asyncio.to_thread(load_of, worker)

@@ -1,0 +1,161 @@
+"""Live migration cost versus sequence length (the analogue of Llumnix's
+Figure 10): downtime (the request makes no progress, from the freeze on the
+source to the first token on the destination), total migration time, and the
+source's decode slowdown while the live stages copy, for KV transfer and for
+recompute. Two real vLLM CPU instances with the tiny model, one core each.
+
+    .venv/bin/python -m bench.migration_downtime [--lengths 256,1024,4096,8192,15000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import PLOTS, REPO, Server, free_port, python
+from infra.embedded_redis import EmbeddedRedis
+
+LOGS = REPO / "bench" / "out"
+BLOCK = 32
+
+
+def _instance(name: str, core: int, redis_url: str) -> Server:
+    port = free_port()
+    cmd = [python(), "-m", "infra.cli", "instance", "--engine", "vllm", "--port", str(port),
+           "--instance-id", name, "--cpu-threads-bind", str(core), "--block-size", str(BLOCK),
+           "--max-model-len", "16384", "--max-num-seqs", "4",
+           "--kv-cache-bytes", str(512 * 1024 * 1024)]  # fmt: skip
+    env = {"SHOAL_REDIS_URL": redis_url, "SHOAL_DTYPE": "float32", "SHOAL_NAMESPACE": "bench"}
+    return Server(cmd, f"http://127.0.0.1:{port}/ready", env, LOGS / f"mig-{name}.log")
+
+
+def _one(src: str, dst: str, length: int, mode: str, rid: str) -> dict[str, Any]:
+    """Start a request with a ``length``-token prompt on ``src``, migrate it
+    to ``dst`` after 64 output tokens, and time what the client sees."""
+    rng = random.Random(length)
+    prompt = [rng.randrange(3, 320) for _ in range(length)]
+    body = {"prompt": prompt, "max_tokens": 400, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "migratable": True, "request_id": rid}  # fmt: skip
+    arrivals: list[float] = []
+    record: dict[str, Any] = {}
+    call: list[float] = []
+
+    def migrate() -> None:
+        call.append(time.monotonic())
+        r = httpx.post(src + "/migrate", json={"destination": dst, "request_ids": [rid],
+                                                "mode": mode}, timeout=300)  # fmt: skip
+        call.append(time.monotonic())
+        record.update(r.json()[0])
+
+    url: str = src + "/generate"
+    payload: dict[str, Any] | None = body
+    thread: threading.Thread | None = None
+    with httpx.Client(timeout=300) as client:
+        while url:
+            with client.stream("POST" if payload else "GET", url, json=payload) as resp:
+                url, payload = "", None
+                for line in resp.iter_lines():
+                    if not line:
+                        continue
+                    chunk = json.loads(line)
+                    if chunk.get("migrated_to"):
+                        url = f"{chunk['migrated_to']}/resume/{rid}"
+                        break
+                    arrivals.extend(time.monotonic() for _ in chunk.get("token_ids", []))
+                    if len(arrivals) == 64 and thread is None:
+                        thread = threading.Thread(target=migrate)
+                        thread.start()
+    assert thread is not None
+    thread.join()
+    t_call, t_done = call
+    frozen = t_done - (record.get("downtime_s") or 0.0)
+    before = [b - a for a, b in itertools.pairwise(arrivals) if b <= t_call]
+    during = [b - a for a, b in itertools.pairwise(arrivals)
+              if t_call < a and b <= frozen]  # fmt: skip
+    slowdown = (statistics.mean(during) / statistics.mean(before[-32:]) - 1) if during else None
+    return {"length": length, "mode": mode, "outcome": record.get("outcome"),
+            "downtime_ms": 1000 * (record.get("downtime_s") or float("nan")),
+            "total_ms": 1000 * record.get("duration_s", float("nan")),
+            "stages": record.get("stages"), "blocks": record.get("blocks"),
+            "slowdown_pct": None if slowdown is None else 100 * slowdown,
+            "tokens": len(arrivals)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--lengths", default="256,1024,4096,8192,15000")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    LOGS.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = EmbeddedRedis.start(Path(tmp) / "valkey")
+        a, b = _instance("mig-a", 0, redis.url), _instance("mig-b", 1, redis.url)
+        try:
+            a.wait_ready()
+            b.wait_ready()
+            n = 0
+            for length in lengths:
+                for mode in ("kv", "recompute"):
+                    for i in range(args.repeats):
+                        src, dst = (a, b) if i % 2 == 0 else (b, a)
+                        n += 1
+                        row = _one(src.base_url, dst.base_url, length, mode, f"m{n}")
+                        print(row, flush=True)
+                        rows.append(row)
+        finally:
+            a.stop()
+            b.stop()
+            redis.stop()
+    _report(rows, lengths)
+
+
+def _report(rows: list[dict[str, Any]], lengths: list[int]) -> None:
+    print(f"\n{'tokens':>7} {'mode':<10} {'downtime ms':>12} {'total ms':>9} {'blocks':>7} "
+          f"{'stages':>6} {'source slowdown':>16} {'migrated':>9}")  # fmt: skip
+    series: dict[str, list[float]] = {"kv": [], "recompute": []}
+    for length in lengths:
+        for mode in ("kv", "recompute"):
+            rs = [r for r in rows if r["length"] == length and r["mode"] == mode]
+            ok = [r for r in rs if r["outcome"] == "migrated"]
+            down = statistics.median(r["downtime_ms"] for r in ok) if ok else float("nan")
+            total = statistics.median(r["total_ms"] for r in ok) if ok else float("nan")
+            slows = [r["slowdown_pct"] for r in ok if r["slowdown_pct"] is not None]
+            slow = f"{statistics.median(slows):+.1f} %" if slows else "-"
+            blocks = statistics.median(r["blocks"] or 0 for r in ok) if ok else 0
+            stages = statistics.median(r["stages"] or 0 for r in ok) if ok else 0
+            series[mode].append(down)
+            print(f"{length:>7} {mode:<10} {down:>12.1f} {total:>9.1f} {blocks:>7.0f} "
+                  f"{stages:>6.0f} {slow:>16} {len(ok)}/{len(rs):>7}")  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for mode, ys in series.items():
+        ax.plot(lengths, ys, marker="o", label=mode)
+    ax.set_xscale("log")
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("downtime (ms, median)")
+    ax.set_title("Migration downtime vs sequence length (vLLM CPU, tiny model)")
+    ax.legend()
+    fig.tight_layout()
+    path = PLOTS / "migration_downtime.png"
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
