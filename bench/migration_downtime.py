@@ -42,7 +42,7 @@ def _instance(name: str, core: int, redis_url: str) -> Server:
 def _one(src: str, dst: str, length: int, mode: str, rid: str) -> dict[str, Any]:
     """Start a request with a ``length``-token prompt on ``src``, migrate it
     to ``dst`` after 64 output tokens, and time what the client sees."""
-    rng = random.Random(length)
+    rng = random.Random(rid)  # a prompt of its own: no instance has it cached
     prompt = [rng.randrange(3, 320) for _ in range(length)]
     body = {"prompt": prompt, "max_tokens": 400, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "migratable": True, "request_id": rid}  # fmt: skip
