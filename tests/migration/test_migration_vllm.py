@@ -8,6 +8,9 @@ reservations left)."""
 from __future__ import annotations
 
 import json
+import random
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -93,14 +96,16 @@ class Follower:
     and migrates the request when asked."""
 
     def __init__(
-        self, client: httpx.Client, start: WorkerProcess, rid: str, prompt: list[int]
-    ) -> None:
+        self, client: httpx.Client, start: WorkerProcess, rid: str, prompt: list[int],
+        max_tokens: int = MAX_TOKENS,
+    ) -> None:  # fmt: skip
         self.client, self.rid = client, rid
         self.tokens: list[int] = []
         self.usage: dict[str, int] | None = None
         self.finish: str | None = None
         self.hops: list[str] = [start.base_url]
-        self._lines = self._open(start.base_url + "/generate", _body(prompt, request_id=rid))
+        body = _body(prompt, request_id=rid, max_tokens=max_tokens)
+        self._lines = self._open(start.base_url + "/generate", body)
 
     def _open(self, url: str, body: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
         method = "POST" if body is not None else "GET"
@@ -243,3 +248,56 @@ def test_gateway_client_sees_one_continuous_stream(
         assert "shoal_gateway_migrations_followed_total 2.0" in metrics
     finally:
         gateway.stop()
+
+
+def test_concurrent_streams_with_random_migrations(
+    pair: tuple[WorkerProcess, WorkerProcess],
+) -> None:
+    """Many streams at once on a batch of four per instance, with requests
+    (running or still waiting) moved at random between the two instances by
+    KV transfer or recompute: every output equals its unmigrated run."""
+    a, b = pair
+    n, max_tokens = 32, 400
+    prompts = [_prompt(20 + i) for i in range(n)]
+    references = {}
+    for i, p in enumerate(prompts):
+        body = {**_body(p), "max_tokens": max_tokens, "stream": False, "migratable": False}
+        out = httpx.post(a.base_url + "/generate", json=body, timeout=120).json()
+        references[f"c{i}"] = out["token_ids"]
+    results: dict[str, list[int]] = {}
+    done = threading.Event()
+
+    def client(i: int) -> None:
+        start = (a, b)[i % 2]
+        with httpx.Client() as http:
+            f = Follower(http, start, f"c{i}", prompts[i], max_tokens=max_tokens)
+            f.read_until(None)
+            results[f.rid] = f.tokens
+
+    def migrator() -> None:
+        rng = random.Random(0)
+        while not done.is_set():
+            src = rng.choice((a, b))
+            dst = b if src is a else a
+            running = [r["request_id"] for r in httpx.get(src.base_url + "/requests").json()]
+            if running:
+                body = {"destination": dst.base_url, "request_ids": [rng.choice(running)],
+                        "mode": rng.choice(("kv", "recompute"))}  # fmt: skip
+                resp = httpx.post(src.base_url + "/migrate", json=body, timeout=120)
+                assert resp.status_code in (200, 400), resp.text  # 400: finished meanwhile
+                if resp.status_code == 200:
+                    moved.append(resp.json()[0]["outcome"])
+            time.sleep(0.05)
+
+    moved: list[str] = []
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    mover = threading.Thread(target=migrator)
+    for t in clients:
+        t.start()
+    mover.start()
+    for t in clients:
+        t.join(timeout=600)
+    done.set()
+    mover.join(timeout=120)
+    assert results == references
+    assert moved.count("migrated") >= 5, moved
