@@ -111,7 +111,7 @@ class Dispatcher:
             known = best.num_reserved + 1
             self._pending[best.instance_id] = self._pending.get(best.instance_id, 0) + 1
             try:
-                _, count = await self._reservations.reserve(
+                count = await self._reservations.reserve(
                     best.instance_id, body.request_id, since=self._since(best)
                 )
             except RedisError as exc:

@@ -18,19 +18,14 @@ from redis.asyncio import Redis
 
 from infra.keys import KeySchema
 
-# KEYS[1]: reservation set. ARGV: now_ms, ttl_ms, request id, since_ms (report time),
-# expected count (-1: any). Returns {1, n} when reserved, {0, n} when more than
-# `expected` reservations newer than `since_ms` exist (another replica got here first).
+# KEYS[1]: reservation set. ARGV: now_ms, ttl_ms, request id, since_ms (report time).
+# Drops expired members, adds this one, and returns how many are newer than since_ms
+# (this one included): the dispatcher compares that with what it expected to see.
 _RESERVE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
-local n = redis.call('ZCOUNT', KEYS[1], ARGV[4], '+inf')
-local expected = tonumber(ARGV[5])
-if expected >= 0 and n > expected then
-  return {0, n}
-end
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {1, n + 1}
+return redis.call('ZCOUNT', KEYS[1], ARGV[4], '+inf')
 """
 
 
@@ -44,17 +39,14 @@ class Reservations:
         self._clock = clock
         self._reserve = redis.register_script(_RESERVE)
 
-    async def reserve(
-        self, instance_id: str, request_id: str, *, since: float, expected: int = -1
-    ) -> tuple[bool, int]:
-        """Reserve a slot unless more than ``expected`` unreflected reservations
-        (newer than the report time ``since``) already exist. Returns whether it
-        reserved and the instance's count of unreflected reservations."""
-        ok, count = await self._reserve(
+    async def reserve(self, instance_id: str, request_id: str, *, since: float) -> int:
+        """Reserve a slot; returns the instance's count of unreflected
+        reservations (newer than its report time ``since``), this one included."""
+        count = await self._reserve(
             keys=[self._keys.reserved(instance_id)],
-            args=[int(self._clock() * 1000), self._ttl_ms, request_id, int(since * 1000), expected],
+            args=[int(self._clock() * 1000), self._ttl_ms, request_id, int(since * 1000)],
         )
-        return bool(ok), int(count)
+        return int(count)
 
     async def release(self, instance_id: str, request_id: str) -> None:
         await self._redis.zrem(self._keys.reserved(instance_id), request_id)
