@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Header, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -32,6 +32,7 @@ from infra.openai_protocol.models import (
     priority_from_header,
 )
 from infra.openai_protocol.render import sse_events, whole_response
+from infra.openai_protocol.routes import add_completion_routes
 from infra.openai_protocol.translate import to_generate
 from infra.records import Priority
 from infra.telemetry import extract_context
@@ -166,21 +167,7 @@ def create_app(make_state: Callable[[], contextlib.AbstractAsyncContextManager[G
         finally:
             st.metrics.inflight.dec()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(
-        body: ChatCompletionRequest,
-        request: Request,
-        x_request_priority: str | None = Header(default=None),
-    ) -> Response:
-        return await serve(request, body, x_request_priority)
-
-    @app.post("/v1/completions")
-    async def completions(
-        body: CompletionRequest,
-        request: Request,
-        x_request_priority: str | None = Header(default=None),
-    ) -> Response:
-        return await serve(request, body, x_request_priority)
+    add_completion_routes(app, serve)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request) -> ModelList:

@@ -42,8 +42,16 @@ class InstanceClient:
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self._session = session
 
-    def resume(self, address: str, request_id: str) -> AsyncGenerator[ChunkBatch, None]:
-        return resume_stream(self._session, address, request_id)
+    async def resume(self, address: str, request_id: str) -> AsyncGenerator[ChunkBatch, None]:
+        """Chunks of a request that migrated to ``address``, from where it resumed."""
+        try:
+            async with self._session.get(f"{address}/resume/{request_id}") as resp:
+                if resp.status >= 400:
+                    raise UpstreamError(f"{address} could not resume {request_id}: {resp.status}")
+                async for batch in _ndjson_batches(resp):
+                    yield batch
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            raise UpstreamError(f"{address}: {type(exc).__name__}: {exc}") from exc
 
     async def stream(
         self, address: str, body: GenerateRequest, headers: dict[str, str]
@@ -63,51 +71,32 @@ class InstanceClient:
                     raise UpstreamError(f"{address} answered {resp.status}")
                 if resp.status >= 400:
                     raise UpstreamRefused(resp.status, _error_detail(await resp.read()))
-                finished = False
-                try:
-                    async for batch in _ndjson_batches(resp.content):
-                        yield batch
-                    finished = True
-                finally:
-                    if not finished:  # client gone or consumer stopped: hang up
-                        resp.close()
+                async for batch in _ndjson_batches(resp):
+                    yield batch
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:  # ValueError: bad JSON
             raise UpstreamError(f"{address}: {type(exc).__name__}: {exc}") from exc
 
 
-async def _ndjson_batches(content: aiohttp.StreamReader) -> AsyncGenerator[ChunkBatch, None]:
-    """Chunks from NDJSON, one batch per read: under load several arrive at
-    once and go on to the client in one write."""
+async def _ndjson_batches(resp: aiohttp.ClientResponse) -> AsyncGenerator[ChunkBatch, None]:
+    """Chunks from an NDJSON response, one batch per read: under load several
+    arrive at once and go on to the client in one write. Stopping early (the
+    client went away) closes the connection, which aborts the request."""
     pending = b""
-    async for data in content.iter_any():
-        *lines, pending = (pending + data).split(b"\n")
-        if len(pending) > MAX_LINE_BYTES:
-            raise UpstreamError(f"an instance sent a line over {MAX_LINE_BYTES} bytes")
-        batch = [GenerateChunk.model_validate_json(line) for line in lines if line.strip()]
-        if batch:
-            yield batch
-    if pending.strip():
-        yield [GenerateChunk.model_validate_json(pending)]
-
-
-async def resume_stream(
-    session: aiohttp.ClientSession, address: str, request_id: str
-) -> AsyncGenerator[ChunkBatch, None]:
-    """Chunks of a request that migrated to ``address``, from where it resumed."""
+    finished = False
     try:
-        async with session.get(f"{address}/resume/{request_id}") as resp:
-            if resp.status >= 400:
-                raise UpstreamError(f"{address} could not resume {request_id}: {resp.status}")
-            finished = False
-            try:
-                async for batch in _ndjson_batches(resp.content):
-                    yield batch
-                finished = True
-            finally:
-                if not finished:
-                    resp.close()
-    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-        raise UpstreamError(f"{address}: {type(exc).__name__}: {exc}") from exc
+        async for data in resp.content.iter_any():
+            *lines, pending = (pending + data).split(b"\n")
+            if len(pending) > MAX_LINE_BYTES:
+                raise UpstreamError(f"an instance sent a line over {MAX_LINE_BYTES} bytes")
+            batch = [GenerateChunk.model_validate_json(line) for line in lines if line.strip()]
+            if batch:
+                yield batch
+        if pending.strip():
+            yield [GenerateChunk.model_validate_json(pending)]
+        finished = True
+    finally:
+        if not finished:
+            resp.close()
 
 
 def _error_detail(raw: bytes) -> ErrorDetail:

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Header, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 
 from infra.errors import ServiceUnavailableError
@@ -27,6 +27,7 @@ from infra.openai_protocol.models import (
     priority_from_header,
 )
 from infra.openai_protocol.render import sse_events, whole_response
+from infra.openai_protocol.routes import add_completion_routes
 from infra.openai_protocol.translate import to_generate
 from instance.api import ChunkBatch, GenerateChunk
 from instance.worker import InstanceWorker
@@ -88,21 +89,7 @@ def add_openai_routes(app: FastAPI, worker: InstanceWorker) -> None:
         response.headers.update(headers)
         return response
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(
-        body: ChatCompletionRequest,
-        request: Request,
-        x_request_priority: str | None = Header(default=None),
-    ) -> Response:
-        return await serve(request, body, x_request_priority)
-
-    @app.post("/v1/completions")
-    async def completions(
-        body: CompletionRequest,
-        request: Request,
-        x_request_priority: str | None = Header(default=None),
-    ) -> Response:
-        return await serve(request, body, x_request_priority)
+    add_completion_routes(app, serve)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
