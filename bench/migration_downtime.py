@@ -39,50 +39,74 @@ def _instance(name: str, core: int, redis_url: str) -> Server:
     return Server(cmd, f"http://127.0.0.1:{port}/ready", env, LOGS / f"mig-{name}.log")
 
 
+def _stream(url: str, body: dict[str, Any] | None, arrivals: list[float],
+            stop: threading.Event | None = None) -> str:  # fmt: skip
+    """Read one NDJSON stream, stamping each token's arrival; returns the
+    instance the request moved to ('' when it finished or was stopped)."""
+    method = "POST" if body else "GET"
+    with httpx.Client(timeout=300) as client, client.stream(method, url, json=body) as resp:
+        for line in resp.iter_lines():
+            if stop is not None and stop.is_set():
+                return ""
+            if not line:
+                continue
+            chunk = json.loads(line)
+            if chunk.get("migrated_to"):
+                return str(chunk["migrated_to"])
+            arrivals.extend(time.monotonic() for _ in chunk.get("token_ids", []))
+    return ""
+
+
+def _mean_gap(arrivals: list[float], start: float, end: float) -> float | None:
+    gaps = [b - a for a, b in itertools.pairwise(arrivals) if start < a and b <= end]
+    return statistics.mean(gaps) if len(gaps) >= 3 else None
+
+
 def _one(src: str, dst: str, length: int, mode: str, rid: str) -> dict[str, Any]:
     """Start a request with a ``length``-token prompt on ``src``, migrate it
-    to ``dst`` after 64 output tokens, and time what the client sees."""
+    to ``dst`` after 64 output tokens, and time it. A bystander request
+    decoding on ``src`` in the same batch measures the source's decode
+    slowdown while the live stages copy (its token gaps during the copy
+    against the second before)."""
     rng = random.Random(rid)  # a prompt of its own: no instance has it cached
     prompt = [rng.randrange(3, 320) for _ in range(length)]
     body = {"prompt": prompt, "max_tokens": 400, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "migratable": True, "request_id": rid}  # fmt: skip
+    bystander_body = {"prompt": [rng.randrange(3, 320) for _ in range(64)], "max_tokens": 8000,
+                      "temperature": 0.0, "ignore_eos": True, "stream": True}  # fmt: skip
+    seen: list[float] = []
+    stop = threading.Event()
+    bystander = threading.Thread(target=_stream, args=(src + "/generate", bystander_body, seen,
+                                                       stop))  # fmt: skip
+    bystander.start()
+    while len(seen) < 32:  # it runs before the migrated request arrives
+        time.sleep(0.01)
     arrivals: list[float] = []
     record: dict[str, Any] = {}
     call: list[float] = []
 
     def migrate() -> None:
+        while len(arrivals) < 64:
+            time.sleep(0.002)
         call.append(time.monotonic())
         r = httpx.post(src + "/migrate", json={"destination": dst, "request_ids": [rid],
                                                 "mode": mode}, timeout=300)  # fmt: skip
         call.append(time.monotonic())
         record.update(r.json()[0])
 
-    url: str = src + "/generate"
-    payload: dict[str, Any] | None = body
-    thread: threading.Thread | None = None
-    with httpx.Client(timeout=300) as client:
-        while url:
-            with client.stream("POST" if payload else "GET", url, json=payload) as resp:
-                url, payload = "", None
-                for line in resp.iter_lines():
-                    if not line:
-                        continue
-                    chunk = json.loads(line)
-                    if chunk.get("migrated_to"):
-                        url = f"{chunk['migrated_to']}/resume/{rid}"
-                        break
-                    arrivals.extend(time.monotonic() for _ in chunk.get("token_ids", []))
-                    if len(arrivals) == 64 and thread is None:
-                        thread = threading.Thread(target=migrate)
-                        thread.start()
-    assert thread is not None
-    thread.join()
+    mover = threading.Thread(target=migrate)
+    mover.start()
+    moved_to = _stream(src + "/generate", body, arrivals)
+    if moved_to:
+        _stream(f"{moved_to}/resume/{rid}", None, arrivals)
+    mover.join()
+    stop.set()
+    bystander.join()
     t_call, t_done = call
     frozen = t_done - (record.get("downtime_s") or 0.0)
-    before = [b - a for a, b in itertools.pairwise(arrivals) if b <= t_call]
-    during = [b - a for a, b in itertools.pairwise(arrivals)
-              if t_call < a and b <= frozen]  # fmt: skip
-    slowdown = (statistics.mean(during) / statistics.mean(before[-32:]) - 1) if during else None
+    base = _mean_gap(seen, t_call - 1.0, t_call)
+    during = _mean_gap(seen, t_call, frozen)
+    slowdown = during / base - 1 if base and during else None
     return {"length": length, "mode": mode, "outcome": record.get("outcome"),
             "downtime_ms": 1000 * (record.get("downtime_s") or float("nan")),
             "total_ms": 1000 * record.get("duration_s", float("nan")),

@@ -8,15 +8,19 @@ reservations left)."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from tests.helpers import VLLM_NAMESPACE, WorkerProcess, start_gateway, start_worker, wait_for
@@ -29,30 +33,47 @@ MAX_TOKENS = 6000
 """Long enough (~15 s here) that a migration asked for early finds it running."""
 
 
-@pytest.fixture(scope="module")
-def pair(
-    vllm_stack: tuple[WorkerProcess, Any], tiny_model: Path, redis_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[WorkerProcess, WorkerProcess]]:  # fmt: skip
-    """The session's vLLM instance (A, core 0) and a second one (B, core 1)."""
-    a = vllm_stack[0]
-    b = start_worker(
-        engine="vllm", redis_url=redis_url, namespace=VLLM_NAMESPACE,
-        log_dir=tmp_path_factory.mktemp("vllm-b"), instance_id="vllm-b",
+def _start(name: str, core: str, tiny_model: Path, redis_url: str, log_dir: Path) -> WorkerProcess:
+    return start_worker(
+        engine="vllm", redis_url=redis_url, namespace=VLLM_NAMESPACE, log_dir=log_dir,
+        instance_id=name,
         args=["--model", str(tiny_model), "--served-model-name", MODEL,
-              "--cpu-threads-bind", "1", "--max-num-seqs", "4", "--block-size", "32",
+              "--cpu-threads-bind", core, "--max-num-seqs", "4", "--block-size", "32",
               "--kv-cache-bytes", str(256 * 1024 * 1024), "--max-model-len", "16384"],
         env={"SHOAL_DTYPE": "float32", "SHOAL_HEARTBEAT_TTL_S": "2"},
     )  # fmt: skip
-    yield a, b
+
+
+@pytest.fixture(scope="module")
+def trio(
+    vllm_stack: tuple[WorkerProcess, Any], tiny_model: Path, redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[WorkerProcess, WorkerProcess, WorkerProcess]]:  # fmt: skip
+    """The session's vLLM instance (A, core 0) and two more: B on core 1 and
+    C sharing core 0 (started together). The module's last test kills C."""
+    log_dir = tmp_path_factory.mktemp("vllm-bc")
+    with ThreadPoolExecutor(2) as pool:
+        started = [pool.submit(_start, name, core, tiny_model, redis_url, log_dir)
+                   for name, core in (("vllm-b", "1"), ("vllm-c", "0"))]  # fmt: skip
+        b, c = (s.result() for s in started)
+    yield vllm_stack[0], b, c
     b.stop()
+    c.stop()
+
+
+@pytest.fixture
+def pair(
+    trio: tuple[WorkerProcess, WorkerProcess, WorkerProcess],
+) -> tuple[WorkerProcess, WorkerProcess]:
+    return trio[0], trio[1]
 
 
 @pytest.fixture(autouse=True)
-def no_leaks(pair: tuple[WorkerProcess, WorkerProcess]) -> Iterator[None]:
+def no_leaks(trio: tuple[WorkerProcess, WorkerProcess, WorkerProcess]) -> Iterator[None]:
     yield
-    for w in pair:
-        wait_for(lambda w=w: _idle(w), timeout_s=30)  # type: ignore[misc]
+    for w in trio:
+        if w.proc.poll() is None:  # (the last test kills C)
+            wait_for(lambda w=w: _idle(w), timeout_s=30)  # type: ignore[misc]
 
 
 def _idle(w: WorkerProcess) -> bool:
@@ -211,9 +232,9 @@ def test_refusing_destination_changes_nothing(pair: tuple[WorkerProcess, WorkerP
 
 
 def test_gateway_client_sees_one_continuous_stream(
-    pair: tuple[WorkerProcess, WorkerProcess], redis_url: str, tmp_path: Path
+    trio: tuple[WorkerProcess, WorkerProcess, WorkerProcess], redis_url: str, tmp_path: Path
 ) -> None:
-    a, b = pair
+    a, b, c = trio
     gateway = start_gateway(redis_url=redis_url, namespace=VLLM_NAMESPACE, log_dir=tmp_path)
     try:
         sdk = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="x", max_retries=0)
@@ -232,13 +253,13 @@ def test_gateway_client_sees_one_continuous_stream(
             if len(texts) in (30, 150) and migrated < 2:
                 here = next(
                     w
-                    for w in (a, b)
+                    for w in (a, b, c)
                     if any(
                         r["request_id"] == chunk.id
                         for r in httpx.get(w.base_url + "/requests").json()
                     )
                 )
-                there = b if here is a else a
+                there = a if here is b else b
                 assert _migrate(here, there, chunk.id, "kv")["outcome"] == "migrated"
                 migrated += 1
         assert migrated == 2
@@ -251,34 +272,37 @@ def test_gateway_client_sees_one_continuous_stream(
 
 
 def test_concurrent_streams_with_random_migrations(
-    pair: tuple[WorkerProcess, WorkerProcess],
+    trio: tuple[WorkerProcess, WorkerProcess, WorkerProcess],
 ) -> None:
-    """Many streams at once on a batch of four per instance, with requests
-    (running or still waiting) moved at random between the two instances by
-    KV transfer or recompute: every output equals its unmigrated run."""
-    a, b = pair
-    n, max_tokens = 32, 400
+    """Fifty streams at once over three instances (batches of four), with
+    requests (running or still waiting) moved at random between them by KV
+    transfer or recompute: every output equals its unmigrated run."""
+    n, max_tokens = 50, 300
     prompts = [_prompt(20 + i) for i in range(n)]
-    references = {}
-    for i, p in enumerate(prompts):
-        body = {**_body(p), "max_tokens": max_tokens, "stream": False, "migratable": False}
-        out = httpx.post(a.base_url + "/generate", json=body, timeout=120).json()
-        references[f"c{i}"] = out["token_ids"]
+
+    def reference(i: int) -> list[int]:
+        body = {**_body(prompts[i]), "max_tokens": max_tokens, "stream": False,
+                "migratable": False}  # fmt: skip
+        resp = httpx.post(trio[i % 3].base_url + "/generate", json=body, timeout=300)
+        assert resp.status_code == 200, resp.text
+        return list(resp.json()["token_ids"])
+
+    with ThreadPoolExecutor(12) as pool:
+        references = dict(zip((f"c{i}" for i in range(n)), pool.map(reference, range(n)),
+                              strict=True))  # fmt: skip
     results: dict[str, list[int]] = {}
     done = threading.Event()
 
     def client(i: int) -> None:
-        start = (a, b)[i % 2]
         with httpx.Client() as http:
-            f = Follower(http, start, f"c{i}", prompts[i], max_tokens=max_tokens)
+            f = Follower(http, trio[(i + 1) % 3], f"c{i}", prompts[i], max_tokens=max_tokens)
             f.read_until(None)
             results[f.rid] = f.tokens
 
     def migrator() -> None:
         rng = random.Random(0)
         while not done.is_set():
-            src = rng.choice((a, b))
-            dst = b if src is a else a
+            src, dst = rng.sample(trio, 2)
             running = [r["request_id"] for r in httpx.get(src.base_url + "/requests").json()]
             if running:
                 body = {"destination": dst.base_url, "request_ids": [rng.choice(running)],
@@ -291,15 +315,50 @@ def test_concurrent_streams_with_random_migrations(
 
     moved: list[str] = []
     clients = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    mover = threading.Thread(target=migrator)
-    for t in clients:
+    movers = [threading.Thread(target=migrator) for _ in range(2)]
+    for t in [*clients, *movers]:
         t.start()
-    mover.start()
     for t in clients:
-        t.join(timeout=600)
+        t.join(timeout=900)
     done.set()
-    mover.join(timeout=120)
+    for t in movers:
+        t.join(timeout=120)
     assert results == references
     # How many moves fit depends on this machine's speed (moving a waiting
     # request waits for its first token on a busy destination); some must.
     assert moved.count("migrated") >= 1, moved
+
+
+def test_destination_killed_during_a_stage(
+    trio: tuple[WorkerProcess, WorkerProcess, WorkerProcess],
+) -> None:
+    """C's engine is frozen so the first stage hangs there, then C is killed:
+    the migration fails and the request finishes on A as if never moved.
+    (Runs last in this module: C stays dead.)"""
+    a, _, c = trio
+    prompt = _prompt(7)
+    max_tokens = 1500
+    body = {**_body(prompt), "max_tokens": max_tokens, "stream": False, "migratable": False}
+    reference = httpx.post(a.base_url + "/generate", json=body, timeout=120).json()["token_ids"]
+    engine = psutil.Process(c.proc.pid).children(recursive=True)
+    assert engine, "C's engine core process not found"
+    record: dict[str, Any] = {}
+    with httpx.Client() as client:
+        f = Follower(client, a, "dest-killed", prompt, max_tokens=max_tokens)
+        f.read_until(200)  # six full blocks to stage
+        for p in engine:
+            p.suspend()
+        mover = threading.Thread(target=lambda: record.update(_migrate(a, c, f.rid, "kv")))
+        mover.start()
+        wait_for(lambda: httpx.get(c.base_url + "/migrations").json()["reserved_blocks"] > 0,
+                 timeout_s=30)  # fmt: skip
+        time.sleep(0.2)  # the stage call follows the reservation at once; let it reach C
+        os.killpg(c.proc.pid, signal.SIGKILL)
+        mover.join(timeout=120)
+        f.read_until(None)
+    assert record["outcome"] == "failed", record
+    assert record["stages"] == 0 and record["downtime_s"] is None
+    assert f.hops == [a.base_url]  # it never left
+    assert f.tokens == reference
+    status = httpx.get(a.base_url + "/migrations").json()
+    assert not status["in_flight"]
