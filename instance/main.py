@@ -29,18 +29,7 @@ SIM_DEFAULT_BLOCK_SIZE = 16
 def build_engine(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
     """The engine, the served model name and the vocabulary size (if known)."""
     if settings.engine == "sim":
-        from instance.sim.core import SimConfig
-        from instance.sim.engine import SimEngine
-        from instance.sim.latency import LatencyModel
-
-        config = SimConfig(
-            num_blocks=settings.num_sim_blocks,
-            block_size=settings.block_size or SIM_DEFAULT_BLOCK_SIZE,
-            max_num_seqs=settings.max_num_seqs,
-            latency=LatencyModel().scaled(settings.sim_speedup),
-        )
-        name = settings.served_model_name or settings.model or "sim-model"
-        return SimEngine(config, max_model_len=settings.max_model_len), name, 256
+        return _build_sim(settings)
 
     from instance.tiny_model import TINY_MODEL_NAME
     from instance.vllm_engine import VllmEngine, VllmOptions, resolve_model
@@ -69,6 +58,36 @@ def build_engine(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
     )
     name = settings.served_model_name or settings.model or TINY_MODEL_NAME
     return engine, name, engine.tokenizer.vocab_size
+
+
+def _build_sim(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
+    """The sim engine; with ``kv_transfer`` it serves simulated KV blocks on
+    ``kv_port`` and models transfer time from the ``sim_kv_*`` settings."""
+    from instance.sim.core import SimConfig
+    from instance.sim.engine import SimEngine
+    from instance.sim.kv import KvTransferModel, SimKvOptions
+    from instance.sim.latency import LatencyModel
+
+    config = SimConfig(
+        num_blocks=settings.num_sim_blocks,
+        block_size=settings.block_size or SIM_DEFAULT_BLOCK_SIZE,
+        max_num_seqs=settings.max_num_seqs,
+        latency=LatencyModel().scaled(settings.sim_speedup),
+    )
+    kv = None
+    if settings.kv_transfer:
+        link = KvTransferModel(
+            bytes_per_token=settings.sim_kv_bytes_per_token,
+            bandwidth_bytes_per_s=settings.sim_kv_bandwidth_gbps * 1e9 / 8,
+            latency_s=settings.sim_kv_latency_ms / 1000,
+        )
+        kv = SimKvOptions(
+            endpoint=f"{settings.public_host}:{_pick_port(settings.host, settings.kv_port)}",
+            model=link.scaled(settings.sim_speedup),
+            listen_host=settings.host,
+        )
+    name = settings.served_model_name or settings.model or "sim-model"
+    return SimEngine(config, max_model_len=settings.max_model_len, kv=kv), name, 256
 
 
 def _pick_port(host: str, port: int) -> int:

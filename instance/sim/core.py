@@ -5,6 +5,17 @@
 then arrival, preemption by recompute when blocks run out) and returns what the
 step produced together with its modelled duration. A driver either sleeps that
 long (wall time, inside a worker) or advances a virtual clock (the simulator).
+
+Live migration by KV transfer (driven by ``instance.sim.kv.SimKvPort``) uses
+three more pieces of state, all without data (the sim has no KV tensors):
+
+* pins: a pinned request that is aborted keeps its blocks (still counted as
+  used) until unpinned, so a migration's last blocks can still be read;
+* staging: logical blocks pulled from a peer, per migration key;
+* loads: a request added with ``kv_transfer`` whose key is staged starts with
+  the staged leading tokens already computed, so its prefill covers only the
+  rest. Without staged blocks it recomputes, like vLLM's
+  ``kv_load_failure_policy="recompute"``.
 """
 
 from __future__ import annotations
@@ -61,6 +72,11 @@ class _Req:
     num_blocks: int = 0
     prefilled: bool = False
     token_seed: int = 0
+    kv_pending: bool = False
+    """Added with ``kv_transfer``: its staged KV loads at its first admission."""
+    num_loaded: int = 0
+    """Leading tokens whose KV was loaded from staging at admission (their
+    prefill is skipped); 0 once preempted, since the KV is then gone."""
 
     @property
     def request_id(self) -> str:
@@ -69,6 +85,11 @@ class _Req:
     @property
     def num_tokens(self) -> int:
         return len(self.request.prompt_token_ids) + len(self.output_ids)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Tokens the request's prefill computes when it is admitted."""
+        return self.num_tokens - self.num_loaded
 
     @property
     def order(self) -> tuple[int, float, int]:
@@ -89,6 +110,11 @@ class SimCore:
         self.num_preempted_total = 0
         self.num_finished_total = 0
         self.num_generation_tokens_total = 0
+        self._pins: set[str] = set()
+        self._held: dict[str, _Req] = {}
+        """Aborted while pinned: their blocks stay allocated until unpinned."""
+        self._staging: dict[str, set[int]] = {}
+        self.num_loaded_blocks_total = 0
 
     # -- requests ---------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -102,6 +128,7 @@ class SimCore:
             )
         req = _Req(request=request, seq=next(self._seq))
         req.token_seed = zlib.crc32(bytes(t % 256 for t in request.prompt_token_ids))
+        req.kv_pending = request.kv_transfer is not None
         self._by_id[request.request_id] = req
         bisect.insort(self._waiting, req, key=lambda r: r.order)
 
@@ -111,6 +138,9 @@ class SimCore:
             return False
         if req in self._running:
             self._running.remove(req)
+            if request_id in self._pins:  # a migration's stop: keep the blocks
+                self._held[request_id] = req
+                return True
         else:
             self._waiting.remove(req)
         self._free(req)
@@ -133,7 +163,7 @@ class SimCore:
         num_decodes = len(self._running)
         prefills = self._admit(budget=self.config.max_num_batched_tokens - num_decodes)
         decodes = [r for r in self._running if r not in prefills]
-        num_prefill_tokens = sum(r.num_tokens for r in prefills)
+        num_prefill_tokens = sum(r.num_prefill_tokens for r in prefills)
         duration = self.config.latency.step_duration_s(
             num_prefill_tokens=num_prefill_tokens,
             num_decode_seqs=len(decodes),
@@ -174,16 +204,40 @@ class SimCore:
         while self._waiting and len(self._running) < self.config.max_num_seqs:
             head = self._waiting[0]
             need = blocks_for(head.num_tokens, self.config.block_size)
-            if need > self._num_free or (admitted and head.num_tokens > budget):
+            loaded = self._staged_tokens(head) if head.kv_pending else 0
+            if need > self._num_free or (admitted and head.num_tokens - loaded > budget):
                 break
             self._waiting.pop(0)
             self._num_free -= need
             head.num_blocks = need
+            if head.kv_pending:
+                self._load(head, loaded)
             head.prefilled = True
-            budget -= head.num_tokens
+            budget -= head.num_prefill_tokens
             self._running.append(head)
             admitted.append(head)
         return admitted
+
+    def _staged_tokens(self, req: _Req) -> int:
+        """Leading tokens of ``req`` whose KV is staged: whole blocks from
+        block 0 on, at most what the source sent, and never the last token
+        (the step that produces the next token must run it)."""
+        load = req.request.kv_transfer
+        assert load is not None
+        staged = self._staging.get(load.key, set())
+        num_blocks = 0
+        while num_blocks in staged:
+            num_blocks += 1
+        bs = self.config.block_size
+        return min(num_blocks, min(load.num_tokens, req.num_tokens - 1) // bs) * bs
+
+    def _load(self, req: _Req, num_tokens: int) -> None:
+        """Admission of a migrated request: its staged KV fills its first blocks."""
+        assert req.request.kv_transfer is not None
+        self._staging.pop(req.request.kv_transfer.key, None)
+        req.kv_pending = False
+        req.num_loaded = num_tokens
+        self.num_loaded_blocks_total += num_tokens // self.config.block_size
 
     def _emit(self, req: _Req) -> SimOutput:
         position = len(req.output_ids)
@@ -202,6 +256,7 @@ class SimCore:
         self._running.remove(req)
         self._free(req)
         req.prefilled = False
+        req.num_loaded = 0
         self.num_preempted_total += 1
         bisect.insort(self._waiting, req, key=lambda r: r.order)
 
@@ -209,6 +264,49 @@ class SimCore:
         self._num_free += req.num_blocks
         req.num_blocks = 0
         assert 0 <= self._num_free <= self.config.num_blocks, self._num_free
+
+    # -- KV transfer (live migration) -------------------------------------
+    def pin(self, request_id: str) -> None:
+        """Keep the request's blocks if it is aborted, until :meth:`unpin`."""
+        self._pins.add(request_id)
+
+    def unpin(self, request_id: str) -> None:
+        """Drop the pin; an aborted request's kept blocks are freed."""
+        self._pins.discard(request_id)
+        held = self._held.pop(request_id, None)
+        if held is not None:
+            self._free(held)
+
+    def num_full_blocks(self, request_id: str) -> int | None:
+        """Blocks of the request whose KV is computed and will not change
+        (every token but the last sampled one, in whole blocks), readable by
+        a peer; None if it holds no KV here (unknown, waiting, preempted or
+        finished). A pinned request keeps its blocks after an abort."""
+        req = self._held.get(request_id) or self._by_id.get(request_id)
+        if req is None or req.num_blocks == 0:
+            return None
+        return (req.num_tokens - 1) // self.config.block_size
+
+    def stage(self, key: str, first: int, count: int) -> None:
+        """Record logical blocks ``[first, first + count)`` as staged under ``key``."""
+        self._staging.setdefault(key, set()).update(range(first, first + count))
+
+    def drop(self, key: str) -> None:
+        self._staging.pop(key, None)
+
+    @property
+    def pinned(self) -> list[str]:
+        return sorted(self._pins)
+
+    @property
+    def held(self) -> list[str]:
+        """Aborted requests whose blocks a pin keeps (vLLM's delayed frees)."""
+        return sorted(self._held)
+
+    @property
+    def staging(self) -> dict[str, int]:
+        """Blocks staged per migration key."""
+        return {key: len(blocks) for key, blocks in self._staging.items()}
 
     # -- observation ------------------------------------------------------
     def load(self) -> EngineLoad:
@@ -236,8 +334,9 @@ class SimCore:
         )
 
     def check_invariants(self) -> None:
-        """Block accounting is exact: held blocks + free blocks == capacity."""
-        held = sum(r.num_blocks for r in self._running)
+        """Block accounting is exact: blocks held (running requests and
+        pinned aborted ones) + free blocks == capacity."""
+        held = sum(r.num_blocks for r in (*self._running, *self._held.values()))
         assert all(r.num_blocks == 0 for r in self._waiting), "waiting request holds blocks"
         assert held + self._num_free == self.config.num_blocks, (held, self._num_free)
         assert self._num_free >= 0

@@ -1,20 +1,21 @@
 """The sim engine in wall-clock time: drives ``SimCore`` from an asyncio task,
-sleeping each step's modelled duration, and streams tokens to callers."""
+sleeping each step's modelled duration, and streams tokens to callers. With
+:class:`SimKvOptions` it has a KV port (``instance.sim.kv``) and migrates by
+KV transfer; without, by recompute."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator
 
-from instance.engine import EngineLimits, EngineLoad, EngineRequest, KvPort, TokenDelta
+from instance.engine import EngineLimits, EngineLoad, EngineRequest, TokenDelta
 from instance.sim.codec import ByteTokenizer
 from instance.sim.core import SimConfig, SimCore, SimOutput
+from instance.sim.kv import SimKvOptions, SimKvPort, Sleep
 
 log = logging.getLogger(__name__)
-
-Sleep = Callable[[float], Awaitable[None]]
 
 
 class SimEngine:
@@ -22,7 +23,17 @@ class SimEngine:
 
     kind = "sim"
 
-    def __init__(self, config: SimConfig, *, max_model_len: int, sleep: Sleep = asyncio.sleep):
+    def __init__(
+        self,
+        config: SimConfig,
+        *,
+        max_model_len: int,
+        sleep: Sleep = asyncio.sleep,
+        kv: SimKvOptions | None = None,
+        kv_sleep: Sleep | None = None,
+    ) -> None:
+        """``sleep`` waits each step's modelled duration; ``kv_sleep`` (default
+        ``sleep``) waits each KV stage's modelled transfer time."""
         self.core = SimCore(config)
         self.tokenizer = ByteTokenizer()
         self.limits = EngineLimits(
@@ -38,13 +49,19 @@ class SimEngine:
         self._failed: BaseException | None = None
         self.steps: list[tuple[str, ...]] = []
         """Batches run so far (kept for tests comparing drivers); bounded."""
-        self.kv_port: KvPort | None = None
-        """The sim migrates by recompute."""
+        self.kv_port: SimKvPort | None = (
+            SimKvPort(self.core, kv, sleep=kv_sleep or sleep) if kv is not None else None
+        )
+        """KV transfer for migration, or None (the sim migrates by recompute)."""
 
     async def start(self) -> None:
+        if self.kv_port is not None:
+            await self.kv_port.start()
         self._task = asyncio.create_task(self._loop(), name="sim-engine")
 
     async def stop(self) -> None:
+        if self.kv_port is not None:
+            await self.kv_port.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
