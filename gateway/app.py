@@ -173,7 +173,8 @@ def create_app(make_state: Callable[[], contextlib.AbstractAsyncContextManager[G
     async def models(request: Request) -> ModelList:
         snapshot = state(request).view.snapshot
         created = {v.info.model: int(v.info.started_at) for v in snapshot.instances}
-        return ModelList(data=[ModelCard(id=m, created=created[m]) for m in snapshot.models()])
+        return ModelList(data=[ModelCard(id=m, created=created.get(m, 0))
+                               for m in snapshot.models()])  # fmt: skip
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

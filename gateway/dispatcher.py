@@ -18,6 +18,7 @@ from gateway.policies import Candidate, DispatchContext, DispatchPolicy, Dispatc
 from gateway.reservations import Reservations
 from gateway.upstream import InstanceClient, UpstreamError
 from gateway.view import ClusterView
+from infra.demand import DemandBoard
 from infra.errors import NotFoundError, ServiceUnavailableError
 from infra.openai_protocol.render import StreamBroken
 from infra.records import Priority
@@ -31,6 +32,17 @@ log = logging.getLogger(__name__)
 class RetryPolicy:
     max_attempts: int = 3
     backoff_s: float = 0.05
+
+
+@dataclass(frozen=True)
+class HoldPolicy:
+    """Requests that find no instance of a model an autoscaler can start wait
+    for one (scale from zero): at most ``max_held`` per gateway, each at most
+    ``timeout_s``; beyond that, 503 with ``Retry-After``."""
+
+    max_held: int = 256
+    timeout_s: float = 120.0
+    poll_s: float = 0.1
 
 
 MAX_RESERVE_CONFLICTS = 8
@@ -55,6 +67,9 @@ class Dispatcher:
         metrics: GatewayMetrics,
         retry: RetryPolicy,
         tracer: trace.Tracer | None = None,
+        *,
+        hold: HoldPolicy | None = None,
+        demand: DemandBoard | None = None,
     ) -> None:
         self._tracer = tracer or trace.NoOpTracer()
         self._view = view
@@ -66,17 +81,57 @@ class Dispatcher:
         self._tick = 0
         self._rng = random.Random()
         self._pending: dict[str, int] = {}
+        self._hold = hold or HoldPolicy()
+        self._demand = demand
+        self._num_held = 0
 
     def _candidates(self, model: str, exclude: set[str]) -> list[Candidate]:
         if not self._view.usable:
             raise ServiceUnavailableError("the gateway has no recent view of the cluster")
         snapshot = self._view.snapshot
-        if model not in snapshot.models():
+        if model not in snapshot.models():  # (includes models an autoscaler can start)
             raise NotFoundError(
                 f"model {model!r} does not exist; available: {snapshot.models()}",
                 param="model", code="model_not_found",
             )  # fmt: skip
         return snapshot.candidates(model, exclude, self._pending)
+
+    async def _wait_for_instance(
+        self, model: str, exclude: set[str], request_id: str
+    ) -> list[Candidate]:
+        """Hold the request until an instance of ``model`` is ready, recording
+        the demand in Redis for the autoscaler (scale from zero)."""
+        hold = self._hold
+        if exclude or model not in self._view.snapshot.scalable:
+            raise ServiceUnavailableError(f"no instance of {model!r} is available",
+                                          retry_after_s=2)  # fmt: skip
+        if self._num_held >= hold.max_held:
+            raise ServiceUnavailableError(
+                f"{self._num_held} requests already wait for an instance of {model!r}",
+                retry_after_s=max(1, int(hold.timeout_s / 4)),
+            )
+        self._num_held += 1
+        self._metrics.held.inc()
+        try:
+            if self._demand is not None:
+                await _quietly(self._demand.hold(request_id))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + hold.timeout_s
+            while loop.time() < deadline:
+                await asyncio.sleep(hold.poll_s)
+                candidates = self._candidates(model, exclude)
+                if candidates:
+                    return candidates
+            self._metrics.hold_timeouts.inc()
+            raise ServiceUnavailableError(
+                f"no instance of {model!r} became ready within {hold.timeout_s:g}s",
+                retry_after_s=max(1, int(hold.timeout_s / 4)),
+            )
+        finally:
+            self._num_held -= 1
+            self._metrics.held.dec()
+            if self._demand is not None:
+                await _quietly(self._demand.release(request_id))
 
     def _since(self, c: Candidate) -> float:
         """Reservations newer than this are not yet reflected in ``c``'s report."""
@@ -97,9 +152,7 @@ class Dispatcher:
         for _ in range(MAX_RESERVE_CONFLICTS):
             candidates = self._candidates(model, exclude)
             if not candidates:
-                raise ServiceUnavailableError(
-                    f"no instance of {model!r} is available", retry_after_s=2
-                )
+                candidates = await self._wait_for_instance(model, exclude, body.request_id)
             ranked = self._policy.rank(DispatchContext(request, candidates, self._tick, self._rng))[
                 0
             ]

@@ -12,12 +12,13 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from gateway.app import GatewayState, create_app
 from gateway.auth import KeyRing, load_keys_file
-from gateway.dispatcher import Dispatcher, RetryPolicy
+from gateway.dispatcher import Dispatcher, HoldPolicy, RetryPolicy
 from gateway.metrics import GatewayMetrics
 from gateway.policies import make_policy
 from gateway.reservations import Reservations
 from gateway.upstream import InstanceClient, make_session
 from gateway.view import ClusterView
+from infra.demand import DemandBoard
 from infra.embedded_redis import resolve_redis
 from infra.keys import KeySchema
 from infra.records import Priority
@@ -44,16 +45,19 @@ def build_app(settings: GatewaySettings, redis_url: str) -> FastAPI:
         redis = Redis(connection_pool=pool)
         keys_schema = KeySchema(settings.namespace)
         reservations = Reservations(redis, keys_schema, settings.reservation_ttl_s)
+        demand = DemandBoard(redis, keys_schema)
         view = ClusterView(StateStore(redis, keys_schema), reservations,
                            refresh_interval_s=settings.view_refresh_interval_s,
                            max_staleness_s=settings.view_max_staleness_s,
-                           reservation_grace_s=settings.reservation_grace_s)  # fmt: skip
+                           reservation_grace_s=settings.reservation_grace_s,
+                           demand=demand)  # fmt: skip
         session = make_session(settings.connect_timeout_s)
         metrics = GatewayMetrics(new_registry())
         retry = RetryPolicy(settings.max_attempts, settings.retry_backoff_s)
         tracer = make_tracer("shoal-gateway", settings.otlp_endpoint)
+        hold = HoldPolicy(settings.max_held_requests, settings.hold_timeout_s)
         dispatcher = Dispatcher(view, policy, reservations, InstanceClient(session), metrics, retry,
-                                tracer)  # fmt: skip
+                                tracer, hold=hold, demand=demand)  # fmt: skip
         file_keys = load_keys_file(settings.keys_file) if settings.keys_file else {}
         keys = KeyRing(redis, keys_schema, file_keys)
         stop = asyncio.Event()

@@ -31,3 +31,7 @@ class GatewayMetrics:
         )  # fmt: skip
         self.instances = Gauge(p + "view_instances", "Instances in the gateway's view",
                                registry=registry)  # fmt: skip
+        self.held = Gauge(p + "held_requests", "Requests waiting for an instance (scale from zero)",
+                          registry=registry)  # fmt: skip
+        self.hold_timeouts = Counter(p + "hold_timeouts", "Held requests answered 503",
+                                     registry=registry)  # fmt: skip

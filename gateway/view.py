@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from gateway.policies import Candidate
 from gateway.reservations import Reservations
+from infra.demand import DemandBoard
 from infra.records import InstanceStatus, InstanceView
 from infra.store import StateStore
 
@@ -27,6 +28,8 @@ class Snapshot:
     instances: tuple[InstanceView, ...] = ()
     reserved: dict[str, int] = field(default_factory=dict)
     taken_at: float = 0.0
+    scalable: tuple[str, ...] = ()
+    """Models an autoscaler can start instances of (even when none run)."""
 
     def note_reserved(self, instance_id: str, count: int) -> None:
         """Record the instance's unreflected reservations as Redis just counted
@@ -34,7 +37,7 @@ class Snapshot:
         self.reserved[instance_id] = max(self.reserved.get(instance_id, 0), count)
 
     def models(self) -> list[str]:
-        return sorted({v.info.model for v in self.instances})
+        return sorted({v.info.model for v in self.instances} | set(self.scalable))
 
     def candidates(
         self, model: str, exclude: set[str], pending: dict[str, int] | None = None
@@ -66,9 +69,11 @@ class ClusterView:
         refresh_interval_s: float,
         max_staleness_s: float,
         reservation_grace_s: float = 0.1,
+        demand: DemandBoard | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
+        self._demand = demand
         self._reservations = reservations
         self._interval = refresh_interval_s
         self._max_staleness = max_staleness_s
@@ -86,7 +91,8 @@ class ClusterView:
             if v.load is not None
         }
         reserved = await self._reservations.counts(since)
-        self.snapshot = Snapshot(tuple(views), reserved, self._clock())
+        scalable = tuple(await self._demand.scalable()) if self._demand is not None else ()
+        self.snapshot = Snapshot(tuple(views), reserved, self._clock(), scalable)
         self._last_ok = self._clock()
         if self._failures:
             log.info("Redis is back after %d failed refreshes", self._failures)

@@ -82,6 +82,42 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- shoal autoscaler --------------------------------------------------------
+_AUTOSCALER_FLAGS = {
+    "host": dict(help="listen address of /metrics and /healthz (default 127.0.0.1)"),
+    "port": dict(type=int, help="listen port (default 8200)"),
+    "autoscaler_id": dict(help="name in the lease and events (default: random)"),
+    "provider": dict(choices=["local", "ray"], help="where instances run (default local)"),
+    "ray_address": dict(help="Ray cluster address (default: start a local one)"),
+    "engine": dict(choices=["vllm", "sim"], help="engine of the instances (default vllm)"),
+    "model": dict(help="model the instances serve (default: the tiny model)"),
+    "served_model_name": dict(help="model name clients use"),
+    "instance_args": dict(help="extra `shoal instance` arguments, quoted"),
+    "min_instances": dict(type=int, help="never fewer (0 allows scale to zero; default 1)"),
+    "max_instances": dict(type=int, help="never more (default 4)"),
+    "freeness_low": dict(type=float, help="scale out below this average freeness"),
+    "freeness_high": dict(type=float, help="scale in above this average freeness"),
+    "idle_timeout_s": dict(type=float, help="scale to zero after this long idle"),
+    "cooldown_s": dict(type=float, help="no scaling change for this long after one"),
+    "scale_out_ticks": dict(type=int, help="ticks below the band before scaling out"),
+    "scale_in_ticks": dict(type=int, help="ticks above the band before scaling in"),
+    "scaling_policy": dict(help="band (default) or static"),
+    "pairing_policy": dict(help="llumnix (default) or none"),
+    "tick_s": dict(type=float, help="control-loop period (default 0.5)"),
+    "redis_url": dict(help="Redis URL (default: embedded server)"),
+}
+
+
+def _cmd_autoscaler(args: argparse.Namespace) -> int:
+    from autoscaler.main import serve
+    from infra.settings import AutoscalerSettings
+
+    settings = AutoscalerSettings(**_overrides(args, list(_AUTOSCALER_FLAGS)))
+    _setup_logging(settings.log_level)
+    _run_server(serve(settings))
+    return 0
+
+
 # -- shoal up ----------------------------------------------------------------
 def _cmd_up(args: argparse.Namespace) -> int:
     from infra.up import run_up
@@ -208,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--dispatch-policy", dest="dispatch_policy", choices=policy_names())
     gw.add_argument("--redis-url", dest="redis_url")
     gw.set_defaults(func=_cmd_gateway)
+
+    scaler = sub.add_parser("autoscaler", help="run the autoscaler (one leads, others stand by)")
+    for name, kw in _AUTOSCALER_FLAGS.items():
+        scaler.add_argument("--" + name.replace("_", "-"), dest=name, **kw)  # type: ignore[arg-type]
+    scaler.set_defaults(func=_cmd_autoscaler)
 
     up = sub.add_parser("up", help="start Redis, instances and a gateway; Ctrl-C stops all")
     up.add_argument("--instances", type=int, default=int(os.environ.get("INSTANCES", "2")))

@@ -9,6 +9,12 @@ key                     type / record           meaning
 ``<ns>:reserved:<id>``  sorted set              in-flight reservations (request id -> dispatch ms)
 ``<ns>:apikeys``        hash / ApiKey           API keys by SHA-256 of the key
 ``<ns>:rl:<key>:<kind>:<minute>``  counter      rate-limit window (requests or tokens)
+``<ns>:held``           sorted set              requests gateways hold for lack of an instance
+                                                (request id -> unix ms); the autoscaler's demand
+``<ns>:scalable``       string / JSON list      models an autoscaler can start (expires)
+``<ns>:leader``         string                  holder of the autoscaler lease (expires)
+``<ns>:autoscaler``     string / JSON           the leader's state for ``shoal status`` (expires)
+``<ns>:events``         stream                  autoscaler decisions and outcomes (capped)
 ======================  ======================  ==========================================
 
 An id in the index whose ``instance`` key has expired is dead; readers prune it.
@@ -42,3 +48,23 @@ class KeySchema:
 
     def rate_window(self, key_name: str, kind: str, minute: int) -> str:
         return f"{self.namespace}:rl:{key_name}:{kind}:{minute}"
+
+    @property
+    def held(self) -> str:
+        return f"{self.namespace}:held"
+
+    @property
+    def scalable(self) -> str:
+        return f"{self.namespace}:scalable"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.namespace}:leader"
+
+    @property
+    def autoscaler(self) -> str:
+        return f"{self.namespace}:autoscaler"
+
+    @property
+    def events(self) -> str:
+        return f"{self.namespace}:events"

@@ -120,6 +120,24 @@ class InstanceSettings(CommonSettings):
     """TCP port of the KV connector (0 = a free port); reachable by the other
     instances at ``advertise_host``."""
 
+    sim_kv_bandwidth_gbps: float = Field(default=10.0, gt=0.0)
+    """Sim engine: modelled bandwidth of a KV transfer between instances, in
+    Gbit/s. The sim engine migrates by KV transfer too when ``kv_transfer`` is
+    on (its port listens on ``kv_port``), serving simulated blocks whose
+    transfer time is ``sim_kv_latency_ms + bytes / bandwidth``, divided by
+    ``sim_speedup`` like every modelled time. The default assumes 10 Gbit/s TCP
+    between hosts (a common datacenter NIC; Shoal's connector moves blocks over
+    plain TCP)."""
+
+    sim_kv_latency_ms: float = Field(default=1.0, ge=0.0)
+    """Sim engine: fixed cost of one KV transfer stage, in ms (connection
+    set-up and a few datacenter round trips of 0.1-0.5 ms)."""
+
+    sim_kv_bytes_per_token: int = Field(default=2 * 32 * 4096 * 2, ge=1)
+    """Sim engine: KV bytes per token, times ``block_size`` per block. The
+    default is LLaMA-7B in fp16 (K and V x 32 layers x 4096 hidden x 2 bytes =
+    512 KiB), the model the sim's step latencies follow."""
+
     @model_validator(mode="after")
     def _check(self) -> InstanceSettings:
         if self.block_size is not None and self.max_model_len < self.block_size:
@@ -177,3 +195,102 @@ class GatewaySettings(CommonSettings):
     keys_file: Path | None = None
     """JSON file of API keys (see docs/KEYS.md). Keys are also read from Redis
     (``shoal keys add``). With no key anywhere, authentication is off."""
+
+    max_held_requests: int = Field(default=256, ge=0)
+    """Requests this replica holds while no instance of their model is ready
+    (scale from zero); beyond this, 503 with ``Retry-After``. 0 disables holding."""
+
+    hold_timeout_s: float = Field(default=120.0, gt=0.0)
+    """How long a held request waits for an instance before a 503."""
+
+
+class AutoscalerSettings(CommonSettings):
+    """Settings of the autoscaler (``shoal autoscaler``). Its scaling and
+    pairing fields are those of :class:`autoscaler.policies.ScalingConfig` and
+    :class:`autoscaler.policies.PairingConfig` (documented there)."""
+
+    host: str = "127.0.0.1"
+    """Interface of the autoscaler's ``/metrics`` and ``/healthz`` endpoints."""
+
+    port: int = Field(default=8200, ge=0, le=65535)
+    """Port of ``/metrics`` and ``/healthz``."""
+
+    autoscaler_id: str | None = None
+    """Name of this autoscaler in the lease and events (default: random)."""
+
+    provider: Literal["local", "ray"] = "local"
+    """Where instances run: processes on this machine, or actors on Ray."""
+
+    ray_address: str | None = None
+    """Ray cluster to join (``auto``, ``ray://head:10001``); unset starts a local one."""
+
+    ray_num_gpus: float = Field(default=0.0, ge=0.0)
+    """GPUs each instance actor asks Ray for (1 on GPU hosts)."""
+
+    ray_num_cpus: float = Field(default=1.0, ge=0.0)
+    """CPUs each instance actor asks Ray for."""
+
+    engine: EngineKind = "vllm"
+    """Engine of the instances it starts."""
+
+    model: str | None = None
+    """Model the instances serve (``--model``); unset: the generated tiny model
+    (vLLM) or the sim model."""
+
+    served_model_name: str | None = None
+    """Name clients use for the model (default: ``model``)."""
+
+    instance_args: str = ""
+    """Extra ``shoal instance`` arguments for every instance, shell-quoted
+    (e.g. ``--max-num-seqs 8 --kv-cache-bytes 268435456``)."""
+
+    min_instances: int = Field(default=1, ge=0)
+    """Never fewer active or starting instances; 0 allows scale to zero."""
+    max_instances: int = Field(default=4, ge=1)
+    """Never more instances."""
+    freeness_low: float = 10.0
+    """Scale out while the average freeness (free KV blocks per running
+    request, Llumnix) stays below this."""
+    freeness_high: float = 60.0
+    """Scale in (drain one instance) while it stays above this."""
+    scale_out_ticks: int = Field(default=3, ge=1)
+    """Consecutive ticks below the band before scaling out."""
+    scale_in_ticks: int = Field(default=10, ge=1)
+    """Consecutive ticks above the band before scaling in."""
+    cooldown_s: float = Field(default=10.0, ge=0.0)
+    """No scaling change for this long after the previous one."""
+    idle_timeout_s: float = Field(default=60.0, ge=0.0)
+    """With ``min_instances = 0``: stop every instance after this long idle."""
+    scaling_policy: str = "band"
+    """Registered scaling policy: ``band`` or ``static``."""
+    pairing_policy: str = "llumnix"
+    """Registered migration-pairing policy: ``llumnix`` or ``none``."""
+    migrate_out_below: float = 5.0
+    """An instance below this freeness sends requests to a freer one."""
+    migrate_in_above: float = 40.0
+    """An instance above this freeness may receive them."""
+    protect_above: float = 80.0
+    """Freeness kept on instances serving high-priority requests (lower
+    priorities migrate away below it)."""
+
+    tick_s: float = Field(default=0.5, gt=0.0)
+    """Period of the control loop."""
+
+    lease_ttl_s: float = Field(default=5.0, gt=0.0)
+    """A standby takes over this long after the leader's last renewal."""
+
+    start_timeout_s: float = Field(default=600.0, gt=0.0)
+    """A started instance not ready after this long is stopped."""
+
+    @model_validator(mode="after")
+    def _check_autoscaler(self) -> AutoscalerSettings:
+        if self.lease_ttl_s <= self.tick_s:
+            raise ValueError(f"lease_ttl_s ({self.lease_ttl_s}) must exceed tick_s ({self.tick_s})")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The name the instances register under (what clients ask for)."""
+        if self.served_model_name or self.model:
+            return str(self.served_model_name or self.model)
+        return "tiny-llama" if self.engine == "vllm" else "sim-model"

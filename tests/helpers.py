@@ -137,3 +137,16 @@ def start_gateway(
     cmd = ["gateway", "--port", str(port), "--redis-url", redis_url]
     full_env = {"SHOAL_NAMESPACE": namespace, **(env or {})}
     return _spawn(name, cmd, full_env, log_dir, port, "/readyz", ready_timeout_s)
+
+
+def start_autoscaler(
+    *, redis_url: str, namespace: str, log_dir: Path, name: str = "autoscaler",
+    args: list[str] | None = None, env: dict[str, str] | None = None,
+) -> WorkerProcess:  # fmt: skip
+    """An autoscaler on loopback (local provider: its instances are its children)."""
+    port = free_port()
+    cmd = ["autoscaler", "--port", str(port), "--redis-url", redis_url, "--autoscaler-id", name,
+           *(args or [])]  # fmt: skip
+    full_env = {"SHOAL_NAMESPACE": namespace, "SHOAL_RUN_DIR": str(log_dir / "run"),
+                **(env or {})}  # fmt: skip
+    return _spawn(name, cmd, full_env, log_dir, port, "/healthz", 60.0)

@@ -1,0 +1,117 @@
+"""Assemble and run an autoscaler from settings (``shoal autoscaler``).
+
+Any number may run; the lease lets one act while the others stand by. Each
+serves ``/metrics`` and ``/healthz`` (``/healthz`` reports whether it leads)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import Redis
+
+from autoscaler.controller import Controller, ControllerConfig
+from autoscaler.events import EventLog
+from autoscaler.instances import HttpInstanceApi
+from autoscaler.leader import LeaderLease
+from autoscaler.metrics import AutoscalerMetrics
+from autoscaler.policies import PairingConfig, ScalingConfig
+from autoscaler.providers import Provider, WorkerLaunch
+from autoscaler.providers.local import LocalProvider
+from infra.demand import DemandBoard
+from infra.embedded_redis import resolve_redis
+from infra.keys import KeySchema
+from infra.serving import run_server
+from infra.settings import AutoscalerSettings
+from infra.store import StateStore
+from infra.telemetry import new_registry
+
+log = logging.getLogger(__name__)
+
+
+def controller_config(s: AutoscalerSettings) -> ControllerConfig:
+    scaling = ScalingConfig(
+        min_instances=s.min_instances, max_instances=s.max_instances,
+        freeness_low=s.freeness_low, freeness_high=s.freeness_high,
+        scale_out_ticks=s.scale_out_ticks, scale_in_ticks=s.scale_in_ticks,
+        cooldown_s=s.cooldown_s, idle_timeout_s=s.idle_timeout_s,
+    )  # fmt: skip
+    pairing = PairingConfig(
+        migrate_out_below=s.migrate_out_below, migrate_in_above=s.migrate_in_above,
+        protect_above=s.protect_above,
+    )  # fmt: skip
+    return ControllerConfig(
+        model=s.model_name, scaling=scaling, pairing=pairing, scaling_policy=s.scaling_policy,
+        pairing_policy=s.pairing_policy, tick_s=s.tick_s, start_timeout_s=s.start_timeout_s,
+    )  # fmt: skip
+
+
+def worker_launch(s: AutoscalerSettings, redis_url: str) -> WorkerLaunch:
+    args = [*shlex.split(s.instance_args)]
+    if s.model:
+        args += ["--model", s.model]
+    if s.served_model_name:
+        args += ["--served-model-name", s.served_model_name]
+    env = {"SHOAL_REDIS_URL": redis_url, "SHOAL_NAMESPACE": s.namespace}
+    return WorkerLaunch(engine=s.engine, args=tuple(args), env=env)
+
+
+async def build_provider(s: AutoscalerSettings, launch: WorkerLaunch) -> Provider:
+    if s.provider == "ray":
+        from autoscaler.providers.ray import RayProvider
+
+        ray: Provider = await RayProvider.connect(
+            launch, address=s.ray_address, namespace=s.namespace, num_gpus=s.ray_num_gpus,
+            num_cpus=s.ray_num_cpus,
+        )  # fmt: skip
+        return ray
+    return LocalProvider(launch, Path(s.run_dir) / "logs")
+
+
+def create_app(controller: Controller, metrics: AutoscalerMetrics) -> FastAPI:
+    app = FastAPI(title="Shoal autoscaler")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, object]:
+        return {"status": "ok", "id": controller.me, "leader": controller.is_leader}
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def serve(settings: AutoscalerSettings) -> None:
+    url, owned_redis = resolve_redis(settings.redis_url, settings.run_dir)
+    assert url is not None
+    redis = Redis.from_url(url)
+    keys = KeySchema(settings.namespace)
+    me = settings.autoscaler_id or f"autoscaler-{uuid.uuid4().hex[:6]}"
+    metrics = AutoscalerMetrics(new_registry())
+    instances = HttpInstanceApi()
+    provider = await build_provider(settings, worker_launch(settings, url))
+    controller = Controller(
+        config=controller_config(settings), store=StateStore(redis, keys), provider=provider,
+        instances=instances, lease=LeaderLease(redis, keys.leader, me, settings.lease_ttl_s),
+        events=EventLog(redis, keys.events), demand=DemandBoard(redis, keys), metrics=metrics,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    loop_task = asyncio.create_task(controller.run(stop), name="autoscaler")
+    log.info("autoscaler %s: %s provider, %s engine, model %s", me, settings.provider,
+             settings.engine, settings.model_name)  # fmt: skip
+    try:
+        await run_server(create_app(controller, metrics), settings.host, settings.port)
+    finally:
+        stop.set()
+        await loop_task
+        await provider.close()
+        await instances.close()
+        await redis.aclose()
+        if owned_redis is not None:
+            owned_redis.stop()

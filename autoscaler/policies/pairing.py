@@ -1,0 +1,156 @@
+"""Pairing policies: ``policy(snapshot, config) -> [Migrate]``.
+
+``llumnix`` (the default), in order of urgency, with at most one migration
+in or out of any instance at a time:
+
+1. drain: requests leave draining instances for the freest active ones;
+2. priorities: an instance serving high-priority requests sheds normal and
+   low ones (lowest priority first) while its freeness is below
+   ``protect_above``, so the high-priority batch stays small;
+3. balance: the least free instances (freeness below ``migrate_out_below``)
+   are paired with the freest (above ``migrate_in_above``), Llumnix-style.
+
+``none`` never migrates (load-aware dispatch alone, the INFaaS++ baseline),
+except to drain, which would otherwise wait for requests to finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from autoscaler.decisions import Migrate
+from autoscaler.snapshot import InstanceState, Snapshot
+
+
+@dataclass(frozen=True)
+class PairingConfig:
+    migrate_out_below: float = 5.0
+    """An instance this short of free blocks per request sends requests away."""
+    migrate_in_above: float = 40.0
+    """An instance this free may receive them."""
+    protect_above: float = 80.0
+    """Freeness an instance with high-priority requests is kept above."""
+    drain_batch: int = 4
+    """Requests moved per migration call out of a draining instance."""
+
+
+PairingPolicy = Callable[[Snapshot, PairingConfig], list[Migrate]]
+_PAIRING: dict[str, PairingPolicy] = {}
+DEFAULT_PAIRING = "llumnix"
+
+
+def pairing_policy(name: str) -> Callable[[PairingPolicy], PairingPolicy]:
+    def register(fn: PairingPolicy) -> PairingPolicy:
+        assert name not in _PAIRING, f"pairing policy {name!r} registered twice"
+        _PAIRING[name] = fn
+        return fn
+
+    return register
+
+
+def pairing_policies() -> list[str]:
+    return sorted(_PAIRING)
+
+
+def pairing_policy_named(name: str | None = None) -> PairingPolicy:
+    try:
+        return _PAIRING[name or DEFAULT_PAIRING]
+    except KeyError:
+        raise ValueError(f"unknown pairing policy {name!r}; known: {pairing_policies()}") from None
+
+
+class _Pairs:
+    """Migrations chosen so far; each instance in at most one."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.busy = set(snap.migrating)
+        self.chosen: list[Migrate] = []
+
+    def free(self, instances: list[InstanceState]) -> list[InstanceState]:
+        return [i for i in instances if i.instance_id not in self.busy]
+
+    def add(self, m: Migrate) -> None:
+        self.busy |= {m.source, m.destination}
+        self.chosen.append(m)
+
+
+def _freest(instances: list[InstanceState]) -> list[InstanceState]:
+    return sorted(instances, key=lambda i: (-i.freeness, i.instance_id))
+
+
+def _drain(snap: Snapshot, cfg: PairingConfig, pairs: _Pairs) -> None:
+    for src in pairs.free([i for i in snap.draining if i.num_requests > 0]):
+        targets = pairs.free(_freest(snap.active))
+        if targets:
+            pairs.add(
+                Migrate(
+                    src.instance_id,
+                    targets[0].instance_id,
+                    cfg.drain_batch,
+                    f"draining: {src.num_requests} request(s) left",
+                )
+            )
+
+
+def _protect_high(snap: Snapshot, cfg: PairingConfig, pairs: _Pairs) -> None:
+    crowded = [
+        i
+        for i in snap.active
+        if i.num_high > 0 and i.num_requests > i.num_high and i.freeness < cfg.protect_above
+    ]
+    for src in pairs.free(sorted(crowded, key=lambda i: i.freeness)):
+        targets = pairs.free(
+            [
+                t
+                for t in _freest(snap.active)
+                if t.num_high == 0 and t is not src and t.freeness > cfg.migrate_in_above
+            ]
+        )
+        if targets:
+            pairs.add(
+                Migrate(
+                    src.instance_id,
+                    targets[0].instance_id,
+                    1,
+                    f"protecting {src.num_high} high-priority request(s) "
+                    f"(freeness {src.freeness:.1f})",
+                    selection="lowest-priority",
+                )
+            )
+
+
+def _balance(snap: Snapshot, cfg: PairingConfig, pairs: _Pairs) -> None:
+    sources = [
+        i
+        for i in sorted(snap.active, key=lambda i: (i.freeness, i.instance_id))
+        if i.freeness < cfg.migrate_out_below and i.num_requests > 1
+    ]
+    targets = [i for i in _freest(snap.active) if i.freeness > cfg.migrate_in_above]
+    for src, dst in zip(pairs.free(sources), pairs.free(targets), strict=False):
+        if src.instance_id in pairs.busy or dst.instance_id in pairs.busy or src is dst:
+            continue
+        pairs.add(
+            Migrate(
+                src.instance_id,
+                dst.instance_id,
+                1,
+                f"balancing: freeness {src.freeness:.1f} -> {dst.freeness:.1f}",
+            )
+        )
+
+
+@pairing_policy("llumnix")
+def llumnix(snap: Snapshot, cfg: PairingConfig) -> list[Migrate]:
+    pairs = _Pairs(snap)
+    _drain(snap, cfg, pairs)
+    _protect_high(snap, cfg, pairs)
+    _balance(snap, cfg, pairs)
+    return pairs.chosen
+
+
+@pairing_policy("none")
+def drain_only(snap: Snapshot, cfg: PairingConfig) -> list[Migrate]:
+    pairs = _Pairs(snap)
+    _drain(snap, cfg, pairs)
+    return pairs.chosen
