@@ -173,16 +173,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     settings = CommonSettings(**_overrides(args, ["redis_url"]))
     _setup_logging("WARNING")
-    try:
-        status = asyncio.run(collect_status(settings))
-    except ConnectionError as exc:
-        print(f"shoal status: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(status.model_dump_json(indent=2))
-    else:
-        print(render_table(status))
-    return 0
+    while True:
+        try:
+            status = asyncio.run(collect_status(settings))
+        except ConnectionError as exc:
+            print(f"shoal status: {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(status.model_dump_json(indent=2))
+        else:
+            if args.watch:
+                print("\x1b[H\x1b[2J", end="")  # clear the terminal
+            print(render_table(status), flush=True)
+        if not args.watch:
+            return 0
+        try:
+            time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
 
 
 # -- shoal migrate -----------------------------------------------------------
@@ -277,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="list registered instances and their load")
     status.add_argument("--json", action="store_true", help="stable JSON (docs/STATE.md)")
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    status.add_argument("--interval", type=float, default=1.0, help="--watch period (s)")
     status.add_argument("--redis-url", dest="redis_url")
     status.set_defaults(func=_cmd_status)
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 
+from autoscaler.events import EventLog
 from infra.embedded_redis import resolve_redis
 from infra.keys import KeySchema
 from infra.records import InstanceView
@@ -27,9 +30,14 @@ class ClusterStatus(BaseModel):
     redis_url: str
     namespace: str
     instances: list[InstanceView]
+    autoscaler: dict[str, Any] | None = None
+    """The active autoscaler's state (leader, migrating instances, held
+    requests, instance-seconds), if one runs."""
+    events: list[dict[str, Any]] = []
+    """Its most recent decisions, oldest first."""
 
 
-async def collect_status(settings: CommonSettings) -> ClusterStatus:
+async def collect_status(settings: CommonSettings, num_events: int = 8) -> ClusterStatus:
     url, _ = resolve_redis(settings.redis_url, settings.run_dir, start=False)
     if url is None:
         raise ConnectionError(
@@ -37,15 +45,20 @@ async def collect_status(settings: CommonSettings) -> ClusterStatus:
             f"{settings.run_dir} (start one with `shoal redis` or `make up`)"
         )
     redis = Redis.from_url(url)
+    keys = KeySchema(settings.namespace)
     try:
-        views = await StateStore(redis, KeySchema(settings.namespace)).list_instances()
+        views = await StateStore(redis, keys).list_instances()
+        raw = await redis.get(keys.autoscaler)
+        events = await EventLog(redis, keys.events).recent(num_events)
     except OSError as exc:
         raise ConnectionError(f"cannot reach Redis at {url}: {exc}") from exc
     finally:
         await redis.aclose()
     return ClusterStatus(
-        timestamp=time.time(), redis_url=url, namespace=settings.namespace, instances=views
-    )
+        timestamp=time.time(), redis_url=url, namespace=settings.namespace, instances=views,
+        autoscaler=json.loads(raw) if raw else None,
+        events=[{"timestamp": e.timestamp, "kind": e.kind, "by": e.by, **e.data} for e in events],
+    )  # fmt: skip
 
 
 def _fmt(x: float) -> str:
@@ -56,22 +69,41 @@ def _fmt(x: float) -> str:
 
 def render_table(status: ClusterStatus) -> str:
     header = ("INSTANCE", "STATUS", "ENGINE", "MODEL", "ADDRESS", "RUN", "WAIT",
-              "BLOCKS", "FREENESS", "TOK/S")  # fmt: skip
+              "BLOCKS", "FREENESS", "TOK/S", "MIGRATING")  # fmt: skip
+    migrating = set((status.autoscaler or {}).get("migrating", []))
     rows = [header]
     for view in status.instances:
         info, load = view.info, view.load
+        moving = "yes" if info.instance_id in migrating else "-"
         if load is None:
             rows.append((info.instance_id, info.status.value, info.engine, info.model,
-                         info.address, "-", "-", "-", "-", "-"))  # fmt: skip
+                         info.address, "-", "-", "-", "-", "-", moving))  # fmt: skip
             continue
         rows.append((
             info.instance_id, load.status.value, info.engine, info.model, info.address,
             str(load.num_running), str(load.num_waiting),
             f"{load.num_blocks_used}/{load.num_blocks_total}",
-            _fmt(load.freeness), f"{load.generation_tokens_per_s:.0f}",
+            _fmt(load.freeness), f"{load.generation_tokens_per_s:.0f}", moving,
         ))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     if not status.instances:
         lines.append("(no instances registered)")
-    return "\n".join(lines)
+    return "\n".join([*lines, *_render_autoscaler(status)])
+
+
+def _render_autoscaler(status: ClusterStatus) -> list[str]:
+    a = status.autoscaler
+    if a is None:
+        return ["", "autoscaler: none running"]
+    lines = ["", f"autoscaler: {a['leader']} ({a['scaling_policy']} scaling, "
+             f"{a['pairing_policy']} pairing); {a['num_held']} request(s) held; "
+             f"{a['instance_seconds']:.0f} instance-seconds so far"]  # fmt: skip
+    if status.events:
+        lines.append("recent events:")
+    for e in status.events:
+        when = time.strftime("%H:%M:%S", time.localtime(e["timestamp"]))
+        what = e.get("instance_id") or (f"{e['source']} -> {e['destination']}"
+                                        if "source" in e else e.get("count", ""))  # fmt: skip
+        lines.append(f"  {when}  {e['kind']:<16} {what!s:<24} {e.get('reason', '')}")
+    return lines

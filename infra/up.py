@@ -1,7 +1,8 @@
 """``shoal up``: the whole stack on this machine, stopped cleanly by Ctrl-C.
 
-Starts (or reuses) the embedded Redis-compatible server, N instance workers
-and one gateway, each as a child process with its own log under
+Starts (or reuses) the embedded Redis-compatible server, N instance workers,
+one gateway and the autoscaler (keeping N instances, balancing them by live
+migration), each as a child process with its own log under
 ``<run_dir>/logs``, waits until all are ready, prints how to use them, and on
 Ctrl-C / SIGTERM (or when a child dies) stops every process it started.
 """
@@ -130,6 +131,15 @@ def run_up(*, instances: int, engine: str, model: str | None, port: int, base_po
         children.append(_spawn("gateway", gw, env, logs, f"http://127.0.0.1:{port}/readyz"))
         print(f"starting {instances} {engine} instance(s) and the gateway (Redis {url}) ...")
         _wait_ready(children, timeout_s=600)
+        # The autoscaler keeps them at N (replacing one that dies) and balances
+        # load by live migration; started last so it adopts the ready instances.
+        scaler = ["autoscaler", "--engine", engine, "--min-instances", str(instances),
+                  "--max-instances", str(instances), "--port", str(port + 200)]  # fmt: skip
+        if model:
+            scaler += ["--model", model]
+        children.append(_spawn("autoscaler", scaler, env, logs,
+                               f"http://127.0.0.1:{port + 200}/healthz"))  # fmt: skip
+        _wait_ready(children[-1:], timeout_s=60)
         served = model or ("tiny-llama" if engine == "vllm" else "sim-model")
         print(
             BANNER.format(port=port, n=instances, engine=engine, model=served, logs=logs),

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from autoscaler.events import Event, EventLog
 from infra.keys import KeySchema
 from infra.records import InstanceView
 from infra.store import StateStore
-from tests.helpers import WorkerProcess, start_autoscaler, start_gateway, wait_for
+from tests.helpers import REPO, SHOAL, WorkerProcess, start_autoscaler, start_gateway, wait_for
 
 MODEL = "sim-model"
 
@@ -132,7 +133,8 @@ def test_scale_from_zero_and_back_to_zero(stack: Stack) -> None:
 def test_burst_scales_out_and_calm_drains_by_migration(stack: Stack) -> None:
     stack.autoscaler(
         "as-1", "--min-instances", "1", "--max-instances", "2", "--freeness-low", "10",
-        "--freeness-high", "20", "--cooldown-s", "1", "--instance-args", "--num-sim-blocks 64 --max-num-seqs 16",
+        "--freeness-high", "20", "--cooldown-s", "1",
+        "--instance-args", "--num-sim-blocks 64 --max-num-seqs 16",
     )  # fmt: skip
     gw = stack.gateway()
     wait_for(lambda: len(stack.active()) == 1, timeout_s=60)
@@ -187,3 +189,13 @@ def test_standby_takes_over_when_the_leader_dies(stack: Stack) -> None:
     by = [(e.kind, e.by) for e in stack.events()]
     assert ("leader", "as-1") in by and ("leader", "as-2") in by
     assert ("scale_out", "as-2") in by
+    # Operators see the same through `shoal status`.
+    env = {**os.environ, "SHOAL_REDIS_URL": stack.redis_url, "SHOAL_NAMESPACE": stack.ns}
+    out = subprocess.run([*SHOAL, "status", "--json"], env=env, cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    status = json.loads(out)
+    assert status["autoscaler"]["leader"] == "as-2"
+    assert any(e["kind"] == "scale_out" and e["by"] == "as-2" for e in status["events"])
+    table = subprocess.run([*SHOAL, "status"], env=env, cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout  # fmt: skip
+    assert "autoscaler: as-2" in table and "scale_out" in table
