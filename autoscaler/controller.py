@@ -75,6 +75,8 @@ class Controller:
         self.state = ScalingState()
         self._launched_at: dict[str, float] = {}
         self._stopping: set[str] = set()
+        self._stopped: dict[str, float] = {}
+        """Recently stopped instances, ignored while they shut down."""
         self._migrating: dict[str, asyncio.Task[None]] = {}
         self._views: dict[str, InstanceView] = {}
         self._leader = False
@@ -151,10 +153,13 @@ class Controller:
                 self._launched_at.get(v.info.instance_id, now),
             )
             for v in views
-            if v.info.instance_id not in self._stopping
+            if v.info.instance_id not in self._stopping and v.info.instance_id not in self._stopped
         ]
+        self._stopped = {i: t for i, t in self._stopped.items() if now - t < 120.0}
         launched = set(self._provider.launched())
-        for instance_id in sorted(launched - self._views.keys() - self._stopping):
+        for instance_id in sorted(
+            launched - self._views.keys() - self._stopping - self._stopped.keys()
+        ):
             started = self._launched_at.setdefault(instance_id, now)
             if now - started > self.config.start_timeout_s:
                 await self._stop(instance_id, f"not ready after {now - started:.0f}s")
@@ -219,6 +224,7 @@ class Controller:
             await self._provider.stop(instance_id, view.info if view else None)
         finally:
             self._stopping.discard(instance_id)
+            self._stopped[instance_id] = self._clock()
             self._launched_at.pop(instance_id, None)
         if view is not None:  # a worker SIGKILLed meanwhile would linger until its TTL
             await self._store.deregister(instance_id)

@@ -5,111 +5,20 @@ finishing; the standby takes over when the leader is killed."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import signal
 import subprocess
 import threading
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-from redis.asyncio import Redis
 
-from autoscaler.events import Event, EventLog
-from infra.keys import KeySchema
-from infra.records import InstanceView
-from infra.store import StateStore
-from tests.helpers import REPO, SHOAL, WorkerProcess, start_autoscaler, start_gateway, wait_for
+from autoscaler.events import Event
+from tests.autoscaler.stack import Stack, stream
+from tests.helpers import REPO, SHOAL, wait_for
 
 MODEL = "sim-model"
-
-
-class Stack:
-    def __init__(self, redis_url: str, log_dir: Path) -> None:
-        self.redis_url, self.log_dir = redis_url, log_dir
-        self.ns = f"as-{uuid.uuid4().hex[:6]}"
-        self.procs: list[WorkerProcess] = []
-
-    def autoscaler(self, name: str, *args: str) -> WorkerProcess:
-        p = start_autoscaler(
-            redis_url=self.redis_url, namespace=self.ns, log_dir=self.log_dir, name=name,
-            args=["--engine", "sim", "--tick-s", "0.2", *args],
-        )  # fmt: skip
-        self.procs.append(p)
-        return p
-
-    def gateway(self) -> WorkerProcess:
-        p = start_gateway(redis_url=self.redis_url, namespace=self.ns, log_dir=self.log_dir)
-        self.procs.append(p)
-        return p
-
-    def _run(self, fn: Any) -> Any:
-        async def go() -> Any:
-            redis = Redis.from_url(self.redis_url)
-            try:
-                return await fn(redis)
-            finally:
-                await redis.aclose()
-
-        return asyncio.run(go())
-
-    def instances(self) -> list[InstanceView]:
-        keys = KeySchema(self.ns)
-        views: list[InstanceView] = self._run(lambda r: StateStore(r, keys).list_instances())
-        return views
-
-    def active(self) -> list[InstanceView]:
-        return [v for v in self.instances() if v.load and v.load.status.value == "active"]
-
-    def events(self) -> list[Event]:
-        keys = KeySchema(self.ns)
-        events: list[Event] = self._run(lambda r: EventLog(r, keys.events).recent(1000))
-        return events
-
-    def stop(self) -> None:
-        leftovers = self.instances()
-        for p in reversed(self.procs):
-            p.stop()
-        for v in leftovers:  # instances of an autoscaler that was SIGKILLed
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(v.info.pid, signal.SIGTERM)
-
-
-@pytest.fixture
-def stack(redis_url: str, tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(redis_url, tmp_path)
-    yield s
-    s.stop()
-
-
-def stream(base_url: str, prompt: str, max_tokens: int, out: dict[str, Any]) -> None:
-    """A streaming completion through the gateway; records text, usage, errors."""
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
-    text, events = [], []
-    url = base_url + "/v1/completions"
-    with httpx.Client(timeout=300) as client, client.stream("POST", url, json=body) as resp:
-        out["status"] = resp.status_code
-        for line in resp.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            events.append(line[6:])
-            if line[6:] == "[DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                out["error"] = chunk["error"]
-            for choice in chunk.get("choices", []):
-                text.append(choice["text"])
-            if chunk.get("usage"):
-                out["usage"] = chunk["usage"]
-    out["text"], out["done"] = "".join(text), events.count("[DONE]")
 
 
 def test_scale_from_zero_and_back_to_zero(stack: Stack) -> None:

@@ -1,0 +1,64 @@
+"""The autoscaler drains a real vLLM instance by live migration: two
+streams, one on each of two vLLM CPU instances; the calm that follows scales
+in, the drained instance's stream moves (KV transfer) to the other and both
+streams finish without an error reaching the client."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.autoscaler.stack import Stack, stream
+from tests.helpers import start_worker, wait_for
+
+pytestmark = pytest.mark.vllm
+
+ENGINE_ARGS = "--max-num-seqs 4 --block-size 32 --kv-cache-bytes 268435456 --max-model-len 16384"
+MAX_TOKENS = 8000
+"""Long enough (~20 s here) to still run when the scale-in comes."""
+
+
+def test_calm_drains_a_vllm_instance_by_migration(stack: Stack, tiny_model: Path) -> None:
+    env = {"SHOAL_DTYPE": "float32", "HF_HUB_OFFLINE": "1"}
+    with ThreadPoolExecutor(2) as pool:  # two instances, started together
+        started = [pool.submit(
+            start_worker, engine="vllm", redis_url=stack.redis_url, namespace=stack.ns,
+            log_dir=stack.log_dir, instance_id=f"vllm-{core}", env=env,
+            args=["--model", str(tiny_model), "--served-model-name", "tiny-llama",
+                  "--cpu-threads-bind", str(core), *ENGINE_ARGS.split()],
+        ) for core in (0, 1)]  # fmt: skip
+        stack.procs.extend(s.result() for s in started)
+    gw = stack.gateway()
+    wait_for(lambda: len(stack.active()) == 2, timeout_s=60)
+    outs: list[dict[str, Any]] = [{}, {}]
+    threads = []
+    for i, out in enumerate(outs):  # the second goes to the instance the first left idle
+        t = threading.Thread(target=stream, args=(gw.base_url, [1, 40 + i, 41, 42], MAX_TOKENS,
+                                                  out, "tiny-llama"))  # fmt: skip
+        t.start()
+        threads.append(t)
+        wait_for(lambda i=i: sum(v.load.num_running for v in stack.active() if v.load) > i,  # type: ignore[misc]
+                 timeout_s=60)  # fmt: skip
+    # Now an autoscaler: two instances running one request each is a calm
+    # (freeness far above the band) with min_instances=1, so it scales in.
+    stack.autoscaler(
+        "as-vllm", "--min-instances", "1", "--max-instances", "2", "--model", str(tiny_model),
+        "--served-model-name", "tiny-llama", "--instance-args", ENGINE_ARGS,
+        "--scale-in-ticks", "4", engine="vllm", env=env,
+    )  # fmt: skip
+    wait_for(lambda: len(stack.instances()) == 1, timeout_s=120)  # scaled in
+    for t in threads:
+        t.join(timeout=300)
+    for out in outs:
+        assert out["status"] == 200 and "error" not in out, out
+        assert out["usage"]["completion_tokens"] == MAX_TOKENS and out["done"] == 1, out
+    events = stack.events()
+    drained = [e.data["instance_id"] for e in events if e.kind == "drain"]
+    moved = [e for e in events if e.kind == "migrated" and e.data["source"] in drained]
+    assert len(drained) == 1 and any("migrated" in e.data["outcomes"] for e in moved), events
+    assert [e.data["instance_id"] for e in events if e.kind == "stop"] == drained
+    assert not any(e.kind == "scale_out" for e in events)  # it adopted both
