@@ -157,8 +157,9 @@ class RayProvider:
     deployment must use the same). ``num_cpus`` (1), ``num_gpus`` (0; 1 on GPU
     hosts) and ``resources`` (custom Ray resources, none): what each actor
     reserves. ``host``: interface workers listen on (None: the node's IP, which
-    they advertise either way; both set over the launch's ``env``). ``log_dir``: workers' logs on their node
-    (None: ``$TMPDIR/shoal-ray``). ``stop_timeout_s`` (60): SIGTERM to SIGKILL.
+    they advertise either way; both set over the launch's ``env``).
+    ``log_dir``: workers' logs on their node (None: ``$TMPDIR/shoal-ray``).
+    ``stop_timeout_s`` (60): SIGTERM to SIGKILL.
     ``check_interval_s`` (5): period of the liveness check behind
     :meth:`launched`. ``probe_timeout_s`` (10): how long :meth:`stop` waits for
     an actor not known to run to answer before killing it outright (it is
