@@ -76,6 +76,7 @@ class Controller:
         self._launched_at: dict[str, float] = {}
         self._stopping: set[str] = set()
         self._stopped: dict[str, float] = {}
+        self._ready: set[str] = set()
         """Recently stopped instances, ignored while they shut down."""
         self._migrating: dict[str, asyncio.Task[None]] = {}
         self._views: dict[str, InstanceView] = {}
@@ -165,12 +166,24 @@ class Controller:
                 await self._stop(instance_id, f"not ready after {now - started:.0f}s")
                 continue
             states.append(InstanceState(instance_id, InstanceStatus.STARTING, None, started))
+        await self._note_ready(states, now)
         held = await self._demand.num_held(self.config.max_hold_s)
         self._metrics.held.set(held)
         for state in InstanceStatus:
             self._metrics.instances.labels(state.value).set(
                 sum(1 for s in states if s.status is state))  # fmt: skip
         return Snapshot(now, tuple(states), held, frozenset(self._migrating))
+
+    async def _note_ready(self, states: list[InstanceState], now: float) -> None:
+        """Record the cold start of instances launched here that now serve."""
+        for state in states:
+            if state.status is InstanceStatus.ACTIVE and state.instance_id not in self._ready:
+                self._ready.add(state.instance_id)
+                launched = self._launched_at.get(state.instance_id)
+                if launched is not None:
+                    self._metrics.cold_start.observe(now - launched)
+                    await self._events.record("ready", self.me, instance_id=state.instance_id,
+                                              cold_start_s=round(now - launched, 2))  # fmt: skip
 
     def _account(self, snap: Snapshot) -> None:
         """Instance-seconds: every instance that exists costs, starting or not."""
@@ -196,6 +209,7 @@ class Controller:
                     self._launched_at[instance_id] = self._clock()
                     try:
                         await self._provider.start(instance_id)
+                        await self._events.record("started", self.me, instance_id=instance_id)
                     except Exception:
                         del self._launched_at[instance_id]
                         self._start_backoff_until = self._clock() + self.config.start_backoff_s
@@ -225,6 +239,7 @@ class Controller:
         finally:
             self._stopping.discard(instance_id)
             self._stopped[instance_id] = self._clock()
+            self._ready.discard(instance_id)
             self._launched_at.pop(instance_id, None)
         if view is not None:  # a worker SIGKILLed meanwhile would linger until its TTL
             await self._store.deregister(instance_id)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class AutoscalerMetrics:
@@ -23,3 +23,7 @@ class AutoscalerMetrics:
         )  # fmt: skip
         self.held = Gauge(p + "held_requests", "Requests gateways hold for lack of an instance",
                           registry=registry)  # fmt: skip
+        self.cold_start = Histogram(
+            p + "cold_start_seconds", "From launching an instance to its first active report",
+            buckets=(1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600), registry=registry,
+        )  # fmt: skip

@@ -37,6 +37,8 @@ def test_scale_from_zero_and_back_to_zero(stack: Stack) -> None:
     assert kinds[:2] == ["leader", "scale_out"]
     assert "held with no instance" in stack.events()[1].data["reason"]
     assert kinds.index("drain") < kinds.index("stop")
+    ready = next(e for e in stack.events() if e.kind == "ready")
+    assert ready.data["cold_start_s"] > 0  # measured from launch to the first active report
 
 
 def test_burst_scales_out_and_calm_drains_by_migration(stack: Stack) -> None:
