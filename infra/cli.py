@@ -57,6 +57,7 @@ _INSTANCE_FLAGS = {
     "kv_cache_bytes": dict(type=int, help="vLLM CPU KV-cache bytes"),
     "num_sim_blocks": dict(type=int, help="sim engine KV capacity in blocks"),
     "sim_speedup": dict(type=float, help="sim engine speed factor"),
+    "sim_startup_s": dict(type=float, help="sim engine modelled start-up time"),
     "cpu_threads_bind": dict(help="cores for the vLLM CPU engine, e.g. 0"),
     "redis_url": dict(help="Redis URL (default: embedded server)"),
 }
@@ -305,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--json", action="store_true", help="the migration records as JSON")
     mig.add_argument("--redis-url", dest="redis_url")
     mig.set_defaults(func=_cmd_migrate)
+    from bench.cli import add_bench_commands
+
+    add_bench_commands(sub)
     return parser
 
 
