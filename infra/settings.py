@@ -94,6 +94,10 @@ class InstanceSettings(CommonSettings):
     sim_speedup: float = Field(default=1.0, gt=0.0)
     """Sim engine: divides every modelled step latency (for fast tests)."""
 
+    sim_startup_s: float = Field(default=0.0, ge=0.0)
+    """Sim engine: modelled start-up time (loading weights) before it serves,
+    for cold-start experiments (vLLM loads LLaMA-7B in ~30-60 s on a GPU)."""
+
     high_priority_headroom_blocks: int = Field(default=32, ge=0)
     """Blocks of virtual usage a high-priority request adds to its instance, so the
     instance's batch stays small and its decoding fast (Llumnix headroom)."""

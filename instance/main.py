@@ -87,7 +87,9 @@ def _build_sim(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
             listen_host=settings.host,
         )
     name = settings.served_model_name or settings.model or "sim-model"
-    return SimEngine(config, max_model_len=settings.max_model_len, kv=kv), name, 256
+    engine = SimEngine(config, max_model_len=settings.max_model_len, kv=kv,
+                       startup_s=settings.sim_startup_s)  # fmt: skip
+    return engine, name, 256
 
 
 def _pick_port(host: str, port: int) -> int:

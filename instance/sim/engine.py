@@ -31,9 +31,12 @@ class SimEngine:
         sleep: Sleep = asyncio.sleep,
         kv: SimKvOptions | None = None,
         kv_sleep: Sleep | None = None,
+        startup_s: float = 0.0,
     ) -> None:
         """``sleep`` waits each step's modelled duration; ``kv_sleep`` (default
-        ``sleep``) waits each KV stage's modelled transfer time."""
+        ``sleep``) waits each KV stage's modelled transfer time; ``startup_s``
+        models the engine's start-up (loading weights) before it serves."""
+        self._startup_s = startup_s
         self.core = SimCore(config)
         self.tokenizer = ByteTokenizer()
         self.limits = EngineLimits(
@@ -55,6 +58,8 @@ class SimEngine:
         """KV transfer for migration, or None (the sim migrates by recompute)."""
 
     async def start(self) -> None:
+        if self._startup_s > 0:
+            await self._sleep(self._startup_s)
         if self.kv_port is not None:
             await self.kv_port.start()
         self._task = asyncio.create_task(self._loop(), name="sim-engine")
