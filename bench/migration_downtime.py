@@ -76,8 +76,9 @@ def _one(src: str, dst: str, length: int, mode: str, rid: str) -> dict[str, Any]
                       "temperature": 0.0, "ignore_eos": True, "stream": True}  # fmt: skip
     seen: list[float] = []
     stop = threading.Event()
+    # Daemons: a failed stream must end the run, not leave these waiting forever.
     bystander = threading.Thread(target=_stream, args=(src + "/generate", bystander_body, seen,
-                                                       stop))  # fmt: skip
+                                                       stop), daemon=True)  # fmt: skip
     bystander.start()
     while len(seen) < 32:  # it runs before the migrated request arrives
         time.sleep(0.01)
@@ -94,7 +95,7 @@ def _one(src: str, dst: str, length: int, mode: str, rid: str) -> dict[str, Any]
         call.append(time.monotonic())
         record.update(r.json()[0])
 
-    mover = threading.Thread(target=migrate)
+    mover = threading.Thread(target=migrate, daemon=True)
     mover.start()
     moved_to = _stream(src + "/generate", body, arrivals)
     if moved_to:
@@ -119,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lengths", default="256,1024,4096,8192,15000")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default="kv,recompute")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     LOGS.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,7 @@ def main() -> None:
             b.wait_ready()
             n = 0
             for length in lengths:
-                for mode in ("kv", "recompute"):
+                for mode in args.modes.split(","):
                     for i in range(args.repeats):
                         src, dst = (a, b) if i % 2 == 0 else (b, a)
                         n += 1

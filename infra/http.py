@@ -15,6 +15,22 @@ from infra.errors import PayloadTooLargeError
 
 T = TypeVar("T")
 
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+"""Line breaks to ``str.splitlines`` (which httpx's ``iter_lines`` follows)
+that JSON leaves unescaped; the other ones are control characters, which JSON
+escapes anyway."""
+
+
+def line_safe_json(text: str) -> str:
+    """JSON text that no line-splitting client cuts in two: generated text can
+    hold any character (a byte-level tokenizer's first delta can carry
+    thousands of characters of prompt bytes), so U+0085/U+2028/U+2029 are
+    escaped. Still valid JSON decoding to the same value."""
+    for char, escaped in _LINE_BREAKS.items():
+        if char in text:
+            text = text.replace(char, escaped)
+    return text
+
 
 class BodyLimitMiddleware:
     """Refuse request bodies larger than ``max_bytes`` with a 413, whether the

@@ -6,11 +6,16 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from infra.errors import ErrorDetail
+from infra.http import line_safe_json
 from instance.api import GenerateChunk
 
 log = logging.getLogger(__name__)
 
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
+
+def ndjson_line(chunk: GenerateChunk) -> bytes:
+    """One NDJSON line, whole for any line-splitting client."""
+    return line_safe_json(chunk.model_dump_json(exclude_none=True)).encode() + b"\n"
 
 
 async def ndjson(
@@ -20,7 +25,7 @@ async def ndjson(
     whose ``finally`` aborts the request in the engine."""
     try:
         async for chunk in chunks:
-            yield chunk.model_dump_json(exclude_none=True).encode() + b"\n"
+            yield ndjson_line(chunk)
     except Exception as exc:
         log.exception("request %s failed mid-stream", request_id)
         err = GenerateChunk(
@@ -28,6 +33,6 @@ async def ndjson(
             finish_reason="error",
             error=ErrorDetail(message=f"engine error: {exc}", type="engine_error"),
         )
-        yield err.model_dump_json(exclude_none=True).encode() + b"\n"
+        yield ndjson_line(err)
     finally:
         await chunks.aclose()

@@ -12,6 +12,7 @@ from typing import Protocol
 from fastapi import Response
 
 from infra.errors import ErrorDetail, ServiceUnavailableError
+from infra.http import line_safe_json
 from infra.openai_protocol.models import Usage
 from infra.openai_protocol.translate import (
     chat_chunk,
@@ -51,7 +52,7 @@ class Call(Protocol):
 
 
 def _sse(payload: str) -> bytes:
-    return f"data: {payload}\n\n".encode()
+    return f"data: {line_safe_json(payload)}\n\n".encode()
 
 
 async def sse_events(
