@@ -120,6 +120,20 @@ def _floor(snap: Snapshot, cfg: ScalingConfig) -> list[Decision]:
     return []
 
 
+def instances_for_band(active: list[InstanceState], cfg: ScalingConfig) -> int:
+    """Instances (like the active ones) whose average freeness would sit in
+    the middle of the band under today's load: N such that
+    (N * blocks_per_instance - usage) / batch = target."""
+    loads = [i.load for i in active if i.load is not None]
+    if not loads:
+        return len(active)
+    usage = sum(load.virtual_usage for load in loads)
+    batch = sum(load.num_running + load.num_waiting for load in loads)
+    per_instance = statistics.fmean(load.num_blocks_total for load in loads)
+    target = (cfg.freeness_low + cfg.freeness_high) / 2
+    return math.ceil((target * batch + usage) / per_instance)
+
+
 def _projected_freeness(snap: Snapshot, leaving: InstanceState) -> float:
     """Average freeness if ``leaving``'s requests moved onto the others."""
     rest = [i for i in snap.active if i is not leaving]
@@ -154,11 +168,12 @@ def freeness_band(
         and not snap.starting
         and live < cfg.max_instances
     ):
+        count = min(instances_for_band(active, cfg) - live, cfg.max_instances - live)
         reason = (
             f"average freeness {avg:.1f} below {cfg.freeness_low:g} for "
             f"{state.num_low_ticks} ticks, {snap.num_held} held"
         )
-        return [*decisions, ScaleOut(1, reason)], replace(
+        return [*decisions, ScaleOut(max(1, count), reason)], replace(
             state, num_low_ticks=0, last_change_s=snap.now
         )
     idle = all(i.num_requests == 0 for i in active) and snap.num_held == 0

@@ -39,7 +39,20 @@ def test_scale_out_only_after_enough_low_ticks() -> None:
     ticks = [snap(busy("a"), now=t) for t in (100, 101, 102)]
     out = run(CFG, *ticks)
     assert out[0] == [] and out[1] == []
-    assert len(out[2]) == 1 and isinstance(out[2][0], ScaleOut) and out[2][0].count == 1
+    # (35 * 10 + 95) / 100 -> 5 instances wanted; max_instances=3 allows two more.
+    assert len(out[2]) == 1 and isinstance(out[2][0], ScaleOut) and out[2][0].count == 2
+
+
+def test_scale_out_sizes_the_step_to_the_load() -> None:
+    # Three instances of 100 blocks, each with 10 requests using 95 blocks:
+    # the band's middle (35) needs (35 * 30 + 285) / 100 -> 14 instances.
+    cfg = replace(CFG, max_instances=8)
+    hot = [busy("a"), busy("b"), busy("c")]
+    out = run(cfg, *[snap(*hot, now=t) for t in (100, 101, 102)])
+    assert out[2] == [ScaleOut(5, out[2][0].reason)]  # capped at max_instances
+    cfg = replace(CFG, max_instances=20)
+    out = run(cfg, *[snap(*hot, now=t) for t in (100, 101, 102)])
+    assert out[2] == [ScaleOut(11, out[2][0].reason)]
 
 
 def test_a_good_tick_resets_the_count() -> None:
