@@ -7,7 +7,7 @@ EXTRAS ?= cpu,dev
 # Builds that break `transformers` beside the CPU torch; text models need none.
 BROKEN_TORCH_ADDONS := torchvision torchaudio torchcodec
 
-.PHONY: setup lint format test test-fast up status bench clean
+.PHONY: setup lint format test test-fast up status bench deploy-check clean
 
 setup: $(STAMP)
 
@@ -43,5 +43,10 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.worker_throughput
 	$(BIN)/python -m bench.reporter_cost
 
+# Static checks of terraform/ and infra/deploy/ (python-hcl2 module graph,
+# manifests against the code, checkov from its own venv in .venv-tools/).
+deploy-check: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider tests/deploy
+
 clean:
-	rm -rf $(VENV) .shoal .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-tools .shoal .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,4 @@
+variable "name" {
+  description = "Name of the deployment (alias/<name>)."
+  type        = string
+}
