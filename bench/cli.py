@@ -9,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+from bench.simulator.cli import add_simulate_command
 from bench.traces import (
     ARRIVAL_KINDS,
     DEFAULT_ARRIVALS,
@@ -206,3 +207,4 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     _add_trace(bench_sub)
     _add_run(bench_sub)
+    add_simulate_command(bench_sub)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from infra.records import InstanceInfo, InstanceStatus, LoadReport
 from infra.store import StateStore
-from instance.engine import Engine
+from instance.engine import Engine, EngineLoad
 from instance.load import count_by_priority, freeness
 from instance.metrics import InstanceMetrics
 
@@ -28,6 +28,38 @@ class ReporterConfig:
     ttl_s: float = 3.0
     headroom_blocks: int = 32
     rate_window_s: float = 1.0
+
+
+def make_report(
+    info: InstanceInfo,
+    load: EngineLoad,
+    *,
+    seq: int,
+    timestamp: float,
+    headroom_blocks: int,
+    generation_tokens_per_s: float = 0.0,
+) -> LoadReport:
+    """The LoadReport of an instance in ``info.status`` whose engine reports
+    ``load``. Pure: the reporter publishes these, and the cluster simulator
+    (``bench/simulator``) builds its instances' reports with it."""
+    figures = freeness(load, status=info.status, headroom_blocks=headroom_blocks)
+    return LoadReport(
+        instance_id=info.instance_id,
+        seq=seq,
+        timestamp=timestamp,
+        status=info.status,
+        num_blocks_total=load.num_blocks_total,
+        num_blocks_used=load.num_blocks_used,
+        num_running=len(load.running),
+        num_waiting=len(load.waiting),
+        num_preempted_total=load.num_preempted_total,
+        running_by_priority=count_by_priority(list(load.running)),
+        waiting_by_priority=count_by_priority(list(load.waiting)),
+        virtual_usage=figures.virtual_usage,
+        freeness=figures.freeness,
+        generation_tokens_per_s=generation_tokens_per_s,
+        num_finished_total=load.num_finished_total,
+    )
 
 
 class LoadReporter:
@@ -57,24 +89,14 @@ class LoadReporter:
         info = self._info()
         now = self._clock()
         load = self._engine.load()
-        figures = freeness(load, status=info.status, headroom_blocks=self._config.headroom_blocks)
         self._seq += 1
-        report = LoadReport(
-            instance_id=info.instance_id,
+        report = make_report(
+            info,
+            load,
             seq=self._seq,
             timestamp=now,
-            status=info.status,
-            num_blocks_total=load.num_blocks_total,
-            num_blocks_used=load.num_blocks_used,
-            num_running=len(load.running),
-            num_waiting=len(load.waiting),
-            num_preempted_total=load.num_preempted_total,
-            running_by_priority=count_by_priority(list(load.running)),
-            waiting_by_priority=count_by_priority(list(load.waiting)),
-            virtual_usage=figures.virtual_usage,
-            freeness=figures.freeness,
+            headroom_blocks=self._config.headroom_blocks,
             generation_tokens_per_s=self._rate(now, load.num_generation_tokens_total),
-            num_finished_total=load.num_finished_total,
         )
         self.latest = report
         if self._metrics is not None:
