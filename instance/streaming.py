@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
 
+
 def ndjson_line(chunk: GenerateChunk) -> bytes:
     """One NDJSON line, whole for any line-splitting client."""
     return line_safe_json(chunk.model_dump_json(exclude_none=True)).encode() + b"\n"

@@ -64,7 +64,7 @@ class SimStep:
     preempted: tuple[str, ...]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Req:
     request: EngineRequest
     seq: int
