@@ -115,7 +115,10 @@ async def migrate_out(
         await _quietly(destination.abort(key))
         return _done(record, t0, clock)
     except Exception as exc:
-        record.outcome, record.error = Outcome.FAILED, f"{type(exc).__name__}: {exc}"
+        # A stage fails when the request ends here meanwhile (its blocks are gone).
+        finished = gen.finished or gen.frozen
+        record.outcome = Outcome.SOURCE_FINISHED if finished else Outcome.FAILED
+        record.error = f"{type(exc).__name__}: {exc}"
         await _quietly(destination.abort(key))
         return _done(record, t0, clock)
     try:

@@ -329,6 +329,38 @@ def test_concurrent_streams_with_random_migrations(
     assert moved.count("migrated") >= 1, moved
 
 
+def test_source_finishing_during_a_stage_aborts_cleanly(
+    trio: tuple[WorkerProcess, WorkerProcess, WorkerProcess],
+) -> None:
+    """B's engine is frozen so the first stage hangs there; the request
+    finishes on A meanwhile; once B resumes, the migration ends as
+    ``source_finished`` and B returns its reservation (checked by no_leaks)."""
+    a, b, _ = trio
+    prompt = _prompt(8)
+    max_tokens = 400
+    body = {**_body(prompt), "max_tokens": max_tokens, "stream": False, "migratable": False}
+    reference = httpx.post(a.base_url + "/generate", json=body, timeout=120).json()["token_ids"]
+    engine = psutil.Process(b.proc.pid).children(recursive=True)
+    record: dict[str, Any] = {}
+    with httpx.Client() as client:
+        f = Follower(client, a, "finishes-first", prompt, max_tokens=max_tokens)
+        f.read_until(200)
+        for p in engine:
+            p.suspend()
+        try:
+            mover = threading.Thread(target=lambda: record.update(_migrate(a, b, f.rid, "kv")))
+            mover.start()
+            wait_for(lambda: httpx.get(b.base_url + "/migrations").json()["reserved_blocks"] > 0,
+                     timeout_s=30)  # fmt: skip
+            f.read_until(None)  # the request finishes on A while the stage hangs
+        finally:
+            for p in engine:
+                p.resume()
+        mover.join(timeout=120)
+    assert record["outcome"] == "source_finished", record
+    assert f.hops == [a.base_url] and f.tokens == reference and f.finish == "length"
+
+
 def test_destination_killed_during_a_stage(
     trio: tuple[WorkerProcess, WorkerProcess, WorkerProcess],
 ) -> None:
