@@ -15,8 +15,10 @@ from typing import Any
 import httpx
 
 from autoscaler.events import Event
+from infra.demand import DemandBoard
+from infra.keys import KeySchema
 from tests.autoscaler.stack import Stack, stream
-from tests.helpers import REPO, SHOAL, wait_for
+from tests.helpers import REPO, SHOAL, start_gateway, wait_for
 
 MODEL = "sim-model"
 
@@ -110,3 +112,31 @@ def test_standby_takes_over_when_the_leader_dies(stack: Stack) -> None:
     table = subprocess.run([*SHOAL, "status"], env=env, cwd=REPO, check=True,
                            capture_output=True, text=True).stdout  # fmt: skip
     assert "autoscaler: as-2" in table and "scale_out" in table
+
+
+def test_held_requests_get_503_with_retry_after_when_no_instance_comes(stack: Stack) -> None:
+    """A model an autoscaler can start, but no instance ever arrives: the
+    gateway holds the request for its hold timeout, then answers 503 with
+    Retry-After; beyond the queue bound it answers 503 at once."""
+    env = {"SHOAL_HOLD_TIMEOUT_S": "1", "SHOAL_MAX_HELD_REQUESTS": "1"}
+    gw = start_gateway(
+        redis_url=stack.redis_url, namespace=stack.ns, log_dir=stack.log_dir, env=env
+    )
+    stack.procs.append(gw)
+    keys = KeySchema(stack.ns)
+    stack._run(lambda r: DemandBoard(r, keys).publish_scalable([MODEL], ttl_s=60))
+    wait_for(lambda: MODEL in str(httpx.get(gw.base_url + "/v1/models").json()), timeout_s=30)
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 4}
+    results: list[httpx.Response] = []
+    first = threading.Thread(target=lambda: results.append(
+        httpx.post(gw.base_url + "/v1/completions", json=body, timeout=30)))  # fmt: skip
+    first.start()
+    wait_for(lambda: "shoal_gateway_held_requests 1.0" in httpx.get(gw.base_url + "/metrics").text,
+             timeout_s=10)  # fmt: skip
+    second = httpx.post(gw.base_url + "/v1/completions", json=body, timeout=30)  # queue full
+    first.join(timeout=30)
+    for resp in (second, results[0]):
+        assert resp.status_code == 503 and "retry-after" in resp.headers, resp.text
+        assert resp.json()["error"]["type"] == "service_unavailable"
+    assert "already wait" in second.json()["error"]["message"]
+    assert "became ready" in results[0].json()["error"]["message"]
