@@ -100,6 +100,7 @@ def _run(
         gateway.wait_ready()
         scaler.wait_ready()
         time.sleep(startup_s + 5)  # the initial instances start before the trace does
+        _, before = asyncio.run(_events(redis_url, ns))
         t0 = time.time()
         config = LoadGenConfig(
             endpoint=gateway.base_url,
@@ -114,22 +115,19 @@ def _run(
     finally:
         scaler.stop()
         gateway.stop()
-    return _row(label, run, events, state, t0)
+    return _row(label, run, events, state, t0, before.get("instance_seconds", 0.0))
 
 
 def _row(
-    label: str, run: RunResult, events: list[Event], state: dict[str, Any], t0: float
+    label: str,
+    run: RunResult,
+    events: list[Event],
+    state: dict[str, Any],
+    t0: float,
+    seconds_before: float,
 ) -> dict[str, Any]:
     summary = run.summary()
     during = [e for e in events if e.timestamp >= t0]
-    seconds_before = next(
-        (
-            e.data.get("instance_seconds", 0.0)
-            for e in reversed(events)
-            if e.timestamp < t0 and "instance_seconds" in e.data
-        ),
-        0.0,
-    )
     cold = [e.data["cold_start_s"] for e in during if e.kind == "ready"]
     return {
         "label": label,
