@@ -74,6 +74,8 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
         g.add_argument("--" + name.replace("_", "-"), type=kind, help="see ScalingConfig / "
                        "PairingConfig (default: theirs)")  # fmt: skip
     g.add_argument("--tick-s", type=float, default=0.5, help="autoscaler period")
+    g.add_argument("--priorities", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-priorities: serve every request as normal priority")  # fmt: skip
     g.add_argument("--report-interval-s", type=float, default=0.0, help="0: fresh load")
     g.add_argument("--cold-start-s", type=float, help="default: the hardware preset's")
 
@@ -125,7 +127,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
                                      **_given(args, _SCALING_FLAGS)),
         pairing=args.pairing, pairing_config=PairingConfig(**_given(args, _PAIRING_FLAGS)),
         migration=args.migration, selection=args.selection, migration_mode=args.migration_mode,
-        tick_s=args.tick_s, report_interval_s=args.report_interval_s,
+        tick_s=args.tick_s, report_interval_s=args.report_interval_s, priorities=args.priorities,
         hardware=hardware_preset(args.hardware), cold_start_s=args.cold_start_s, seed=args.seed,
     )  # fmt: skip
 

@@ -55,7 +55,9 @@ class Simulator:
         self.scaling_state = ScalingState()
         self.migrations = Migrations(self, config)
         self.instances: dict[str, SimInstance] = {}
-        self.requests = [RequestState(i, r) for i, r in enumerate(trace)]
+        self.requests = [
+            RequestState(i, r, honour_priority=config.priorities) for i, r in enumerate(trace)
+        ]
         self._by_engine_id: dict[str, RequestState] = {}
         self.held: deque[RequestState] = deque()
         self._rng = random.Random(config.seed)

@@ -53,6 +53,12 @@ class SimulationConfig:
     report count as its reservations (as the gateway's Redis reservations)."""
     headroom_blocks: int = ReporterConfig.headroom_blocks
     """Virtual usage reserved per running high-priority request."""
+    priorities: bool = True
+    """Off: every request is served as normal priority (dispatch, the engine's
+    queue order, headroom, the pairing policy's protection and migration
+    selection all see ``normal``); results still group requests by their
+    trace priority, and report ``normal`` as the effective priority. The
+    baseline of Llumnix's Figure 13."""
     hardware: HardwarePreset = LLAMA_7B_A10
     cold_start_s: float | None = None
     """Scale-out to active; None takes the hardware preset's."""

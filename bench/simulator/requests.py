@@ -35,6 +35,8 @@ class RequestState:
     stopped_at: float | None = None
     """Set from a migration's stop until its first token on the destination."""
     downtimes_s: list[float] = field(default_factory=list)
+    honour_priority: bool = True
+    """Off: served as normal priority whatever the trace says."""
 
     @property
     def request_id(self) -> str:
@@ -42,7 +44,8 @@ class RequestState:
 
     @property
     def priority(self) -> Priority:
-        return self.trace.priority
+        """The priority it is served with (the trace's, unless not honoured)."""
+        return self.trace.priority if self.honour_priority else Priority.NORMAL
 
     @property
     def arrival_s(self) -> float:
@@ -71,7 +74,7 @@ class RequestState:
             request_id=self.engine_id,
             prompt_token_ids=(0,) * self.num_tokens if self.num_tokens else _NO_TOKENS,
             sampling=SamplingSpec(max_tokens=self.num_remaining, ignore_eos=True),
-            priority=self.trace.priority,
+            priority=self.priority,
             arrival_time=self.trace.arrival_s,
             kv_transfer=kv,
         )

@@ -58,7 +58,7 @@ def request_result(req: RequestState) -> RequestResult:
     arrival = req.arrival_s
     done = req.error is None and req.finish_s is not None
     return RequestResult(
-        index=req.index, priority=req.priority.value, prompt_tokens=req.trace.prompt_tokens,
+        index=req.index, priority=req.trace.priority.value, prompt_tokens=req.trace.prompt_tokens,
         output_tokens_requested=req.trace.output_tokens, scheduled_s=arrival, sent_s=arrival,
         ttft_s=None if req.first_token_s is None else req.first_token_s - arrival,
         e2e_s=req.finish_s - arrival if done and req.finish_s is not None else None,
