@@ -70,6 +70,7 @@ class Dispatcher:
         *,
         hold: HoldPolicy | None = None,
         demand: DemandBoard | None = None,
+        reservation_timeout_s: float = 0.1,
     ) -> None:
         self._tracer = tracer or trace.NoOpTracer()
         self._view = view
@@ -84,6 +85,7 @@ class Dispatcher:
         self._hold = hold or HoldPolicy()
         self._demand = demand
         self._num_held = 0
+        self._reservation_timeout_s = reservation_timeout_s
 
     def _candidates(self, model: str, exclude: set[str]) -> list[Candidate]:
         if not self._view.usable:
@@ -164,12 +166,18 @@ class Dispatcher:
             known = best.num_reserved + 1
             self._pending[best.instance_id] = self._pending.get(best.instance_id, 0) + 1
             try:
-                count = await self._reservations.reserve(
-                    best.instance_id, body.request_id, since=self._since(best)
+                count = await asyncio.wait_for(
+                    self._reservations.reserve(
+                        best.instance_id, body.request_id, since=self._since(best)
+                    ),
+                    self._reservation_timeout_s,
                 )
-            except RedisError as exc:
-                log.warning("reservation skipped for %s: %s", body.request_id, exc)
-                return best  # Redis is down: dispatch from the last view
+            except (RedisError, TimeoutError) as exc:
+                # Redis is down or starved: dispatch from the last view rather
+                # than hold the request (the reservation only refines the view).
+                log.warning("reservation skipped for %s: %r", body.request_id, exc)
+                self._metrics.reservations_skipped.inc()
+                return best
             finally:
                 self._pending[best.instance_id] -= 1
             self._view.snapshot.note_reserved(best.instance_id, count)

@@ -57,7 +57,8 @@ def build_app(settings: GatewaySettings, redis_url: str) -> FastAPI:
         tracer = make_tracer("shoal-gateway", settings.otlp_endpoint)
         hold = HoldPolicy(settings.max_held_requests, settings.hold_timeout_s)
         dispatcher = Dispatcher(view, policy, reservations, InstanceClient(session), metrics, retry,
-                                tracer, hold=hold, demand=demand)  # fmt: skip
+                                tracer, hold=hold, demand=demand,
+                                reservation_timeout_s=settings.reservation_timeout_s)  # fmt: skip
         file_keys = load_keys_file(settings.keys_file) if settings.keys_file else {}
         keys = KeyRing(redis, keys_schema, file_keys)
         stop = asyncio.Event()

@@ -35,3 +35,7 @@ class GatewayMetrics:
                           registry=registry)  # fmt: skip
         self.hold_timeouts = Counter(p + "hold_timeouts", "Held requests answered 503",
                                      registry=registry)  # fmt: skip
+        self.reservations_skipped = Counter(
+            p + "reservations_skipped", "Dispatches without a reservation (Redis slow or down)",
+            registry=registry,
+        )  # fmt: skip

@@ -187,6 +187,11 @@ class GatewaySettings(CommonSettings):
     """A reservation keeps counting until a LoadReport this much newer than it
     exists (covers the request's trip to the instance and the report period)."""
 
+    reservation_timeout_s: float = Field(default=0.1, gt=0.0)
+    """Longest wait for Redis to record a reservation; past it the request is
+    dispatched from the current view (Redis starved or down must not add
+    latency)."""
+
     connect_timeout_s: float = Field(default=2.0, gt=0.0)
     """Connect timeout to an instance worker."""
 

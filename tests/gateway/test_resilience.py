@@ -3,6 +3,7 @@ it rides out a Redis outage."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import uuid
@@ -38,6 +39,17 @@ def test_gateway_serves_through_a_redis_outage_and_recovers(tmp_path: Path) -> N
         url = gateway.base_url
         body = {"model": "m", "prompt": "hello", "max_tokens": 4}
         wait_for(lambda: httpx.get(url + "/readyz").json()["instances"] == 1, timeout_s=10)
+
+        # A frozen Redis (starved, not down): requests go out without waiting
+        # for their reservation, and the skips are counted.
+        redis.process.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(3):
+                assert httpx.post(url + "/v1/completions", json=body, timeout=30).status_code == 200
+        finally:
+            redis.process.send_signal(signal.SIGCONT)
+        metrics = httpx.get(url + "/metrics").text
+        assert "shoal_gateway_reservations_skipped_total 3.0" in metrics
 
         redis.stop()
         wait_for(lambda: httpx.get(url + "/readyz").status_code == 503, timeout_s=10)
