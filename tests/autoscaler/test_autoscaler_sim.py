@@ -43,7 +43,7 @@ def test_scale_from_zero_and_back_to_zero(stack: Stack) -> None:
     assert ready.data["cold_start_s"] > 0  # measured from launch to the first active report
 
 
-def test_burst_scales_out_and_calm_drains_by_migration(stack: Stack) -> None:
+def test_burst_scales_out_and_calm_scales_in(stack: Stack) -> None:
     stack.autoscaler(
         "as-1", "--min-instances", "1", "--max-instances", "2", "--freeness-low", "10",
         "--freeness-high", "20", "--cooldown-s", "1",
@@ -74,8 +74,13 @@ def test_burst_scales_out_and_calm_drains_by_migration(stack: Stack) -> None:
     events = stack.events()
     kinds = [e.kind for e in events]
     assert "scale_out" in kinds and "drain" in kinds and "stop" in kinds
+    # Whatever the drained instance still ran moved without a failure (whether
+    # it ran anything depends on timing here; tests/autoscaler/
+    # test_autoscaler_vllm.py drains an instance with a stream deterministically).
     moved = [e for e in events if e.kind == "migrated" and "draining" in _reason_of(events, e)]
-    assert any("migrated" in e.data["outcomes"] for e in moved), kinds
+    ok = {"migrated", "source_finished", "refused"}  # refused: retried on a later tick
+    assert all(set(e.data["outcomes"]) <= ok for e in moved), moved
+    assert not any(e.kind == "migration_failed" for e in events), kinds
 
 
 def _reason_of(events: list[Event], migrated: Event) -> str:
