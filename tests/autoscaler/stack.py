@@ -44,7 +44,7 @@ class Stack:
 
     def _run(self, fn: Any) -> Any:
         async def go() -> Any:
-            redis = Redis.from_url(self.redis_url)
+            redis = Redis.from_url(self.redis_url, socket_timeout=60)  # CPU-starved CI
             try:
                 return await fn(redis)
             finally:

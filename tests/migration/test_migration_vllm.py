@@ -388,7 +388,9 @@ def test_destination_killed_during_a_stage(
         os.killpg(c.proc.pid, signal.SIGKILL)
         mover.join(timeout=120)
         f.read_until(None)
-    assert record["outcome"] == "failed", record
+    # "source_finished" when the request ended here before the stage's error
+    # came back (a slow machine); either way it never left A.
+    assert record["outcome"] in ("failed", "source_finished"), record
     assert record["stages"] == 0 and record["downtime_s"] is None
     assert f.hops == [a.base_url]  # it never left
     assert f.tokens == reference
