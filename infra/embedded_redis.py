@@ -97,20 +97,26 @@ class EmbeddedRedis:
             "--protected-mode", "no",
             "--loglevel", "warning",
         ]  # fmt: skip
-        # Own session: a Ctrl-C meant for the owner must not kill the server before
-        # the owner has deregistered; the parent-death signal stops it if the owner
-        # is killed outright.
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
+        # Own process group, same session: a Ctrl-C meant for the owner must not
+        # kill the server before the owner has deregistered, and the
+        # parent-death signal stops it if the owner is killed outright. Not a
+        # session of its own: that puts the server in its own scheduler
+        # autogroup, where busy vLLM engines starved it for seconds at a time
+        # (runnable, not run) and every gateway's reservations timed out.
+        # stderr goes to a file: a pipe nobody reads would block the server
+        # once full.
+        with (data_dir / "valkey.err").open("wb") as errors:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+                process_group=0,
+                preexec_fn=_die_with_parent,
+            )
         deadline = time.monotonic() + timeout_s
         while not _ping(host, port):
             if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
+                err = (data_dir / "valkey.err").read_text(errors="replace")
                 raise RuntimeError(f"valkey-server exited with {proc.returncode}: {err}")
             if time.monotonic() > deadline:
                 proc.kill()
@@ -131,8 +137,6 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self.process.stderr is not None:
-            self.process.stderr.close()
         log.info("embedded Valkey stopped")
 
 
