@@ -78,21 +78,6 @@ class Server:
         procs = [root, *root.children(recursive=True)]
         return sum(p.memory_info().rss for p in procs) / 2**20
 
-    def renice_children(self, nice: int) -> int:
-        """Set the nice value of every thread of the server's child processes
-        (a vLLM worker's engine core), not of the server itself; Linux nice is
-        per thread. Returns how many threads were changed."""
-        import psutil
-
-        count = 0
-        for child in psutil.Process(self.proc.pid).children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-                for thread in child.threads():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.setpriority(os.PRIO_PROCESS, thread.id, nice)
-                        count += 1
-        return count
-
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
