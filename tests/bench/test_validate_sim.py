@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from bench import validate_sim as vs
+from bench.simulator import simulate
 from instance.sim.latency import LatencyModel
 
 MODEL = LatencyModel(step_base_s=0.005, prefill_per_token_s=4e-5, decode_per_seq_s=5e-4,
@@ -44,7 +45,7 @@ def test_slowdown_and_overhead_fits_recover_a_simulated_measurement(slowdown: fl
     """A "measurement" simulated with a known slowdown and overhead is fitted back."""
     cal, trace = calibration(), vs.make_trace(60, 3.0, seed=1)
     truth = vs.hardware(cal, 256, 2048, slowdown)
-    measured = vs.simulate(trace.requests, vs.sim_config(truth, 0)).summary
+    measured = simulate(trace.requests, vs.sim_config(truth, 0)).summary
     fitted = vs.fit_slowdown(cal, 256, 2048, trace, measured["tpot_s"]["mean"], 0)
     assert fitted == pytest.approx(slowdown, rel=0.01)
     hw = vs.hardware(cal, 256, 2048, fitted)
