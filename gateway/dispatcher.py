@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -165,6 +166,7 @@ class Dispatcher:
             best = ranked
             known = best.num_reserved + 1
             self._pending[best.instance_id] = self._pending.get(best.instance_id, 0) + 1
+            started = time.perf_counter()
             try:
                 count = await asyncio.wait_for(
                     self._reservations.reserve(
@@ -180,6 +182,7 @@ class Dispatcher:
                 return best
             finally:
                 self._pending[best.instance_id] -= 1
+                self._metrics.redis_call.labels("reserve").observe(time.perf_counter() - started)
             self._view.snapshot.note_reserved(best.instance_id, count)
             if count <= known:
                 return best

@@ -46,13 +46,15 @@ def build_app(settings: GatewaySettings, redis_url: str) -> FastAPI:
         keys_schema = KeySchema(settings.namespace)
         reservations = Reservations(redis, keys_schema, settings.reservation_ttl_s)
         demand = DemandBoard(redis, keys_schema)
+        session = make_session(settings.connect_timeout_s)
+        metrics = GatewayMetrics(new_registry())
         view = ClusterView(StateStore(redis, keys_schema), reservations,
                            refresh_interval_s=settings.view_refresh_interval_s,
                            max_staleness_s=settings.view_max_staleness_s,
                            reservation_grace_s=settings.reservation_grace_s,
-                           demand=demand)  # fmt: skip
-        session = make_session(settings.connect_timeout_s)
-        metrics = GatewayMetrics(new_registry())
+                           demand=demand,
+                           on_refresh=metrics.redis_call.labels("refresh").observe)  # fmt: skip
+        metrics.view_age.set_function(lambda: view.age_s)
         retry = RetryPolicy(settings.max_attempts, settings.retry_backoff_s)
         tracer = make_tracer("shoal-gateway", settings.otlp_endpoint)
         hold = HoldPolicy(settings.max_held_requests, settings.hold_timeout_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_REDIS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -35,6 +36,15 @@ class GatewayMetrics:
                           registry=registry)  # fmt: skip
         self.hold_timeouts = Counter(p + "hold_timeouts", "Held requests answered 503",
                                      registry=registry)  # fmt: skip
+        self.redis_call = Histogram(
+            p + "redis_call_seconds",
+            "Round trip of the gateway's Redis calls: a reservation (cut at the reservation "
+            "timeout) or a cluster-view refresh",
+            ["call"], buckets=_REDIS, registry=registry,
+        )  # fmt: skip
+        self.view_age = Gauge(p + "view_age_seconds",
+                              "Seconds since the cluster view was last refreshed from Redis",
+                              registry=registry)  # fmt: skip
         self.reservations_skipped = Counter(
             p + "reservations_skipped", "Dispatches without a reservation (Redis slow or down)",
             registry=registry,

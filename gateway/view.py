@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,8 +72,12 @@ class ClusterView:
         reservation_grace_s: float = 0.1,
         demand: DemandBoard | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_refresh: Callable[[float], None] | None = None,
     ) -> None:
+        """``on_refresh`` is called with the duration of every refresh attempt,
+        whether it succeeded or not."""
         self._store = store
+        self._on_refresh = on_refresh
         self._demand = demand
         self._reservations = reservations
         self._interval = refresh_interval_s
@@ -100,6 +105,7 @@ class ClusterView:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            started = self._clock()
             try:
                 await self.refresh()
             except Exception as exc:
@@ -108,7 +114,14 @@ class ClusterView:
                     log.warning(
                         "cluster view refresh failed (%d in a row): %s", self._failures, exc
                     )
+            if self._on_refresh is not None:
+                self._on_refresh(self._clock() - started)
             await asyncio.sleep(self._interval)
+
+    @property
+    def age_s(self) -> float:
+        """Seconds since the last successful refresh (infinite before the first)."""
+        return math.inf if self._last_ok is None else self._clock() - self._last_ok
 
     @property
     def fresh(self) -> bool:

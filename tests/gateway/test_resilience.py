@@ -15,6 +15,12 @@ from infra.embedded_redis import EmbeddedRedis
 from tests.helpers import REPO, free_port, start_gateway, start_worker, wait_for
 
 
+def _metric_values(text: str) -> dict[str, float]:
+    """Prometheus text exposition as {sample with labels: value}."""
+    samples = (line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#")
+    return {name: float(value) for name, value in samples}
+
+
 def test_gateway_never_imports_torch_vllm_or_transformers() -> None:
     code = (
         "import sys; import gateway.main as m; from infra.settings import GatewaySettings; "
@@ -42,14 +48,27 @@ def test_gateway_serves_through_a_redis_outage_and_recovers(tmp_path: Path) -> N
 
         # A frozen Redis (starved, not down): requests go out without waiting
         # for their reservation, and the skips are counted.
+        before = _metric_values(httpx.get(url + "/metrics").text)
         redis.process.send_signal(signal.SIGSTOP)
         try:
             for _ in range(3):
                 assert httpx.post(url + "/v1/completions", json=body, timeout=30).status_code == 200
+            # Three reservations of at least the 0.1 s timeout each went by
+            # since the last refresh could have succeeded.
+            frozen = _metric_values(httpx.get(url + "/metrics").text)
+            assert frozen["shoal_gateway_view_age_seconds"] >= 0.3
         finally:
             redis.process.send_signal(signal.SIGCONT)
         metrics = httpx.get(url + "/metrics").text
         assert "shoal_gateway_reservations_skipped_total 3.0" in metrics
+        after = _metric_values(metrics)
+
+        def reserve_delta(sample: str, labels: str = "") -> float:
+            key = f'shoal_gateway_redis_call_seconds_{sample}{{call="reserve"{labels}}}'
+            return after[key] - before.get(key, 0.0)
+
+        calls, fast = reserve_delta("count"), reserve_delta("bucket", ',le="0.05"')
+        assert calls == 3 and fast == 0  # each waited out the timeout
 
         redis.stop()
         wait_for(lambda: httpx.get(url + "/readyz").status_code == 503, timeout_s=10)
