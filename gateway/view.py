@@ -126,11 +126,9 @@ class ClusterView:
     @property
     def fresh(self) -> bool:
         """The last refresh succeeded recently (the gateway is ready)."""
-        return self._last_ok is not None and self._clock() - self._last_ok < max(
-            1.0, 10 * self._interval
-        )
+        return self.age_s < max(1.0, 10 * self._interval)
 
     @property
     def usable(self) -> bool:
         """The view is recent enough to dispatch from."""
-        return self._last_ok is not None and self._clock() - self._last_ok < self._max_staleness
+        return self.age_s < self._max_staleness
