@@ -17,14 +17,14 @@ from redis.exceptions import RedisError
 from gateway.metrics import GatewayMetrics
 from gateway.policies import Candidate, DispatchContext, DispatchPolicy, DispatchRequest
 from gateway.reservations import Reservations
-from gateway.upstream import InstanceClient, UpstreamError
+from gateway.upstream import InstanceClient, UpstreamError, UpstreamRefused
 from gateway.view import ClusterView
 from infra.demand import DemandBoard
-from infra.errors import NotFoundError, ServiceUnavailableError
+from infra.errors import NotFoundError, ServiceUnavailableError, ShoalError
 from infra.openai_protocol.render import StreamBroken
 from infra.records import Priority
 from infra.telemetry import inject_context
-from instance.api import ChunkBatch, GenerateRequest
+from instance.api import ChunkBatch, Continuation, GenerateChunk, GenerateRequest
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,54 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RetryPolicy:
     max_attempts: int = 3
+    """Instances tried before anything reached the client."""
     backoff_s: float = 0.05
+    max_replays: int = 3
+    """Times a stream that broke after its first token is taken up again elsewhere."""
+
+
+class _Broken(Exception):
+    """An attempt failed: the instance at ``address`` broke the stream."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(reason)
+        self.address = address
+
+
+@dataclass
+class _Sent:
+    """What the client has of the request so far: a replay starts after it."""
+
+    token_ids: list[int]
+    chars: int = 0
+    batches: int = 0
+
+    def note(self, batch: ChunkBatch) -> None:
+        for chunk in batch:
+            self.token_ids.extend(chunk.token_ids)
+            self.chars += len(chunk.text)
+        self.batches += 1
+
+    def replay_of(self, body: GenerateRequest, replay: int) -> GenerateRequest:
+        """``body`` continued after what was sent, under an id of its own (the
+        broken instance, or a migration destination, may still know the old one)."""
+        if not self.token_ids:
+            return body.model_copy(update={"request_id": f"{body.request_id}.r{replay}"})
+        cont = Continuation(output_token_ids=list(self.token_ids), emitted_chars=self.chars)
+        return body.model_copy(
+            update={"request_id": f"{body.request_id}.r{replay}", "continuation": cont}
+        )
+
+
+def _failure(chunk: GenerateChunk) -> str | None:
+    """Why ``chunk`` ends its stream without the request being done, if it does.
+    An ``abort`` the client did not ask for (the instance stopped, or an
+    operator aborted it there) is such an end too: the request goes on elsewhere."""
+    if chunk.error is not None:
+        return chunk.error.message
+    if chunk.finish_reason == "abort":
+        return "the instance aborted the request"
+    return None
 
 
 @dataclass(frozen=True)
@@ -192,51 +239,113 @@ class Dispatcher:
     async def generate(
         self, body: GenerateRequest, model: str, parent: Context | None = None
     ) -> AsyncGenerator[ChunkBatch, None]:
-        """Stream the request's chunks (in batches) from the best instance, retrying elsewhere
-        on failure before the first chunk. Raises :class:`StreamBroken` after.
-        Each attempt is traced as a ``gateway.dispatch`` span and a
-        ``gateway.proxy`` span whose context travels to the instance."""
+        """Stream the request's chunks (in batches) from the best instance,
+        following it when it migrates. An attempt that fails before anything
+        reached the client is retried on another instance; one that fails
+        after is *replayed* on another instance from the tokens the client
+        already has (the recompute path of migration), so the stream goes on
+        with nothing lost or repeated. Raises :class:`StreamBroken` once the
+        replays are used up. Each attempt is traced as a ``gateway.dispatch``
+        span and a ``gateway.proxy`` span whose context travels to the instance."""
         assert body.request_id is not None
         exclude: set[str] = set()
-        for attempt in range(self._retry.max_attempts):
-            with self._tracer.start_as_current_span("gateway.dispatch", context=parent) as span:
-                chosen = await self._choose(body, model, exclude)
-                span.set_attribute("shoal.instance_id", chosen.instance_id)
-                span.set_attribute("shoal.attempt", attempt + 1)
+        sent = _Sent([])
+        failures = replays = 0
+        request = body
+        while True:
+            try:
+                with self._tracer.start_as_current_span("gateway.dispatch", context=parent) as sp:
+                    chosen = await self._choose(request, model, exclude)
+                    sp.set_attribute("shoal.instance_id", chosen.instance_id)
+                    sp.set_attribute("shoal.attempt", failures + replays + 1)
+            except ShoalError as exc:
+                if sent.batches:
+                    raise StreamBroken(f"no instance to continue on: {exc.message}") from exc
+                raise
             self._metrics.dispatched.labels(chosen.instance_id).inc()
-            started = False
+            before = sent.batches
             proxy = self._tracer.start_span("gateway.proxy", context=parent)
             proxy.set_attribute("shoal.instance_id", chosen.instance_id)
             headers = inject_context({}, trace.set_span_in_context(proxy))
             try:
-                moved_to: str | None = None
-                async for batch in self._upstream.stream(chosen.info.address, body, headers):
-                    started = True
-                    moved_to, batch = _split_migrated(batch)
-                    if batch:
-                        yield batch
-                while moved_to is not None:  # the request moved: follow it
-                    self._metrics.migrations_followed.inc()
-                    async for batch in self._upstream.resume(moved_to, body.request_id):
-                        moved_to, batch = _split_migrated(batch)
-                        if batch:
-                            yield batch
+                async for batch in self._follow(chosen.info.address, request, headers):
+                    sent.note(batch)
+                    yield batch
                 return
-            except UpstreamError as exc:
-                if started:
+            except _Broken as exc:
+                exclude.add(self._instance_at(exc.address) or chosen.instance_id)
+                if not sent.batches:
+                    failures += 1
+                    self._metrics.retries.inc()
+                    log.warning("attempt %d of %s failed on %s: %s", failures, body.request_id,
+                                exc.address, exc)  # fmt: skip
+                    if failures >= self._retry.max_attempts:
+                        raise ServiceUnavailableError(
+                            f"no instance could serve the request after {failures} attempts"
+                        ) from exc
+                    await asyncio.sleep(self._retry.backoff_s * (2 ** (failures - 1)))
+                    continue
+                replays += 1
+                if replays > self._retry.max_replays:
                     raise StreamBroken(str(exc)) from exc
-                exclude.add(chosen.instance_id)
-                self._metrics.retries.inc()
-                log.warning("attempt %d of %s failed on %s: %s", attempt + 1,
-                            body.request_id, chosen.instance_id, exc)  # fmt: skip
-                await asyncio.sleep(self._retry.backoff_s * (2**attempt))
+                self._metrics.replays.inc()
+                log.warning("%s broke on %s after %d tokens (%s): replaying it elsewhere",
+                            body.request_id, exc.address, len(sent.token_ids), exc)  # fmt: skip
+                request = sent.replay_of(body, replays)
+            except UpstreamRefused as exc:
+                if sent.batches:  # the continuation was refused: nothing more to try
+                    raise StreamBroken(f"the replay was refused: {exc}") from exc
+                raise
             finally:
                 proxy.end()
-                if not started:  # a failed attempt must not keep counting
-                    await _quietly(self._reservations.release(chosen.instance_id, body.request_id))
-        raise ServiceUnavailableError(
-            f"no instance could serve the request after {self._retry.max_attempts} attempts"
-        )
+                if sent.batches == before:  # a failed attempt must not keep counting
+                    rid = request.request_id or ""
+                    await _quietly(self._reservations.release(chosen.instance_id, rid))
+
+    async def _follow(
+        self, address: str, request: GenerateRequest, headers: dict[str, str]
+    ) -> AsyncGenerator[ChunkBatch, None]:
+        """The request's chunks from ``address`` and from wherever it migrates,
+        up to its last chunk. Raises :class:`_Broken` (naming the instance that
+        failed) when a stream fails, is refused, or ends before the request."""
+        assert request.request_id is not None
+        stream = self._upstream.stream(address, request, headers)
+        while True:
+            moved_to: str | None = None
+            finished = False
+            try:
+                async for batch in stream:
+                    moved_to, batch = _split_migrated(batch)
+                    good, failure = _until_failure(batch)
+                    if good:
+                        yield good
+                    if failure is not None:
+                        raise _Broken(address, failure)
+                    finished = finished or any(c.finish_reason for c in good)
+            except UpstreamError as exc:
+                raise _Broken(address, str(exc)) from exc
+            finally:
+                await stream.aclose()
+            if moved_to is None:
+                if not finished:
+                    raise _Broken(address, "the stream ended before the request finished")
+                return
+            self._metrics.migrations_followed.inc()
+            address = moved_to
+            stream = self._upstream.resume(moved_to, request.request_id)
+
+    def _instance_at(self, address: str) -> str | None:
+        return next((v.info.instance_id for v in self._view.snapshot.instances
+                     if v.info.address == address), None)  # fmt: skip
+
+
+def _until_failure(batch: ChunkBatch) -> tuple[ChunkBatch, str | None]:
+    """The chunks of ``batch`` before one that breaks the stream, and why it does."""
+    for i, chunk in enumerate(batch):
+        failure = _failure(chunk)
+        if failure is not None:
+            return batch[:i], failure
+    return batch, None
 
 
 def _split_migrated(batch: ChunkBatch) -> tuple[str | None, ChunkBatch]:

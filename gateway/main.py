@@ -55,7 +55,7 @@ def build_app(settings: GatewaySettings, redis_url: str) -> FastAPI:
                            demand=demand,
                            on_refresh=metrics.redis_call.labels("refresh").observe)  # fmt: skip
         metrics.view_age.set_function(lambda: view.age_s)
-        retry = RetryPolicy(settings.max_attempts, settings.retry_backoff_s)
+        retry = RetryPolicy(settings.max_attempts, settings.retry_backoff_s, settings.max_replays)
         tracer = make_tracer("shoal-gateway", settings.otlp_endpoint)
         hold = HoldPolicy(settings.max_held_requests, settings.hold_timeout_s)
         dispatcher = Dispatcher(view, policy, reservations, InstanceClient(session), metrics, retry,

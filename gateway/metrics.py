@@ -26,6 +26,10 @@ class GatewayMetrics:
                                   ["instance"], registry=registry)  # fmt: skip
         self.retries = Counter(p + "retries", "Attempts retried on another instance",
                                registry=registry)  # fmt: skip
+        self.replays = Counter(
+            p + "replays", "Streams broken after their first token and continued on another "
+            "instance from the tokens already sent", registry=registry,
+        )  # fmt: skip
         self.migrations_followed = Counter(
             p + "migrations_followed", "Streams resumed on another instance after a migration",
             registry=registry,

@@ -98,6 +98,12 @@ class InstanceSettings(CommonSettings):
     """Sim engine: modelled start-up time (loading weights) before it serves,
     for cold-start experiments (vLLM loads LLaMA-7B in ~30-60 s on a GPU)."""
 
+    resume_timeout_s: float = Field(default=60.0, gt=0.0)
+    """A migrated-in request is held for its client from the hand-off on; if no
+    client has resumed it this long after, it is aborted (logged with its id and
+    counted in ``shoal_instance_migrations_unclaimed_total``). The client's
+    gateway follows at once, so this only ends requests whose client is gone."""
+
     high_priority_headroom_blocks: int = Field(default=32, ge=0)
     """Blocks of virtual usage a high-priority request adds to its instance, so the
     instance's batch stays small and its decoding fast (Llumnix headroom)."""
@@ -179,6 +185,11 @@ class GatewaySettings(CommonSettings):
 
     retry_backoff_s: float = Field(default=0.05, ge=0.0)
     """Base backoff between attempts (doubles each attempt)."""
+
+    max_replays: int = Field(default=3, ge=0)
+    """Times a stream whose instance fails after its first token is continued on
+    another instance from the tokens already sent (token replay); after that the
+    client gets an OpenAI-format error event."""
 
     reservation_ttl_s: float = Field(default=10.0, gt=0.0)
     """Lifetime of an in-flight reservation that is never released."""

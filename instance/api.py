@@ -37,6 +37,17 @@ class Message(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class Continuation(BaseModel):
+    """A request taken up again after the instance serving it failed: the
+    output its client already has. The instance generates only the rest,
+    realigning the text at the seam, and counts it all in ``usage``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output_token_ids: list[int] = Field(min_length=1)
+    emitted_chars: int = Field(ge=0, description="characters of text the client has")
+
+
 class GenerateRequest(BaseModel):
     """A generation request: chat ``messages`` or a raw ``prompt`` (text or ids)."""
 
@@ -63,6 +74,8 @@ class GenerateRequest(BaseModel):
     migratable: bool = False
     """The caller follows ``migrated_to`` chunks (the gateway does), so the
     request may be live-migrated to another instance."""
+    continuation: Continuation | None = None
+    """Set when the gateway replays a request whose instance failed mid-stream."""
 
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
@@ -76,6 +89,9 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError("'min_tokens' must not exceed 'max_tokens'")
+        done = len(self.continuation.output_token_ids) if self.continuation else 0
+        if self.max_tokens is not None and done >= self.max_tokens:
+            raise ValueError("a continuation must leave tokens to generate within 'max_tokens'")
         return self
 
     @property

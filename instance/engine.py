@@ -7,7 +7,7 @@ Two engines implement it: ``vllm`` (upstream vLLM's ``AsyncLLM``) and ``sim``
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -160,6 +160,10 @@ class KvPort(Protocol):
         ...
 
 
+def _nothing() -> None:
+    """The default ``admitted`` callback."""
+
+
 class EngineDeadError(RuntimeError):
     """The engine stopped working; the instance must leave the registry."""
 
@@ -180,9 +184,14 @@ class Engine(Protocol):
 
     async def stop(self) -> None: ...
 
-    def generate(self, request: EngineRequest) -> AsyncGenerator[TokenDelta, None]:
-        """Stream deltas until the request finishes. Closing the iterator early
-        (the caller went away) must abort the request and free its blocks."""
+    def generate(
+        self, request: EngineRequest, admitted: Callable[[], None] = _nothing
+    ) -> AsyncGenerator[TokenDelta, None]:
+        """Stream deltas until the request finishes. ``admitted`` is called
+        once the engine has taken the request (it runs or waits in the
+        scheduler's queue): a migration hands the client over then. Closing
+        the iterator early (the caller went away) must abort the request and
+        free its blocks."""
         ...
 
     async def abort(self, request_id: str) -> bool: ...

@@ -40,6 +40,8 @@ class Generation:
     realign_text: bool = False
     """Set on a migrated-in request until its text is realigned: the engine
     here never saw the characters a token split across the move had pending."""
+    admitted: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once an engine here has taken the request (running or queued)."""
     _outcome: asyncio.Future[str | None] | None = None
 
     @property

@@ -115,6 +115,7 @@ async def serve(settings: InstanceSettings) -> None:
             address=f"http://{settings.public_host}:{port}",
             served_model_name=served_name,
             vocab_size=vocab,
+            resume_timeout_s=settings.resume_timeout_s,
             report=ReporterConfig(
                 interval_s=settings.report_interval_s,
                 ttl_s=settings.heartbeat_ttl_s,

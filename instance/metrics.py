@@ -51,8 +51,14 @@ class InstanceMetrics:
             ["mode", "outcome"], registry=registry,
         )  # fmt: skip
         self.migration_downtime = Histogram(
-            p + "migration_downtime_seconds", "Time a migrated request made no progress",
+            p + "migration_downtime_seconds",
+            "Migrated-in requests: from the freeze on their source to their first token here",
             ["mode"], buckets=_LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.migrations_unclaimed = Counter(
+            p + "migrations_unclaimed",
+            "Migrated-in requests aborted because no client resumed them in time",
+            registry=registry,
         )  # fmt: skip
         self.migration_bytes = Counter(
             p + "migration_bytes", "KV bytes copied out by migrations", registry=registry

@@ -27,7 +27,6 @@ from migration.protocol import (
     MigrateRequest,
     MigrationRecord,
     MigrationStatus,
-    Outcome,
     ReserveRequest,
     ResumeSpec,
     RunningRequest,
@@ -157,9 +156,7 @@ class MigrationService:
         m = self.worker.metrics
         m.migrations.labels(record.mode, record.outcome.value).inc()
         m.migration_bytes.inc(record.bytes)
-        if record.outcome is Outcome.MIGRATED and record.downtime_s is not None:
-            m.migration_downtime.labels(record.mode).observe(record.downtime_s)
-        log.info("migration %s -> %s: %s (%s, %d stages, %d blocks, downtime %s)",
+        log.info("migration %s -> %s: %s (%s, %d stages, %d blocks, hand-off after %s s)",
                  record.request_id, record.destination, record.outcome.value, record.mode,
                  record.stages, record.blocks, record.downtime_s)  # fmt: skip
 
@@ -184,7 +181,7 @@ def add_migration_routes(app: FastAPI, service: MigrationService) -> None:
     async def migrations() -> MigrationStatus:
         return MigrationStatus(in_flight=sorted(service.outgoing) + inbox.in_flight,
                                reserved_blocks=inbox.reserved_blocks,
-                               history=list(service.history))  # fmt: skip
+                               parked=worker.parked, history=list(service.history))  # fmt: skip
 
     @app.get("/migrations/kv")
     async def kv_status() -> dict[str, object]:
@@ -208,7 +205,7 @@ def add_migration_routes(app: FastAPI, service: MigrationService) -> None:
     @app.post("/migration/commit", response_model=CommitReply)
     async def commit(body: ResumeSpec) -> CommitReply:
         _check_serving(worker)
-        return CommitReply(first_token_s=await inbox.commit(body, worker))
+        return CommitReply(admitted_s=await inbox.commit(body, worker))
 
     @app.post("/migration/abort")
     async def abort(body: AbortMigration) -> dict[str, bool]:

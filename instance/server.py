@@ -12,7 +12,7 @@ from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from infra.errors import ServiceUnavailableError, install_error_handlers
+from infra.errors import BadRequestError, ServiceUnavailableError, install_error_handlers
 from infra.http import BodyLimitMiddleware, unless_disconnected
 from infra.records import InstanceInfo, InstanceStatus, LoadReport
 from infra.telemetry import extract_context
@@ -70,8 +70,10 @@ def create_app(
             span.set_attribute("shoal.priority", ereq.priority.value)
             span.set_attribute("shoal.prompt_tokens", len(ereq.prompt_token_ids))
         if body.stream:
-            chunks = worker.run(ereq, migratable=body.migratable)
+            chunks = worker.run(ereq, migratable=body.migratable, continuation=body.continuation)
             return StreamingResponse(ndjson(ereq.request_id, chunks), media_type=NDJSON_MEDIA_TYPE)
+        if body.continuation is not None:
+            raise BadRequestError("a continuation is streamed", param="stream")
         return await _whole(worker, ereq, request)
 
     @app.post("/abort/{request_id}", response_model=AbortResponse)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,7 +204,9 @@ class VllmEngine:
         await self._llm.abort(request_id)
         return True
 
-    async def generate(self, request: EngineRequest) -> AsyncGenerator[TokenDelta, None]:
+    async def generate(
+        self, request: EngineRequest, admitted: Callable[[], None] = lambda: None
+    ) -> AsyncGenerator[TokenDelta, None]:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -232,10 +234,14 @@ class VllmEngine:
         self._tracked[request.request_id] = tracked
         finished = False
         try:
-            stream = self._llm.generate(
-                prompt, params, request.request_id, priority=request.priority.rank
+            # ``add_request`` then the request's output queue, as vLLM's own
+            # ``generate`` does, so the caller learns when the engine has it.
+            outputs = await self._llm.add_request(
+                request.request_id, prompt, params, priority=request.priority.rank
             )
-            async for output in stream:
+            admitted()
+            while not finished:
+                output = outputs.get_nowait() or await outputs.get()
                 completion = output.outputs[0]
                 tracked.num_output += len(completion.token_ids)
                 finished = output.finished

@@ -24,7 +24,7 @@ from infra.errors import (
 )
 from infra.records import InstanceInfo, InstanceStatus
 from infra.store import StateStore
-from instance.api import GenerateChunk, GenerateRequest, Usage
+from instance.api import Continuation, GenerateChunk, GenerateRequest, Usage
 from instance.engine import ChatMessage, Engine, EngineRequest, SamplingSpec
 from instance.generation import Generation
 from instance.metrics import InstanceMetrics
@@ -41,8 +41,9 @@ class WorkerConfig:
     report: ReporterConfig
     vocab_size: int | None = None
     health_check_interval_s: float = 0.5
-    resume_timeout_s: float = 30.0
-    """A migrated-in request nobody resumes within this long is aborted."""
+    resume_timeout_s: float = 60.0
+    """A migrated-in request nobody resumes within this long of its hand-off
+    is aborted (its client is gone)."""
 
 
 class InstanceWorker:
@@ -170,6 +171,8 @@ class InstanceWorker:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                 f"the context of {max_len} tokens", param="max_tokens",
             )  # fmt: skip
+        if req.continuation is not None:
+            self._check_continuation(req.continuation, max_tokens)
         request_id = req.request_id or f"req-{uuid.uuid4().hex}"
         if request_id in self._generations:
             raise BadRequestError(
@@ -182,6 +185,15 @@ class InstanceWorker:
             priority=req.priority,
             arrival_time=self._clock(),
         )
+
+    def _check_continuation(self, cont: Continuation, max_tokens: int) -> None:
+        vocab = self.config.vocab_size
+        if any(t < 0 or (vocab is not None and t >= vocab) for t in cont.output_token_ids):
+            raise BadRequestError(f"token ids must be in [0, {vocab})",
+                                  param="continuation.output_token_ids")  # fmt: skip
+        if len(cont.output_token_ids) >= max_tokens:
+            raise BadRequestError("the continuation leaves no tokens to generate",
+                                  param="continuation")  # fmt: skip
 
     def _tokenize(self, req: GenerateRequest) -> list[int]:
         tok = self.engine.tokenizer
@@ -217,15 +229,21 @@ class InstanceWorker:
 
     async def run(
         self, request: EngineRequest, generation: Generation | None = None, *,
-        migratable: bool = False,
+        migratable: bool = False, continuation: Continuation | None = None,
     ) -> AsyncGenerator[GenerateChunk, None]:  # fmt: skip
         """Generate, yielding one chunk per engine delta. Closing the iterator
         aborts the request in the engine. A migration may freeze the request
         mid-way: the stream then ends with a ``migrated`` chunk, or carries on
-        here if the migration rolled back."""
+        here if the migration rolled back. A ``continuation`` (a replayed
+        request) starts after the output its client has, like a request
+        migrated in by recompute."""
         gen = generation or Generation(
             request, num_prompt_tokens=len(request.prompt_token_ids), migratable=migratable
         )
+        if continuation is not None:
+            gen.earlier_output = tuple(continuation.output_token_ids)
+            gen.emitted_chars = continuation.emitted_chars
+            gen.realign_text = True
         rid = gen.request_id
         priority = request.priority.value
         self._generations[rid] = gen
@@ -234,7 +252,8 @@ class InstanceWorker:
         finish: str | None = None
         try:
             while finish is None:
-                async with contextlib.aclosing(self.engine.generate(gen.next_segment())) as deltas:
+                segment = self.engine.generate(gen.next_segment(), gen.admitted.set)
+                async with contextlib.aclosing(segment) as deltas:
                     async for delta in deltas:
                         if gen.frozen:
                             continue  # the destination produces these again
@@ -282,21 +301,26 @@ class InstanceWorker:
                 self.metrics.e2e.labels(priority).observe(self._clock() - request.arrival_time)
 
     # -- migrated-in requests ------------------------------------------------
-    def adopt(self, gen: Generation) -> asyncio.Future[float | None]:
-        """Run a migrated-in request, holding its chunks until the client's
-        gateway resumes it (``resume``). Resolves at its first token here
-        with the seconds it took (None if it ended first)."""
+    async def adopt(self, gen: Generation, *, frozen_for_s: float = 0.0) -> asyncio.Future[None]:
+        """Run a migrated-in request and return once the engine has admitted
+        it (the hand-off: raises if it could not). From then on its chunks are
+        held for the client's gateway, which resumes it (``resume``); if none
+        does within ``resume_timeout_s`` it is aborted. The returned future
+        resolves at its first token here, or when it ends without one."""
         loop = asyncio.get_running_loop()
-        started: asyncio.Future[float | None] = loop.create_future()
+        first: asyncio.Future[None] = loop.create_future()
         queue: asyncio.Queue[GenerateChunk | None] = asyncio.Queue()
         t0 = self._clock()
+        mode = "kv" if gen.kv_load is not None else "recompute"
 
         async def pump() -> None:
             try:
                 async with contextlib.aclosing(self.run(gen.request, gen)) as chunks:
                     async for chunk in chunks:
-                        if chunk.token_ids and not started.done():
-                            started.set_result(self._clock() - t0)
+                        if chunk.token_ids and not first.done():
+                            first.set_result(None)
+                            downtime = frozen_for_s + self._clock() - t0
+                            self.metrics.migration_downtime.labels(mode).observe(downtime)
                         queue.put_nowait(chunk)
             except Exception as exc:
                 log.exception("migrated-in request %s failed", gen.request_id)
@@ -305,21 +329,35 @@ class InstanceWorker:
                     error=ErrorDetail(message=f"engine error: {exc}", type="engine_error"),
                 ))  # fmt: skip
             finally:
-                if not started.done():
-                    started.set_result(None)
+                if not first.done():
+                    first.set_result(None)
                 queue.put_nowait(None)
 
         task = asyncio.create_task(pump(), name=f"adopted-{gen.request_id}")
+        admitted = asyncio.ensure_future(gen.admitted.wait())
+        await asyncio.wait({admitted, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not gen.admitted.is_set():
+            admitted.cancel()
+            raise ServiceUnavailableError(
+                f"the engine did not take migrated request {gen.request_id!r}"
+            )
         self._parked[gen.request_id] = (queue, task)
         loop.call_later(self.config.resume_timeout_s, self._unclaimed, gen.request_id, task)
-        return started
+        return first
 
     def _unclaimed(self, request_id: str, task: asyncio.Task[None]) -> None:
         parked = self._parked.get(request_id)
         if parked is not None and parked[1] is task:
-            log.warning("nobody resumed migrated request %s: aborting it", request_id)
+            log.warning("nobody resumed migrated request %s within %.0f s of its hand-off: "
+                        "aborting it", request_id, self.config.resume_timeout_s)  # fmt: skip
+            self.metrics.migrations_unclaimed.inc()
             del self._parked[request_id]
             task.cancel()
+
+    @property
+    def parked(self) -> list[str]:
+        """Migrated-in requests whose client has not resumed them yet."""
+        return sorted(self._parked)
 
     def resume(self, request_id: str) -> AsyncGenerator[GenerateChunk, None]:
         """The chunks of a migrated-in request, for the one client that

@@ -37,10 +37,11 @@ class StageFailed(ShoalError):
 
 
 class Adopter(Protocol):
-    """The worker: runs an adopted generation until a client resumes it."""
+    """The worker: runs an adopted generation, holding its output for the client."""
 
-    def adopt(self, gen: Generation) -> asyncio.Future[float | None]:
-        """Start ``gen``; the future resolves at its first token (seconds)."""
+    async def adopt(self, gen: Generation, *, frozen_for_s: float) -> asyncio.Future[None]:
+        """Start ``gen`` and return once the engine has admitted it (raise if
+        it could not); the future resolves at its first token, or at its end."""
         ...
 
 
@@ -66,6 +67,7 @@ class Inbox:
         self._timeout_s = timeout_s
         self._clock = clock
         self._incoming: dict[str, _Incoming] = {}
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     @property
     def reserved_blocks(self) -> int:
@@ -101,39 +103,35 @@ class Inbox:
         except WireError as exc:
             raise StageFailed(str(exc)) from exc
 
-    async def commit(
-        self, spec: ResumeSpec, adopter: Adopter, timeout_s: float = 60.0
-    ) -> float | None:
-        """Adopt the request; returns seconds until its first token here."""
+    async def commit(self, spec: ResumeSpec, adopter: Adopter) -> float:
+        """Adopt the request; returns once the engine has admitted it (the
+        hand-off), with the seconds that took."""
         self._incoming.pop(spec.key, None)  # its blocks now belong to the request
-        gen = Generation(
-            EngineRequest(
-                request_id=spec.request_id,
-                prompt_token_ids=tuple(spec.prompt_token_ids),
-                sampling=SamplingSpec(
-                    max_tokens=spec.max_tokens, temperature=spec.temperature,
-                    top_p=spec.top_p, top_k=spec.top_k, min_tokens=spec.min_tokens,
-                    seed=spec.seed, stop=tuple(spec.stop), ignore_eos=spec.ignore_eos,
-                    presence_penalty=spec.presence_penalty,
-                    frequency_penalty=spec.frequency_penalty,
-                    repetition_penalty=spec.repetition_penalty,
-                ),
-                priority=spec.priority,
-                arrival_time=spec.arrival_time,
-            ),
-            num_prompt_tokens=len(spec.prompt_token_ids),
-            earlier_output=tuple(spec.output_token_ids),
-            migratable=True,
-            kv_load=KvLoad(spec.key, spec.num_kv_tokens) if spec.num_kv_tokens else None,
-            emitted_chars=spec.emitted_chars,
-            realign_text=True,
-        )  # fmt: skip
-        started = adopter.adopt(gen)
+        t0 = self._clock()
         try:
-            return await asyncio.wait_for(started, timeout_s)
-        finally:
-            if self._port is not None:  # loaded by now, or never needed (cache hit)
-                await self._port.drop(spec.key)
+            first = await adopter.adopt(_generation(spec), frozen_for_s=spec.frozen_for_s)
+        except BaseException:
+            await self._drop_staged(spec.key)
+            raise
+        # The engine loads the staged KV when it schedules the request, which
+        # may be after a queue: keep it until the request has run (or ended).
+        task = asyncio.create_task(self._drop_after(first, spec.key), name=f"drop-{spec.key}")
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        return self._clock() - t0
+
+    async def _drop_after(self, first: asyncio.Future[None], key: str) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        await self._drop_staged(key)
+
+    async def _drop_staged(self, key: str) -> None:
+        if self._port is None:
+            return
+        try:
+            await self._port.drop(key)
+        except Exception as exc:  # the engine is gone: nothing is left to drop
+            log.warning("could not drop staged KV of %s: %s", key, exc)
 
     async def abort(self, key: str) -> None:
         self._incoming.pop(key, None)
@@ -148,3 +146,29 @@ class Inbox:
                 log.warning("migration %s timed out: dropping its reservation", key)
                 with contextlib.suppress(Exception):
                     await self.abort(key)
+
+
+def _generation(spec: ResumeSpec) -> Generation:
+    """The migrated-in request as this instance continues it."""
+    return Generation(
+        EngineRequest(
+            request_id=spec.request_id,
+            prompt_token_ids=tuple(spec.prompt_token_ids),
+            sampling=SamplingSpec(
+                max_tokens=spec.max_tokens, temperature=spec.temperature,
+                top_p=spec.top_p, top_k=spec.top_k, min_tokens=spec.min_tokens,
+                seed=spec.seed, stop=tuple(spec.stop), ignore_eos=spec.ignore_eos,
+                presence_penalty=spec.presence_penalty,
+                frequency_penalty=spec.frequency_penalty,
+                repetition_penalty=spec.repetition_penalty,
+            ),
+            priority=spec.priority,
+            arrival_time=spec.arrival_time,
+        ),
+        num_prompt_tokens=len(spec.prompt_token_ids),
+        earlier_output=tuple(spec.output_token_ids),
+        migratable=True,
+        kv_load=KvLoad(spec.key, spec.num_kv_tokens) if spec.num_kv_tokens else None,
+        emitted_chars=spec.emitted_chars,
+        realign_text=True,
+    )  # fmt: skip

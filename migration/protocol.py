@@ -83,11 +83,23 @@ class ResumeSpec(BaseModel):
     repetition_penalty: float = 1.0
     priority: Priority = Priority.NORMAL
     arrival_time: float = 0.0
+    frozen_for_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        description=(
+            "seconds the request had been frozen on the source when it sent the commit: "
+            "the destination adds its wait for the first token and records the downtime"
+        ),
+    )
 
 
 class CommitReply(BaseModel):
-    first_token_s: float | None
-    """Seconds from commit until the destination produced its first token."""
+    """The hand-off: the destination's engine has admitted the request (it
+    runs, or waits in the queue, with its staged KV) and holds its output for
+    the client from now on."""
+
+    admitted_s: float
+    """Seconds from the commit's arrival until the engine admitted the request."""
 
 
 class AbortMigration(BaseModel):
@@ -107,7 +119,10 @@ class MigrationRecord(BaseModel):
     blocks: int = 0
     bytes: int = 0
     downtime_s: float | None = None
-    """From the freeze on the source to the destination's first token."""
+    """From the freeze on the source to the hand-off (the destination admitted
+    the request): the source's share of the downtime. The destination records
+    the whole of it, to its first token, in
+    ``shoal_instance_migration_downtime_seconds``."""
     duration_s: float = 0.0
     started_at: float = 0.0
     error: str | None = None
@@ -116,6 +131,8 @@ class MigrationRecord(BaseModel):
 class MigrationStatus(BaseModel):
     in_flight: list[str]
     reserved_blocks: int
+    parked: list[str] = Field(default_factory=list)
+    """Migrated-in requests whose client has not yet resumed them here."""
     history: list[MigrationRecord]
 
 

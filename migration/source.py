@@ -5,9 +5,15 @@ destination. The request keeps running here whenever the migration fails.
     stage 1: copy all full blocks          (request decoding here)
     stage k: copy blocks filled meanwhile  (request decoding here)
     stop:    pin blocks, freeze, abort     (downtime starts)
-    final:   copy the remaining blocks, commit on the destination
-             (which loads the staged blocks and recomputes the tail)
+    final:   copy the remaining blocks, commit on the destination, which
+             answers once its engine has admitted the request (the hand-off;
+             it loads the staged blocks and recomputes the tail when the
+             request is scheduled there)
     done:    unpin (blocks freed), stream points the client to the destination
+
+No step waits for the destination's first token: on a busy destination that
+can be seconds away, and the client is better off reading the request's
+output there as soon as it comes.
 """
 
 from __future__ import annotations
@@ -133,10 +139,9 @@ async def migrate_out(
                 record.stages += 1
                 copied = full
             num_kv_tokens = copied * block_size
-        reply = await destination.commit(_resume_spec(gen, key, tokens, num_kv_tokens))
+        spec = _resume_spec(gen, key, tokens, num_kv_tokens, frozen_for_s=clock() - stopped)
+        await destination.commit(spec)
         record.downtime_s = clock() - stopped
-        if reply.first_token_s is None:
-            record.downtime_s = None
         record.outcome = Outcome.MIGRATED
         gen.moved_to(destination.address)
     except Exception as exc:
@@ -150,7 +155,8 @@ async def migrate_out(
     return _done(record, t0, clock)
 
 
-def _resume_spec(gen: Generation, key: str, tokens: list[int], num_kv_tokens: int) -> ResumeSpec:
+def _resume_spec(gen: Generation, key: str, tokens: list[int], num_kv_tokens: int, *,
+                 frozen_for_s: float) -> ResumeSpec:  # fmt: skip
     r, s = gen.request, gen.request.sampling
     num_prompt = len(r.prompt_token_ids)
     return ResumeSpec(
@@ -160,7 +166,7 @@ def _resume_spec(gen: Generation, key: str, tokens: list[int], num_kv_tokens: in
         top_p=s.top_p, top_k=s.top_k, seed=s.seed, stop=list(s.stop), ignore_eos=s.ignore_eos,
         presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
         repetition_penalty=s.repetition_penalty, priority=r.priority,
-        arrival_time=r.arrival_time, emitted_chars=gen.emitted_chars,
+        arrival_time=r.arrival_time, emitted_chars=gen.emitted_chars, frozen_for_s=frozen_for_s,
     )  # fmt: skip
 
 

@@ -71,7 +71,6 @@ class _Req:
     output_ids: list[int] = field(default_factory=list)
     num_blocks: int = 0
     prefilled: bool = False
-    token_seed: int = 0
     kv_pending: bool = False
     """Added with ``kv_transfer``: its staged KV loads at its first admission."""
     num_loaded: int = 0
@@ -127,7 +126,6 @@ class SimCore:
                 f"> capacity {self.config.num_blocks}"
             )
         req = _Req(request=request, seq=next(self._seq))
-        req.token_seed = zlib.crc32(bytes(t % 256 for t in request.prompt_token_ids))
         req.kv_pending = request.kv_transfer is not None
         self._by_id[request.request_id] = req
         bisect.insort(self._waiting, req, key=lambda r: r.order)
@@ -240,8 +238,7 @@ class SimCore:
         self.num_loaded_blocks_total += num_tokens // self.config.block_size
 
     def _emit(self, req: _Req) -> SimOutput:
-        position = len(req.output_ids)
-        token = 97 + (req.token_seed + 7 * position) % 26
+        token = _next_token(req.request.prompt_token_ids, req.output_ids)
         req.output_ids.append(token)
         self.num_generation_tokens_total += 1
         finish = "length" if len(req.output_ids) >= req.request.sampling.max_tokens else None
@@ -341,3 +338,14 @@ class SimCore:
         assert held + self._num_free == self.config.num_blocks, (held, self._num_free)
         assert self._num_free >= 0
         assert len(self._running) <= self.config.max_num_seqs
+
+
+def _next_token(prompt: tuple[int, ...], output: list[int]) -> int:
+    """The sim's "greedy decoding": a lower-case letter that depends only on
+    the context (its last tokens and its length), as a greedy LLM's next
+    token does, so a request continued from any point of its output (after a
+    migration by recompute, or a replay) goes on exactly as it would have."""
+    tail = output[-4:]
+    if len(tail) < 4:
+        tail = [*prompt[len(tail) - 4 :], *tail]
+    return 97 + (zlib.crc32(bytes(t % 256 for t in tail)) + 7 * (len(prompt) + len(output))) % 26

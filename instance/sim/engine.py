@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from instance.engine import EngineLimits, EngineLoad, EngineRequest, TokenDelta
 from instance.sim.codec import ByteTokenizer
@@ -88,10 +88,13 @@ class SimEngine:
             queue.put_nowait(None)
         return aborted
 
-    async def generate(self, request: EngineRequest) -> AsyncGenerator[TokenDelta, None]:
+    async def generate(
+        self, request: EngineRequest, admitted: Callable[[], None] = lambda: None
+    ) -> AsyncGenerator[TokenDelta, None]:
         queue: asyncio.Queue[SimOutput | None] = asyncio.Queue()
         self._queues[request.request_id] = queue
         self.core.add(request)
+        admitted()
         self._wake.set()
         num_prompt = len(request.prompt_token_ids)
         num_output = 0

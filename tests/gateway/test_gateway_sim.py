@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -303,3 +304,125 @@ def test_two_replicas_spread_a_burst_without_herding(
         assert min(sent.values()) >= 8, sent  # an even split is 12/12; herding gives 24/0
     finally:
         second.stop()
+
+
+async def _sse_text(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[str, int, bool]:
+    """(text, completion tokens in usage, whether an error event came) of one stream."""
+    text, tokens, error = "", 0, False
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                error = True
+            elif event["choices"]:
+                text += event["choices"][0]["text"]
+            else:
+                tokens = event["usage"]["completion_tokens"]
+    return text, tokens, error
+
+
+def _replays(gw: WorkerProcess) -> float:
+    text = httpx.get(gw.base_url + "/metrics").text
+    found = re.search(r"^shoal_gateway_replays_total (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_streams_of_a_killed_instance_are_replayed_to_the_same_text(
+    cluster: tuple[WorkerProcess, list[WorkerProcess]], redis_url: str, tmp_path: Path
+) -> None:
+    gateway, workers = cluster
+    body = {"model": MODEL, "prompt": "replay " * 8, "max_tokens": 600, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    reference = direct(workers[0], {"prompt": body["prompt"], "max_tokens": 600})
+    victim = start_worker(engine="sim", redis_url=redis_url, namespace=NAMESPACE,
+                          log_dir=tmp_path, instance_id="sim-replayed", args=SIM_ARGS,
+                          env={"SHOAL_HEARTBEAT_TTL_S": "30"})  # fmt: skip
+    before = _replays(gateway)
+    try:
+        wait_for(lambda: _readyz_instances(gateway) >= 3, timeout_s=10)
+
+        def victim_streaming() -> bool:
+            running = httpx.get(victim.base_url + "/requests").json()
+            return any(r["num_output"] >= 8 for r in running)
+
+        async def burst() -> list[tuple[str, int, bool]]:
+            async with httpx.AsyncClient(base_url=gateway.base_url, timeout=120) as ac:
+                streams = [asyncio.create_task(_sse_text(ac, body)) for _ in range(9)]
+                await asyncio.to_thread(wait_for, victim_streaming, timeout_s=60,
+                                        interval_s=0.01)  # fmt: skip
+                victim.kill()
+                return await asyncio.gather(*streams)
+
+        results = asyncio.run(burst())
+    finally:
+        victim.stop()
+    assert results == [(reference["text"], 600, False)] * 9  # nothing lost, broken or repeated
+    assert _replays(gateway) > before
+
+
+def test_a_refused_resume_is_replayed_not_ended(redis_url: str, tmp_path: Path) -> None:
+    """The request migrates while its gateway is stopped, and someone else
+    claims it at the destination first: the gateway's resume is refused (404),
+    and it continues the stream elsewhere from the tokens it had sent."""
+    namespace = f"refused-{uuid.uuid4().hex[:6]}"
+    # Slow instances (12 ms a token): the request surely runs through the migration.
+    slow = ["--sim-speedup", "2", "--max-model-len", "1024", "--served-model-name", MODEL]
+    workers = [start_worker(engine="sim", redis_url=redis_url, namespace=namespace,
+                            log_dir=tmp_path, instance_id=f"sim-slow-{i}", args=slow)
+               for i in range(2)]  # fmt: skip
+    gateway = start_gateway(redis_url=redis_url, namespace=namespace, log_dir=tmp_path)
+    try:
+        wait_for(lambda: _readyz_instances(gateway) == 2, timeout_s=10)
+        body = {"model": MODEL, "prompt": "refused " * 6, "max_tokens": 900, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        assert _refused_resume_scenario(gateway, workers, body) == (
+            direct(workers[0], {"prompt": body["prompt"], "max_tokens": 900})["text"],
+            900,
+            False,
+        )
+        assert _replays(gateway) == 1
+    finally:
+        gateway.stop()
+        for w in workers:
+            w.stop()
+
+
+def _refused_resume_scenario(
+    gateway: WorkerProcess, workers: list[WorkerProcess], body: dict[str, Any]
+) -> tuple[str, int, bool]:
+    def running() -> tuple[WorkerProcess, str] | None:
+        for w in workers:
+            for r in httpx.get(w.base_url + "/requests").json():
+                if r["num_output"] >= 8:
+                    return w, str(r["request_id"])
+        return None
+
+    async def scenario() -> tuple[str, int, bool]:
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=120) as ac:
+            stream = asyncio.create_task(_sse_text(ac, body))
+            await asyncio.to_thread(wait_for, lambda: running() is not None, timeout_s=60,
+                                    interval_s=0.01)  # fmt: skip
+            found = running()
+            assert found is not None
+            source, rid = found
+            (dest,) = [w for w in workers if w is not source]
+            gateway.proc.send_signal(signal.SIGSTOP)
+            try:
+                move = {"destination": dest.base_url, "request_ids": [rid], "mode": "recompute"}
+                resp = await asyncio.to_thread(httpx.post, source.base_url + "/migrate",
+                                               json=move, timeout=60)  # fmt: skip
+                assert resp.json()[0]["outcome"] == "migrated", resp.text
+                async with (  # someone else claims it, then leaves
+                    httpx.AsyncClient(timeout=30) as thief,
+                    thief.stream("GET", f"{dest.base_url}/resume/{rid}") as r,
+                ):
+                    assert r.status_code == 200
+                    await anext(r.aiter_lines())
+            finally:
+                gateway.proc.send_signal(signal.SIGCONT)
+            return await stream
+
+    return asyncio.run(scenario())

@@ -31,6 +31,8 @@ MODEL = "tiny-llama"
 PROMPT = [1, 45, 49, 173, 170, 299, 43, 172, 97, 27, 173, 112]  # the tiny model has 320 tokens
 MAX_TOKENS = 6000
 """Long enough (~15 s here) that a migration asked for early finds it running."""
+CLAIM_TIMEOUT_S = 10
+"""B's and C's ``resume_timeout_s``: short, so a claim that expires early shows."""
 
 
 def _start(name: str, core: str, tiny_model: Path, redis_url: str, log_dir: Path) -> WorkerProcess:
@@ -40,7 +42,8 @@ def _start(name: str, core: str, tiny_model: Path, redis_url: str, log_dir: Path
         args=["--model", str(tiny_model), "--served-model-name", MODEL,
               "--cpu-threads-bind", core, "--max-num-seqs", "4", "--block-size", "32",
               "--kv-cache-bytes", str(256 * 1024 * 1024), "--max-model-len", "16384"],
-        env={"SHOAL_DTYPE": "float32", "SHOAL_HEARTBEAT_TTL_S": "2"},
+        env={"SHOAL_DTYPE": "float32", "SHOAL_HEARTBEAT_TTL_S": "2",
+             "SHOAL_RESUME_TIMEOUT_S": str(CLAIM_TIMEOUT_S)},
     )  # fmt: skip
 
 
@@ -327,6 +330,43 @@ def test_concurrent_streams_with_random_migrations(
     # How many moves fit depends on this machine's speed (moving a waiting
     # request waits for its first token on a busy destination); some must.
     assert moved.count("migrated") >= 1, moved
+
+
+def test_a_first_token_long_after_the_claim_timeout_still_reaches_the_client(
+    trio: tuple[WorkerProcess, WorkerProcess, WorkerProcess],
+) -> None:
+    """The regression of a stream lost under load: the destination's engine
+    produces nothing for longer than its claim timeout (here it is stopped; on
+    a loaded cluster, a long queue). The hand-off comes at admission, the
+    client attaches at once, and its claim cannot expire while it waits."""
+    a, _, c = trio
+    prompt = _prompt(8)
+    max_tokens = 800
+    body = {**_body(prompt), "max_tokens": max_tokens, "stream": False, "migratable": False}
+    reference = httpx.post(a.base_url + "/generate", json=body, timeout=120).json()["token_ids"]
+    engine = psutil.Process(c.proc.pid).children(recursive=True)
+    assert engine, "C's engine core process not found"
+    with httpx.Client() as client:
+        f = Follower(client, a, "late-first-token", prompt, max_tokens=max_tokens)
+        f.read_until(100)
+        for p in engine:
+            p.suspend()
+        try:
+            record = _migrate(a, c, f.rid, "recompute")  # admitted by C's stalled engine
+            assert record["outcome"] == "migrated", record
+            reader = threading.Thread(target=f.read_until, args=(None,))
+            reader.start()
+            wait_for(lambda: len(f.hops) == 2, timeout_s=30)  # the client waits on C
+            time.sleep(CLAIM_TIMEOUT_S + 2)  # on purpose: past C's claim timeout
+            assert f.finish is None and len(f.tokens) < max_tokens
+        finally:
+            for p in engine:
+                p.resume()
+        reader.join(timeout=300)
+    assert f.tokens == reference and f.finish == "length"
+    assert f.usage is not None and f.usage["completion_tokens"] == max_tokens
+    metrics = httpx.get(c.base_url + "/metrics").text
+    assert "shoal_instance_migrations_unclaimed_total 0.0" in metrics
 
 
 def test_source_finishing_during_a_stage_aborts_cleanly(

@@ -209,7 +209,7 @@ class InboxDestination:
         return await self.inbox.stage(key, source, engine_request_id, first, count)
 
     async def commit(self, spec: ResumeSpec) -> CommitReply:
-        return CommitReply(first_token_s=await self.inbox.commit(spec, self.worker))
+        return CommitReply(admitted_s=await self.inbox.commit(spec, self.worker))
 
     async def abort(self, key: str) -> None:
         await self.inbox.abort(key)
@@ -229,7 +229,8 @@ class Sim:
 
 
 @contextlib.asynccontextmanager
-async def _sim(name: str, *, speedup: float, max_num_seqs: int = 4) -> AsyncIterator[Sim]:
+async def _sim(name: str, *, speedup: float, max_num_seqs: int = 4,
+               resume_timeout_s: float = 60.0) -> AsyncIterator[Sim]:  # fmt: skip
     latency = LatencyModel().scaled(speedup)
     steps, transfers = Recorder(), Recorder()
 
@@ -244,7 +245,7 @@ async def _sim(name: str, *, speedup: float, max_num_seqs: int = 4) -> AsyncIter
     )  # fmt: skip
     config = WorkerConfig(
         instance_id=name, address=f"http://{name}", served_model_name="sim", vocab_size=256,
-        report=ReporterConfig(interval_s=0.05, ttl_s=5),
+        report=ReporterConfig(interval_s=0.05, ttl_s=5), resume_timeout_s=resume_timeout_s,
     )  # fmt: skip
     worker = InstanceWorker(engine, config, None, InstanceMetrics(new_registry()))
     await worker.start()

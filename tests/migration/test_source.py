@@ -39,7 +39,7 @@ class Destination:
         if self.fail_commit:
             raise ConnectionError("destination died")
         self.committed = spec
-        return CommitReply(first_token_s=0.01)
+        return CommitReply(admitted_s=0.01)
 
     async def abort(self, key: str) -> None:
         self.aborted.append(key)

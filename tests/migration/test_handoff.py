@@ -1,0 +1,115 @@
+"""The hand-off of a migrated request, between in-process sim workers running
+the real source (``migrate_out``) and destination (``Inbox``): the commit
+completes once the destination's engine has admitted the request, however
+long its queue; the request is then held for its client, whose claim can only
+expire while no client is attached, and a client that comes late still gets
+every chunk from the first."""
+
+from __future__ import annotations
+
+import asyncio
+
+from instance.api import GenerateChunk
+from instance.generation import Generation
+from migration.protocol import Mode, Outcome
+from migration.source import migrate_out
+from tests.migration.test_sim_migration import (
+    BS,
+    InboxDestination,
+    Sim,
+    _drain,
+    _idle,
+    _sim,
+    _source_gen,
+    _until,
+)
+
+PROMPT, MAX_TOKENS = 30, 400
+
+
+def _tokens(chunks: list[GenerateChunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+async def _reference(sim: Sim) -> list[int]:
+    request, _ = _source_gen("ref", PROMPT, MAX_TOKENS)
+    return _tokens(await _drain(sim.worker.run(request)))
+
+
+async def _start_and_migrate(
+    src: Sim, dst: Sim, rid: str, mode: Mode = "recompute"
+) -> tuple[list[GenerateChunk], Generation]:
+    """Stream ``rid`` on ``src`` until it has output, migrate it to ``dst``;
+    returns the source's chunks (ending with ``migrated_to``)."""
+    request, gen = _source_gen(rid, PROMPT, MAX_TOKENS)
+    stream = asyncio.ensure_future(_drain(src.worker.run(request, gen, migratable=True)))
+    await _until(lambda: len(gen.delivered) >= 3 * BS)
+    record = await migrate_out(
+        gen,
+        source=src.worker.config.address,
+        destination=InboxDestination(dst.worker),
+        engine=src.engine,
+        port=src.port,
+        block_size=BS,
+        mode=mode,
+    )  # type: ignore[arg-type]
+    assert record.outcome is Outcome.MIGRATED, record
+    here = await stream
+    assert here[-1].migrated_to == dst.worker.config.address
+    return here, gen
+
+
+def _unclaimed(sim: Sim) -> float:
+    value = sim.worker.metrics.migrations_unclaimed._value.get()
+    return float(value)
+
+
+async def test_handoff_on_a_busy_destination_comes_at_admission_not_first_token() -> None:
+    """The destination runs one request at a time and is busy for many claim
+    timeouts: the migration completes while the request waits in its queue,
+    and the client, attached from the hand-off on, gets the whole output."""
+    async with (
+        _sim("ref", speedup=1000) as ref,
+        _sim("src", speedup=50) as src,
+        _sim("dst", speedup=50, max_num_seqs=1, resume_timeout_s=0.3) as dst,
+    ):
+        reference = await _reference(ref)
+        hog_request, hog = _source_gen("hog", 10, 3000)
+        hog_stream = asyncio.ensure_future(_drain(dst.worker.run(hog_request, hog)))
+        await _until(lambda: len(hog.delivered) > 0)
+        here, _ = await _start_and_migrate(src, dst, "queued", mode="kv")
+        moved = dst.worker.generation("queued")
+        assert moved is not None and moved.delivered == []  # handed over while queued
+        assert any(r.request_id == moved.engine_request_id for r in dst.engine.load().waiting)
+        rest = await _drain(dst.worker.resume("queued"))
+        # One at a time: the migrated request waited for all 3,000 of the hog's steps.
+        assert hog_stream.done() and len(hog.delivered) == 3000
+        assert _tokens(here) + _tokens(rest) == reference
+        assert rest[-1].usage is not None and rest[-1].usage.completion_tokens == MAX_TOKENS
+        assert _unclaimed(dst) == 0
+        await _until(lambda: _idle(src) and _idle(dst))
+
+
+async def test_a_late_client_gets_every_chunk_from_the_first() -> None:
+    async with (
+        _sim("ref", speedup=1000) as ref,
+        _sim("src", speedup=50) as src,
+        _sim("dst", speedup=50) as dst,
+    ):
+        reference = await _reference(ref)
+        here, _ = await _start_and_migrate(src, dst, "late")
+        moved = dst.worker.generation("late")
+        assert moved is not None
+        await _until(lambda: len(moved.delivered) >= 20)  # produced while nobody listened
+        rest = await _drain(dst.worker.resume("late"))
+        assert _tokens(here) + _tokens(rest) == reference
+        await _until(lambda: _idle(src) and _idle(dst))
+
+
+async def test_an_unclaimed_request_is_aborted_counted_and_leaves_nothing() -> None:
+    async with _sim("src", speedup=50) as src, _sim("dst", speedup=50, resume_timeout_s=0.2) as dst:
+        await _start_and_migrate(src, dst, "orphan", mode="kv")
+        assert dst.worker.parked == ["orphan"]
+        await _until(lambda: not dst.worker.parked and dst.worker.generation("orphan") is None)
+        assert _unclaimed(dst) == 1
+        await _until(lambda: _idle(src) and _idle(dst))
