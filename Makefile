@@ -33,8 +33,9 @@ test: lint
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not vllm"
 
+# PORT= moves the gateway (and the autoscaler, at PORT + 200), BASE_PORT= the instances.
 up: $(STAMP)
-	$(BIN)/shoal up
+	$(BIN)/shoal up $(if $(PORT),--port $(PORT)) $(if $(BASE_PORT),--base-port $(BASE_PORT))
 
 status: $(STAMP)
 	$(BIN)/shoal status

