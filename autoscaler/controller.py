@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from autoscaler.decisions import Decision, Drain, Migrate, ScaleOut, Stop, describe
-from autoscaler.events import EventLog
 from autoscaler.instances import InstanceApi
 from autoscaler.leader import LeaderLease
 from autoscaler.metrics import AutoscalerMetrics
@@ -35,6 +34,7 @@ from autoscaler.policies import (
 from autoscaler.providers import Provider
 from autoscaler.snapshot import InstanceState, Snapshot
 from infra.demand import DemandBoard
+from infra.events import EventLog
 from infra.records import InstanceStatus, InstanceView
 from infra.store import StateStore
 from migration.protocol import MigrateRequest

@@ -16,7 +16,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 
 from autoscaler.controller import Controller, ControllerConfig
-from autoscaler.events import EventLog
 from autoscaler.instances import HttpInstanceApi
 from autoscaler.leader import LeaderLease
 from autoscaler.metrics import AutoscalerMetrics
@@ -25,6 +24,7 @@ from autoscaler.providers import Provider, WorkerLaunch
 from autoscaler.providers.local import LocalProvider
 from infra.demand import DemandBoard
 from infra.embedded_redis import resolve_redis
+from infra.events import EventLog
 from infra.keys import KeySchema
 from infra.serving import run_server
 from infra.settings import AutoscalerSettings

@@ -28,12 +28,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from autoscaler.events import Event, EventLog
-from bench.common import PLOTS, REPO, Server, free_port, python
+from bench.common import PLOTS, REPO, Server, free_port
 from bench.loadgen import LoadGenConfig, RunResult, run_trace
 from bench.traces import Gamma, Poisson, Trace, TraceConfig, generate_trace, uniform
 from infra.embedded_redis import EmbeddedRedis
+from infra.events import Event, EventLog
 from infra.keys import KeySchema
+from infra.procs import shoal_command
 
 LOGS = REPO / "bench" / "out" / "autoscaling"
 INSTANCE_ARGS = "--num-sim-blocks 256 --max-num-seqs 16 --max-model-len 2048"
@@ -71,16 +72,14 @@ def _run(
     env = {"SHOAL_REDIS_URL": redis_url, "SHOAL_NAMESPACE": ns, "SHOAL_RUN_DIR": str(LOGS)}
     gw_port, as_port = free_port(), free_port()
     gateway = Server(
-        [python(), "-m", "infra.cli", "gateway", "--port", str(gw_port)],
+        shoal_command("gateway", "--port", str(gw_port)),
         f"http://127.0.0.1:{gw_port}/readyz",
         env,
         LOGS / f"{label}-gateway.log",
     )
     scaler = Server(
         [
-            python(),
-            "-m",
-            "infra.cli",
+            *shoal_command(),
             "autoscaler",
             "--engine",
             "sim",

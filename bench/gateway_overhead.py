@@ -40,9 +40,10 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from bench.common import PLOTS, REPO, Server, bar_plot, free_port, python
+from bench.common import PLOTS, REPO, Server, bar_plot, free_port
 from bench.routers import LITELLM_KEY, start_litellm, start_vllm_router
 from infra.embedded_redis import EmbeddedRedis
+from infra.procs import shoal_command
 
 MODEL = "m"
 TARGET_CPUS, LOAD_CPUS = {0}, {1}
@@ -132,7 +133,7 @@ def _instances(redis_url: str, speedup: float, tag: str) -> Iterator[list[str]]:
     servers = []
     for i in range(2):
         port = free_port()
-        cmd = [python(), "-m", "infra.cli", "instance", "--engine", "sim", "--port", str(port),
+        cmd = [*shoal_command(), "instance", "--engine", "sim", "--port", str(port),
                "--instance-id", f"sim-{i}", "--served-model-name", MODEL,
                "--sim-speedup", str(speedup), "--max-num-seqs", "1024",
                "--num-sim-blocks", "1000000"]  # fmt: skip
@@ -150,7 +151,7 @@ def _instances(redis_url: str, speedup: float, tag: str) -> Iterator[list[str]]:
 
 def _start_shoal(redis_url: str, tag: str) -> Server:
     port = free_port()
-    cmd = [python(), "-m", "infra.cli", "gateway", "--port", str(port)]
+    cmd = shoal_command("gateway", "--port", str(port))
     return Server(cmd, f"http://127.0.0.1:{port}/readyz", {"SHOAL_REDIS_URL": redis_url},
                   LOGS / f"{tag}-shoal.log", cpus=TARGET_CPUS)  # fmt: skip
 

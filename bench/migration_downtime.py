@@ -22,8 +22,9 @@ from typing import Any
 
 import httpx
 
-from bench.common import PLOTS, REPO, Server, free_port, python
+from bench.common import PLOTS, REPO, Server, free_port
 from infra.embedded_redis import EmbeddedRedis
+from infra.procs import shoal_command
 
 LOGS = REPO / "bench" / "out"
 BLOCK = 32
@@ -31,7 +32,7 @@ BLOCK = 32
 
 def _instance(name: str, core: int, redis_url: str) -> Server:
     port = free_port()
-    cmd = [python(), "-m", "infra.cli", "instance", "--engine", "vllm", "--port", str(port),
+    cmd = [*shoal_command(), "instance", "--engine", "vllm", "--port", str(port),
            "--instance-id", name, "--cpu-threads-bind", str(core), "--block-size", str(BLOCK),
            "--max-model-len", "16384", "--max-num-seqs", "4",
            "--kv-cache-bytes", str(512 * 1024 * 1024)]  # fmt: skip

@@ -19,11 +19,12 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from bench.common import PLOTS, bar_plot
+from infra.contract import SamplingSpec
 from infra.embedded_redis import EmbeddedRedis
 from infra.keys import KeySchema
 from infra.records import InstanceInfo, InstanceStatus, Priority
 from infra.store import StateStore
-from instance.engine import EngineRequest, SamplingSpec
+from instance.engine import EngineRequest
 from instance.reporter import LoadReporter, ReporterConfig
 from instance.sim.core import SimConfig
 from instance.sim.engine import SimEngine

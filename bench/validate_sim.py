@@ -61,13 +61,14 @@ from typing import Any
 import httpx
 
 from autoscaler.policies import ScalingConfig
-from bench.common import REPO, Server, free_port, python
+from bench.common import REPO, Server, free_port
 from bench.loadgen import LoadGenConfig, RequestResult, run_trace
 from bench.simulator import simulate
 from bench.simulator.config import SimulationConfig
 from bench.simulator.hardware import HardwarePreset
 from bench.traces import Poisson, Trace, TraceConfig, TraceRequest, generate_trace, uniform
 from infra.embedded_redis import EmbeddedRedis
+from infra.procs import shoal_command
 from instance.sim.latency import LatencyModel
 
 OUT = REPO / "bench" / "out" / "validate_sim"
@@ -107,7 +108,7 @@ def wait_for_no_vllm(timeout_s: float = 1200.0, poll_s: float = 30.0) -> None:
 
 def _instance(name: str, core: int, model: Path, redis_url: str, logs: Path) -> Server:
     port = free_port()
-    cmd = [python(), "-m", "infra.cli", "instance", "--engine", "vllm", "--port", str(port),
+    cmd = [*shoal_command(), "instance", "--engine", "vllm", "--port", str(port),
            "--instance-id", name, "--model", str(model), "--served-model-name", MODEL_NAME,
            "--cpu-threads-bind", str(core), "--block-size", str(BLOCK_SIZE),
            "--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", str(MAX_MODEL_LEN),
@@ -123,7 +124,7 @@ def _instance(name: str, core: int, model: Path, redis_url: str, logs: Path) -> 
 
 def _gateway(redis_url: str, logs: Path) -> Server:
     port = free_port()
-    cmd = [python(), "-m", "infra.cli", "gateway", "--port", str(port)]
+    cmd = shoal_command("gateway", "--port", str(port))
     env = {"SHOAL_REDIS_URL": redis_url, "SHOAL_NAMESPACE": NAMESPACE}
     return Server(cmd, f"http://127.0.0.1:{port}/readyz", env, logs / "gateway.log")
 
@@ -341,7 +342,7 @@ class Measured:
 
 def measure(num_requests: int, seed: int, work: Path) -> Measured:
     """Start the stack, calibrate, run the trace; stop everything."""
-    subprocess.run([python(), "-m", "infra.cli", "model", "tiny", str(work / "tiny")], cwd=REPO,
+    subprocess.run(shoal_command("model", "tiny", str(work / "tiny")), cwd=REPO,
                    check=True, capture_output=True)  # fmt: skip
     OUT.mkdir(parents=True, exist_ok=True)
     redis = EmbeddedRedis.start(work / "valkey")

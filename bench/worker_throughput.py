@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import PLOTS, Server, bar_plot, free_port, python
+from infra.procs import shoal_command
 from infra.settings import CommonSettings
 from instance.tiny_model import default_tiny_model
 
@@ -101,7 +102,7 @@ async def _load(
 
 def run_shoal(model: Path, args: argparse.Namespace, log_dir: Path) -> Result:
     port = free_port()
-    cmd = [python(), "-m", "infra.cli", "instance", "--engine", "vllm", "--model", str(model),
+    cmd = [*shoal_command(), "instance", "--engine", "vllm", "--model", str(model),
            "--port", str(port), "--cpu-threads-bind", "0", "--max-num-seqs", str(args.concurrency),
            "--block-size", "32", "--kv-cache-bytes", str(args.kv_bytes),
            "--max-model-len", "2048"]  # fmt: skip

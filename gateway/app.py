@@ -20,6 +20,7 @@ from gateway.dispatcher import Dispatcher, clamp_priority
 from gateway.metrics import GatewayMetrics
 from gateway.upstream import UpstreamRefused
 from gateway.view import ClusterView
+from infra.contract import GenerateChunk
 from infra.errors import ShoalError, install_error_handlers
 from infra.http import BodyLimitMiddleware, unless_disconnected
 from infra.openai_protocol.models import (
@@ -36,7 +37,6 @@ from infra.openai_protocol.routes import add_completion_routes
 from infra.openai_protocol.translate import to_generate
 from infra.records import Priority
 from infra.telemetry import extract_context
-from instance.api import GenerateChunk
 
 log = logging.getLogger(__name__)
 

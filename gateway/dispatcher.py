@@ -19,12 +19,12 @@ from gateway.policies import Candidate, DispatchContext, DispatchPolicy, Dispatc
 from gateway.reservations import Reservations
 from gateway.upstream import InstanceClient, UpstreamError, UpstreamRefused
 from gateway.view import ClusterView
+from infra.contract import ChunkBatch, Continuation, GenerateChunk, GenerateRequest
 from infra.demand import DemandBoard
 from infra.errors import NotFoundError, ServiceUnavailableError, ShoalError
 from infra.openai_protocol.render import StreamBroken
 from infra.records import Priority
 from infra.telemetry import inject_context
-from instance.api import ChunkBatch, Continuation, GenerateChunk, GenerateRequest
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from collections.abc import AsyncGenerator
 
 import aiohttp
 
+from infra.contract import ChunkBatch, GenerateChunk, GenerateRequest
 from infra.errors import ErrorDetail
-from instance.api import ChunkBatch, GenerateChunk, GenerateRequest
 
 MAX_LINE_BYTES = 1 << 22
 """Longest NDJSON line accepted from an instance (a chunk's text and ids)."""

@@ -45,8 +45,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, NoReturn
 
+SHOAL_MODULE = "shoal"
+"""``python -m shoal``: how every Shoal process is started (the composition root)."""
+
 _PR_SET_PDEATHSIG = 1
 _WRAPPER = str(Path(__file__).resolve())
+
+
+def shoal_command(*args: str, python: str = sys.executable) -> list[str]:
+    """The command line of ``shoal <args>`` run by ``python``."""
+    return [python, "-m", SHOAL_MODULE, *args]
 
 
 def spawn(

@@ -10,8 +10,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 
-from autoscaler.events import EventLog
 from infra.embedded_redis import resolve_redis
+from infra.events import EventLog
 from infra.keys import KeySchema
 from infra.records import InstanceView
 from infra.settings import CommonSettings

@@ -11,24 +11,9 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from infra.contract import SamplingSpec
 from infra.records import Priority
-
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    """Engine-neutral sampling parameters (the OpenAI subset Shoal honours)."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_tokens: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+from migration.ports import KvPort
 
 
 @dataclass(frozen=True)
@@ -123,41 +108,6 @@ class Tokenizer(Protocol):
     def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]: ...
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
-
-
-class KvPort(Protocol):
-    """Moving KV blocks between instances for live migration: an engine that
-    has one can migrate by KV transfer; all engines can recompute.
-
-    Blocks are a request's logical blocks (0 = its first ``block_size``
-    tokens); ``request_id`` is the engine's id of the running request."""
-
-    @property
-    def endpoint(self) -> str:
-        """``host:port`` where peers read this instance's blocks."""
-        ...
-
-    @property
-    def block_bytes(self) -> int: ...
-
-    async def stage(self, key: str, source: str, request_id: str, first: int, count: int) -> int:
-        """Pull blocks ``[first, first + count)`` of ``request_id`` from the
-        instance at ``source`` into staging under ``key``; returns bytes."""
-        ...
-
-    async def drop(self, key: str) -> None:
-        """Forget what is staged under ``key``."""
-        ...
-
-    async def pin(self, request_id: str) -> None:
-        """Keep the request's blocks after it is stopped, until unpinned."""
-        ...
-
-    async def unpin(self, request_id: str) -> None: ...
-
-    async def status(self) -> dict[str, object]:
-        """Pins, staging areas and delayed frees (all empty when idle)."""
-        ...
 
 
 def _nothing() -> None:

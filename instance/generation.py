@@ -16,7 +16,9 @@ import asyncio
 import uuid
 from dataclasses import dataclass, field, replace
 
+from infra.records import Priority
 from instance.engine import EngineRequest, KvLoad
+from migration.protocol import ResumeSpec
 
 
 @dataclass
@@ -57,23 +59,57 @@ class Generation:
     def num_output(self) -> int:
         return len(self.earlier_output) + len(self.delivered)
 
+    @property
+    def num_remaining(self) -> int:
+        return self.request.sampling.max_tokens - self.num_output
+
+    @property
+    def priority(self) -> Priority:
+        return self.request.priority
+
+    @property
+    def arrival_time(self) -> float:
+        return self.request.arrival_time
+
     def next_segment(self) -> EngineRequest:
         """The engine request that continues this generation from here."""
         self.segment += 1
         self.engine_request_id = f"{self.request_id}~{self.segment}-{uuid.uuid4().hex[:6]}"
         if self.segment == 1 and not self.earlier_output and self.kv_load is None:
             return replace(self.request, request_id=self.engine_request_id)
-        s = self.request.sampling
-        done = self.num_output
-        sampling = replace(
-            s, max_tokens=s.max_tokens - done, min_tokens=max(0, s.min_tokens - done)
-        )
+        sampling = self.request.sampling.after(self.num_output)
         load, self.kv_load = self.kv_load, None
         return replace(self.request, request_id=self.engine_request_id,
                        prompt_token_ids=tuple(self.tokens), sampling=sampling,
                        kv_transfer=load)  # fmt: skip
 
     # -- migration (source side) ---------------------------------------------
+    def resume_spec(self, key: str, tokens: list[int], num_kv_tokens: int, *,
+                    frozen_for_s: float) -> ResumeSpec:  # fmt: skip
+        r = self.request
+        num_prompt = len(r.prompt_token_ids)
+        return ResumeSpec(
+            key=key, request_id=self.request_id, prompt_token_ids=list(r.prompt_token_ids),
+            output_token_ids=tokens[num_prompt:], num_kv_tokens=num_kv_tokens,
+            sampling=r.sampling, priority=r.priority, arrival_time=r.arrival_time,
+            emitted_chars=self.emitted_chars, frozen_for_s=frozen_for_s,
+        )  # fmt: skip
+
+    @classmethod
+    def resumed(cls, spec: ResumeSpec) -> Generation:
+        """A request migrated in: it continues here from ``spec``."""
+        return cls(
+            EngineRequest(request_id=spec.request_id,
+                          prompt_token_ids=tuple(spec.prompt_token_ids), sampling=spec.sampling,
+                          priority=spec.priority, arrival_time=spec.arrival_time),
+            num_prompt_tokens=len(spec.prompt_token_ids),
+            earlier_output=tuple(spec.output_token_ids),
+            migratable=True,
+            kv_load=KvLoad(spec.key, spec.num_kv_tokens) if spec.num_kv_tokens else None,
+            emitted_chars=spec.emitted_chars,
+            realign_text=True,
+        )  # fmt: skip
+
     def freeze(self) -> list[int]:
         """Stop streaming here and return the context the destination takes over."""
         self.frozen = True

@@ -7,6 +7,7 @@ import math
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from infra.records import LoadReport
+from migration.metrics import MigrationMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -46,27 +47,7 @@ class InstanceMetrics:
         self.report_errors = Counter(
             p + "load_report_errors", "LoadReports that failed to publish", registry=registry
         )
-        self.migrations = Counter(
-            p + "migrations", "Migrations out of this instance, by mode and outcome",
-            ["mode", "outcome"], registry=registry,
-        )  # fmt: skip
-        self.migration_downtime = Histogram(
-            p + "migration_downtime_seconds",
-            "Migrated-in requests: from the freeze on their source to their first token here",
-            ["mode"], buckets=_LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.migrations_unclaimed = Counter(
-            p + "migrations_unclaimed",
-            "Migrated-in requests aborted because no client resumed them in time",
-            registry=registry,
-        )  # fmt: skip
-        self.migration_bytes = Counter(
-            p + "migration_bytes", "KV bytes copied out by migrations", registry=registry
-        )
-        self.migration_reserved_blocks = Gauge(
-            p + "migration_reserved_blocks", "Blocks reserved for incoming migrations",
-            registry=registry,
-        )  # fmt: skip
+        self.migration = MigrationMetrics(registry)
         self._last_preempted = 0
 
     def observe_load(self, report: LoadReport) -> None:

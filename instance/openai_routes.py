@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 
+from infra.contract import ChunkBatch, GenerateChunk
 from infra.errors import ServiceUnavailableError
 from infra.http import unless_disconnected
 from infra.openai_protocol.models import (
@@ -29,7 +30,6 @@ from infra.openai_protocol.models import (
 from infra.openai_protocol.render import sse_events, whole_response
 from infra.openai_protocol.routes import add_completion_routes
 from infra.openai_protocol.translate import to_generate
-from instance.api import ChunkBatch, GenerateChunk
 from instance.worker import InstanceWorker
 
 

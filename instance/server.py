@@ -12,22 +12,23 @@ from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from infra.errors import BadRequestError, ServiceUnavailableError, install_error_handlers
-from infra.http import BodyLimitMiddleware, unless_disconnected
-from infra.records import InstanceInfo, InstanceStatus, LoadReport
-from infra.telemetry import extract_context
-from instance.api import (
+from infra.contract import (
     AbortResponse,
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
     Usage,
 )
+from infra.errors import BadRequestError, ServiceUnavailableError, install_error_handlers
+from infra.http import BodyLimitMiddleware, unless_disconnected
+from infra.ndjson import NDJSON_MEDIA_TYPE, ndjson
+from infra.records import InstanceInfo, InstanceStatus, LoadReport
+from infra.telemetry import extract_context
 from instance.engine import EngineRequest
-from instance.migration_routes import MigrationService, add_migration_routes
+from instance.migration_host import WorkerMigrationHost
 from instance.openai_routes import add_openai_routes
-from instance.streaming import NDJSON_MEDIA_TYPE, ndjson
 from instance.worker import InstanceWorker
+from migration.routes import MigrationService, add_migration_routes
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
 
     add_openai_routes(app, worker)
-    migrations = MigrationService(worker)
+    migrations = MigrationService(WorkerMigrationHost(worker))
     add_migration_routes(app, migrations)
 
     @app.post("/generate", response_model=GenerateResponse)

@@ -23,11 +23,11 @@ from instance.engine import (
     EngineLimits,
     EngineLoad,
     EngineRequest,
-    KvPort,
     RequestLoad,
     TokenDelta,
     blocks_for,
 )
+from migration.ports import KvPort, KvStatus
 from migration.wire import TRANSFER_KEY, Endpoint, call
 
 log = logging.getLogger(__name__)
@@ -327,11 +327,10 @@ class ConnectorPort:
     async def unpin(self, request_id: str) -> None:
         await self._call("unpin", request_id=request_id)
 
-    async def status(self) -> dict[str, object]:
-        reply = await self._call("status")
-        self._block_bytes = int(reply["block_bytes"])
-        keys = ("pinned", "delayed", "staging", "block_bytes", "loaded_blocks")
-        return {k: reply[k] for k in keys}
+    async def status(self) -> KvStatus:
+        status = KvStatus.model_validate(await self._call("status"))
+        self._block_bytes = status.block_bytes
+        return status
 
 
 def _request_load(t: _Tracked, block_size: int) -> RequestLoad:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
+from infra.contract import Continuation, GenerateChunk, GenerateRequest, Usage
 from infra.errors import (
     BadRequestError,
     ContextLengthError,
@@ -24,11 +25,11 @@ from infra.errors import (
 )
 from infra.records import InstanceInfo, InstanceStatus
 from infra.store import StateStore
-from instance.api import Continuation, GenerateChunk, GenerateRequest, Usage
-from instance.engine import ChatMessage, Engine, EngineRequest, SamplingSpec
+from instance.engine import ChatMessage, Engine, EngineRequest
 from instance.generation import Generation
 from instance.metrics import InstanceMetrics
 from instance.reporter import LoadReporter, ReporterConfig
+from migration.protocol import ResumeSpec
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class InstanceWorker:
         return EngineRequest(
             request_id=request_id,
             prompt_token_ids=tuple(prompt_ids),
-            sampling=self._sampling(req, max_tokens),
+            sampling=req.sampling(max_tokens),
             priority=req.priority,
             arrival_time=self._clock(),
         )
@@ -210,22 +211,6 @@ class InstanceWorker:
         if any(t < 0 or (vocab is not None and t >= vocab) for t in req.prompt):
             raise BadRequestError(f"token ids must be in [0, {vocab})", param="prompt")
         return list(req.prompt)
-
-    @staticmethod
-    def _sampling(req: GenerateRequest, max_tokens: int) -> SamplingSpec:
-        return SamplingSpec(
-            max_tokens=max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_tokens=req.min_tokens,
-            seed=req.seed,
-            stop=req.stop_sequences,
-            ignore_eos=req.ignore_eos,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty,
-        )
 
     async def run(
         self, request: EngineRequest, generation: Generation | None = None, *,
@@ -301,12 +286,13 @@ class InstanceWorker:
                 self.metrics.e2e.labels(priority).observe(self._clock() - request.arrival_time)
 
     # -- migrated-in requests ------------------------------------------------
-    async def adopt(self, gen: Generation, *, frozen_for_s: float = 0.0) -> asyncio.Future[None]:
+    async def adopt(self, spec: ResumeSpec) -> asyncio.Future[None]:
         """Run a migrated-in request and return once the engine has admitted
         it (the hand-off: raises if it could not). From then on its chunks are
         held for the client's gateway, which resumes it (``resume``); if none
         does within ``resume_timeout_s`` it is aborted. The returned future
         resolves at its first token here, or when it ends without one."""
+        gen, frozen_for_s = Generation.resumed(spec), spec.frozen_for_s
         loop = asyncio.get_running_loop()
         first: asyncio.Future[None] = loop.create_future()
         queue: asyncio.Queue[GenerateChunk | None] = asyncio.Queue()
@@ -320,7 +306,7 @@ class InstanceWorker:
                         if chunk.token_ids and not first.done():
                             first.set_result(None)
                             downtime = frozen_for_s + self._clock() - t0
-                            self.metrics.migration_downtime.labels(mode).observe(downtime)
+                            self.metrics.migration.downtime.labels(mode).observe(downtime)
                         queue.put_nowait(chunk)
             except Exception as exc:
                 log.exception("migrated-in request %s failed", gen.request_id)
@@ -350,7 +336,7 @@ class InstanceWorker:
         if parked is not None and parked[1] is task:
             log.warning("nobody resumed migrated request %s within %.0f s of its hand-off: "
                         "aborting it", request_id, self.config.resume_timeout_s)  # fmt: skip
-            self.metrics.migrations_unclaimed.inc()
+            self.metrics.migration.unclaimed.inc()
             del self._parked[request_id]
             task.cancel()
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from infra.errors import ShoalError
-from instance.engine import EngineLoad, EngineRequest, KvLoad, KvPort, SamplingSpec
-from instance.generation import Generation
+from migration.plan import admits
+from migration.ports import KvPort
 from migration.protocol import ResumeSpec
 from migration.wire import WireError
 
@@ -37,11 +37,12 @@ class StageFailed(ShoalError):
 
 
 class Adopter(Protocol):
-    """The worker: runs an adopted generation, holding its output for the client."""
+    """The instance: runs a migrated-in request, holding its output for the client."""
 
-    async def adopt(self, gen: Generation, *, frozen_for_s: float) -> asyncio.Future[None]:
-        """Start ``gen`` and return once the engine has admitted it (raise if
-        it could not); the future resolves at its first token, or at its end."""
+    async def adopt(self, spec: ResumeSpec) -> asyncio.Future[None]:
+        """Start the request of ``spec`` and return once the engine has
+        admitted it (raise if it could not); the future resolves at its first
+        token, or at its end."""
         ...
 
 
@@ -54,14 +55,14 @@ class _Incoming:
 class Inbox:
     def __init__(
         self,
-        load: Callable[[], EngineLoad],
+        free_blocks: Callable[[], int],
         port: KvPort | None,
         *,
         watermark_blocks: int = 4,
         timeout_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._load = load
+        self._free_blocks = free_blocks
         self._port = port
         self._watermark = watermark_blocks
         self._timeout_s = timeout_s
@@ -80,10 +81,9 @@ class Inbox:
     def reserve(self, key: str, num_blocks: int) -> None:
         """Hold ``num_blocks`` in total for ``key`` (growing stage by stage)."""
         entry = self._incoming.setdefault(key, _Incoming())
-        load = self._load()
-        free = load.num_blocks_total - load.num_blocks_used - self.reserved_blocks
+        free = self._free_blocks() - self.reserved_blocks
         extra = num_blocks - entry.blocks
-        if extra > 0 and free - extra < self._watermark:
+        if not admits(free, extra, self._watermark):
             if entry.blocks == 0:
                 del self._incoming[key]
             raise NoRoom(f"{extra} more blocks would leave {free - extra} free "
@@ -109,7 +109,7 @@ class Inbox:
         self._incoming.pop(spec.key, None)  # its blocks now belong to the request
         t0 = self._clock()
         try:
-            first = await adopter.adopt(_generation(spec), frozen_for_s=spec.frozen_for_s)
+            first = await adopter.adopt(spec)
         except BaseException:
             await self._drop_staged(spec.key)
             raise
@@ -146,29 +146,3 @@ class Inbox:
                 log.warning("migration %s timed out: dropping its reservation", key)
                 with contextlib.suppress(Exception):
                     await self.abort(key)
-
-
-def _generation(spec: ResumeSpec) -> Generation:
-    """The migrated-in request as this instance continues it."""
-    return Generation(
-        EngineRequest(
-            request_id=spec.request_id,
-            prompt_token_ids=tuple(spec.prompt_token_ids),
-            sampling=SamplingSpec(
-                max_tokens=spec.max_tokens, temperature=spec.temperature,
-                top_p=spec.top_p, top_k=spec.top_k, min_tokens=spec.min_tokens,
-                seed=spec.seed, stop=tuple(spec.stop), ignore_eos=spec.ignore_eos,
-                presence_penalty=spec.presence_penalty,
-                frequency_penalty=spec.frequency_penalty,
-                repetition_penalty=spec.repetition_penalty,
-            ),
-            priority=spec.priority,
-            arrival_time=spec.arrival_time,
-        ),
-        num_prompt_tokens=len(spec.prompt_token_ids),
-        earlier_output=tuple(spec.output_token_ids),
-        migratable=True,
-        kv_load=KvLoad(spec.key, spec.num_kv_tokens) if spec.num_kv_tokens else None,
-        emitted_chars=spec.emitted_chars,
-        realign_text=True,
-    )  # fmt: skip

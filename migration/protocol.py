@@ -9,7 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from infra.contract import SamplingSpec
 from infra.records import Priority
+from migration.ports import KvStatus
 
 Mode = Literal["kv", "recompute", "auto"]
 
@@ -46,6 +48,22 @@ class ReserveRequest(BaseModel):
     num_blocks: int = Field(ge=0)
 
 
+class ReserveReply(BaseModel):
+    reserved_blocks: int
+    """Blocks the destination now holds for incoming migrations, in all."""
+
+
+class AbortReply(BaseModel):
+    ok: bool = True
+
+
+class KvPortStatus(KvStatus):
+    """``GET /migrations/kv``: the instance's KV port (None: it migrates by
+    recompute only) and its state."""
+
+    kv_port: str | None
+
+
 class StageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     key: str = Field(min_length=1)
@@ -70,17 +88,9 @@ class ResumeSpec(BaseModel):
     output_token_ids: list[int]
     num_kv_tokens: int = Field(ge=0, description="leading tokens whose KV is staged")
     emitted_chars: int = Field(default=0, ge=0, description="text characters the client has")
-    max_tokens: int = Field(ge=1, description="the original limit, output so far included")
-    min_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-    ignore_eos: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    sampling: SamplingSpec
+    """The request's sampling as first received (``max_tokens`` counts the
+    output so far too)."""
     priority: Priority = Priority.NORMAL
     arrival_time: float = 0.0
     frozen_for_s: float = Field(

@@ -22,12 +22,12 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from instance.engine import KvPort
-from instance.generation import Generation
+from migration.plan import DEFAULT_PLAN, StagePlan, StageStep, full_blocks, stage_step
 from migration.policies import choose_mode
+from migration.ports import KvPort
 from migration.protocol import (
     CommitReply,
     MigrationRecord,
@@ -55,11 +55,37 @@ class DestinationApi(Protocol):
     async def abort(self, key: str) -> None: ...
 
 
-@dataclass(frozen=True)
-class StagePlan:
-    max_stages: int = 8
-    final_blocks: int = 1
-    """Stop once a stage would copy at most this many new blocks."""
+class Outgoing(Protocol):
+    """The request being moved, as the source instance serves it."""
+
+    finished: bool
+    frozen: bool
+    engine_request_id: str
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def tokens(self) -> list[int]:
+        """Its whole context so far: prompt and output."""
+        ...
+
+    def freeze(self) -> list[int]:
+        """Stop streaming here; returns the context the destination takes over."""
+        ...
+
+    def moved_to(self, address: str) -> None:
+        """The destination has it: end the client's stream with a pointer there."""
+        ...
+
+    def resume_here(self) -> None:
+        """The migration failed after the freeze: carry on here."""
+        ...
+
+    def resume_spec(self, key: str, tokens: list[int], num_kv_tokens: int, *,
+                    frozen_for_s: float) -> ResumeSpec:  # fmt: skip
+        """What the destination needs to continue it from ``tokens``."""
+        ...
 
 
 class SourceEngine(Protocol):
@@ -67,7 +93,7 @@ class SourceEngine(Protocol):
 
 
 async def migrate_out(
-    gen: Generation,
+    gen: Outgoing,
     *,
     source: str,
     destination: DestinationApi,
@@ -75,104 +101,131 @@ async def migrate_out(
     port: KvPort | None,
     block_size: int,
     mode: Mode = "auto",
-    plan: StagePlan = StagePlan(),
+    plan: StagePlan = DEFAULT_PLAN,
     clock: Callable[[], float] = time.monotonic,
 ) -> MigrationRecord:
     chosen = choose_mode(mode, kv_available=port is not None, num_tokens=len(gen.tokens),
                          block_size=block_size)  # fmt: skip
-    record = MigrationRecord(request_id=gen.request_id, source=source,
-                             destination=destination.address, mode=chosen,
-                             outcome=Outcome.FAILED, started_at=time.time())  # fmt: skip
-    key = f"{gen.request_id}/{uuid.uuid4().hex[:8]}"
+    move = _Move(gen, destination, port if chosen == "kv" else None, block_size, clock,
+                 MigrationRecord(request_id=gen.request_id, source=source,
+                                 destination=destination.address, mode=chosen,
+                                 outcome=Outcome.FAILED, started_at=time.time()))  # fmt: skip
     t0 = clock()
-    kv = port if chosen == "kv" else None
-    copied = 0
     try:
-        # Live stages: the request keeps decoding here.
-        while kv is not None and record.stages < plan.max_stages:
-            if gen.finished or gen.frozen:
-                record.outcome = Outcome.SOURCE_FINISHED
-                await _quietly(destination.abort(key))
-                return _done(record, t0, clock)
-            new = (len(gen.tokens) - 1) // block_size - copied
-            if record.stages > 0 and new <= plan.final_blocks:
-                break
-            if new > 0:
-                await destination.reserve(key, copied + new)
-                record.bytes += await destination.stage(
-                    key, kv.endpoint, gen.engine_request_id, copied, new
-                )
-                copied += new
-                record.blocks += new
-            record.stages += 1
-        if gen.finished or gen.frozen:
-            record.outcome = Outcome.SOURCE_FINISHED
-            await _quietly(destination.abort(key))
-            return _done(record, t0, clock)
-        # Stop: from here the client waits (downtime).
-        engine_id = gen.engine_request_id
-        if kv is not None:
-            await kv.pin(engine_id)
-        tokens = gen.freeze()
-        stopped = clock()
-        await engine.abort(engine_id)
-    except Refused as exc:
-        record.outcome, record.error = Outcome.REFUSED, str(exc)
-        await _quietly(destination.abort(key))
-        return _done(record, t0, clock)
-    except Exception as exc:
-        # A stage fails when the request ends here meanwhile (its blocks are gone).
-        finished = gen.finished or gen.frozen
-        record.outcome = Outcome.SOURCE_FINISHED if finished else Outcome.FAILED
-        record.error = f"{type(exc).__name__}: {exc}"
-        await _quietly(destination.abort(key))
-        return _done(record, t0, clock)
-    try:
-        num_kv_tokens = 0
-        if kv is not None:
-            full = (len(tokens) - 1) // block_size
-            if full > copied:
-                await destination.reserve(key, full)
-                record.bytes += await destination.stage(key, kv.endpoint, engine_id, copied,
-                                                        full - copied)  # fmt: skip
-                record.blocks += full - copied
-                record.stages += 1
-                copied = full
-            num_kv_tokens = copied * block_size
-        spec = _resume_spec(gen, key, tokens, num_kv_tokens, frozen_for_s=clock() - stopped)
-        await destination.commit(spec)
-        record.downtime_s = clock() - stopped
-        record.outcome = Outcome.MIGRATED
-        gen.moved_to(destination.address)
-    except Exception as exc:
-        record.outcome, record.error = Outcome.ROLLED_BACK, f"{type(exc).__name__}: {exc}"
-        log.warning("migration of %s rolled back: %s", gen.request_id, record.error)
-        await _quietly(destination.abort(key))
-        gen.resume_here()
+        if await move.live_stages(plan) and await move.stop(engine):
+            await move.hand_off()
     finally:
-        if kv is not None:
-            await _quietly(kv.unpin(engine_id))
-    return _done(record, t0, clock)
+        move.record.duration_s = clock() - t0
+    return move.record
 
 
-def _resume_spec(gen: Generation, key: str, tokens: list[int], num_kv_tokens: int, *,
-                 frozen_for_s: float) -> ResumeSpec:  # fmt: skip
-    r, s = gen.request, gen.request.sampling
-    num_prompt = len(r.prompt_token_ids)
-    return ResumeSpec(
-        key=key, request_id=gen.request_id, prompt_token_ids=list(r.prompt_token_ids),
-        output_token_ids=tokens[num_prompt:], num_kv_tokens=num_kv_tokens,
-        max_tokens=s.max_tokens, min_tokens=s.min_tokens, temperature=s.temperature,
-        top_p=s.top_p, top_k=s.top_k, seed=s.seed, stop=list(s.stop), ignore_eos=s.ignore_eos,
-        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-        repetition_penalty=s.repetition_penalty, priority=r.priority,
-        arrival_time=r.arrival_time, emitted_chars=gen.emitted_chars, frozen_for_s=frozen_for_s,
-    )  # fmt: skip
+@dataclass
+class _Move:
+    """One migration in progress; each step records its outcome if it ends it."""
 
+    gen: Outgoing
+    destination: DestinationApi
+    kv: KvPort | None
+    """None when recomputing: no stages, nothing pinned."""
+    block_size: int
+    clock: Callable[[], float]
+    record: MigrationRecord
+    key: str = ""
+    copied: int = 0
+    stopped_at: float = 0.0
+    tokens: list[int] = field(default_factory=list)
 
-def _done(record: MigrationRecord, t0: float, clock: Callable[[], float]) -> MigrationRecord:
-    record.duration_s = clock() - t0
-    return record
+    def __post_init__(self) -> None:
+        self.key = f"{self.gen.request_id}/{uuid.uuid4().hex[:8]}"
+
+    def _gone(self) -> bool:
+        return self.gen.finished or self.gen.frozen
+
+    async def _copy_up_to(self, full: int, engine_request_id: str) -> None:
+        assert self.kv is not None
+        await self.destination.reserve(self.key, full)
+        self.record.bytes += await self.destination.stage(
+            self.key, self.kv.endpoint, engine_request_id, self.copied, full - self.copied
+        )
+        self.record.blocks += full - self.copied
+        self.copied = full
+
+    async def _end(self, outcome: Outcome, error: str | None = None) -> bool:
+        self.record.outcome, self.record.error = outcome, error
+        await _quietly(self.destination.abort(self.key))
+        return False
+
+    async def live_stages(self, plan: StagePlan) -> bool:
+        """Copy full blocks while the request decodes here; False if the
+        migration ended (refused, failed, or the request finished here)."""
+        try:
+            while self.kv is not None:
+                if self._gone():
+                    return await self._end(Outcome.SOURCE_FINISHED)
+                full = full_blocks(len(self.gen.tokens), self.block_size)
+                step = stage_step(plan, self.record.stages, full - self.copied)
+                if step is StageStep.STOP:
+                    break
+                if step is StageStep.COPY:
+                    await self._copy_up_to(full, self.gen.engine_request_id)
+                self.record.stages += 1
+        except Refused as exc:
+            return await self._end(Outcome.REFUSED, str(exc))
+        except Exception as exc:
+            # A stage fails when the request ends here meanwhile (its blocks are gone).
+            outcome = Outcome.SOURCE_FINISHED if self._gone() else Outcome.FAILED
+            return await self._end(outcome, f"{type(exc).__name__}: {exc}")
+        if self._gone():
+            return await self._end(Outcome.SOURCE_FINISHED)
+        return True
+
+    async def stop(self, engine: SourceEngine) -> bool:
+        """Pin the request's blocks, freeze it and end it in the engine: from
+        here the client waits (the downtime). False if that failed."""
+        engine_id = self.gen.engine_request_id
+        try:
+            if self.kv is not None:
+                await self.kv.pin(engine_id)  # fails if the request just ended here
+        except Exception as exc:
+            outcome = Outcome.SOURCE_FINISHED if self._gone() else Outcome.FAILED
+            return await self._end(outcome, f"{type(exc).__name__}: {exc}")
+        self.tokens = self.gen.freeze()
+        self.stopped_at = self.clock()
+        try:
+            await engine.abort(engine_id)
+        except Exception as exc:  # the engine is failing: let the request carry on here
+            await self._end(Outcome.ROLLED_BACK, f"{type(exc).__name__}: {exc}")
+            self.gen.resume_here()
+            if self.kv is not None:
+                await _quietly(self.kv.unpin(engine_id))
+            return False
+        return True
+
+    async def hand_off(self) -> None:
+        """Copy the last full blocks and commit; the request carries on here
+        if the destination fails now."""
+        engine_id = self.gen.engine_request_id
+        try:
+            num_kv_tokens = 0
+            if self.kv is not None:
+                full = full_blocks(len(self.tokens), self.block_size)
+                if full > self.copied:
+                    await self._copy_up_to(full, engine_id)
+                    self.record.stages += 1
+                num_kv_tokens = self.copied * self.block_size
+            frozen_for_s = self.clock() - self.stopped_at
+            await self.destination.commit(self.gen.resume_spec(
+                self.key, self.tokens, num_kv_tokens, frozen_for_s=frozen_for_s))  # fmt: skip
+            self.record.downtime_s = self.clock() - self.stopped_at
+            self.record.outcome = Outcome.MIGRATED
+            self.gen.moved_to(self.destination.address)
+        except Exception as exc:
+            await self._end(Outcome.ROLLED_BACK, f"{type(exc).__name__}: {exc}")
+            log.warning("migration of %s rolled back: %s", self.gen.request_id, self.record.error)
+            self.gen.resume_here()
+        finally:
+            if self.kv is not None:
+                await _quietly(self.kv.unpin(engine_id))
 
 
 async def _quietly(coro: object) -> None:

@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from infra.procs import shoal_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +35,7 @@ INPUTS: list[dict[str, Any]] = [
     {"prompt_token_ids": [5, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]},
 ]
 
-SHOAL = [sys.executable, "-m", "infra.cli"]
+SHOAL = shoal_command()
 
 
 def free_port() -> int:

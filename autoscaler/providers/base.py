@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from infra.procs import shoal_command
 from infra.records import InstanceInfo
 
 
@@ -27,7 +28,7 @@ class WorkerLaunch:
     python: str = sys.executable
 
     def command(self, instance_id: str, port: int) -> list[str]:
-        return [self.python, "-m", "infra.cli", "instance", "--engine", self.engine,
+        return [*shoal_command(python=self.python), "instance", "--engine", self.engine,
                 "--port", str(port), "--instance-id", instance_id, *self.args]  # fmt: skip
 
 

@@ -9,7 +9,7 @@ from typing import Literal
 from autoscaler.policies import PairingConfig, ScalingConfig
 from bench.simulator.hardware import LLAMA_7B_A10, HardwarePreset
 from instance.reporter import ReporterConfig
-from migration.source import StagePlan
+from migration.plan import StagePlan
 
 MigrationMode = Literal["auto", "kv", "recompute"]
 

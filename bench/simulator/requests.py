@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bench.traces import TraceRequest
+from infra.contract import SamplingSpec
 from infra.records import Priority
-from instance.engine import EngineRequest, KvLoad, SamplingSpec
+from instance.engine import EngineRequest, KvLoad
 
 _NO_TOKENS: tuple[int, ...] = ()
 

@@ -10,9 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from infra.contract import Message
 from infra.errors import BadRequestError
 from infra.records import Priority
-from instance.api import Message
 
 MAX_STOP = 8
 

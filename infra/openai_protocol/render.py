@@ -11,6 +11,7 @@ from typing import Protocol
 
 from fastapi import Response
 
+from infra.contract import ChunkBatch, GenerateChunk
 from infra.errors import ErrorDetail, ServiceUnavailableError
 from infra.http import line_safe_json
 from infra.openai_protocol.models import Usage
@@ -23,7 +24,6 @@ from infra.openai_protocol.translate import (
     completion_whole,
     usage_of,
 )
-from instance.api import ChunkBatch, GenerateChunk
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from infra.contract import GenerateChunk, GenerateRequest
 from infra.openai_protocol.models import (
     ChatChoice,
     ChatChunkChoice,
@@ -16,7 +17,6 @@ from infra.openai_protocol.models import (
     Usage,
 )
 from infra.records import Priority
-from instance.api import GenerateChunk, GenerateRequest
 
 
 def to_generate(

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from instance.sim.core import SimCore
+from migration.ports import KvStatus
 from migration.wire import MAX_HEADER_BYTES, Endpoint, WireError
 
 log = logging.getLogger(__name__)
@@ -186,11 +187,10 @@ class SimKvPort:
         self._pinned_at.pop(request_id, None)
         self.core.unpin(request_id)
 
-    async def status(self) -> dict[str, object]:
-        """The keys of the vLLM port's status (all empty when idle)."""
-        return {"pinned": self.core.pinned, "delayed": self.core.held,
-                "staging": self.core.staging, "block_bytes": self.block_bytes,
-                "loaded_blocks": self.core.num_loaded_blocks_total}  # fmt: skip
+    async def status(self) -> KvStatus:
+        return KvStatus(pinned=self.core.pinned, delayed=self.core.held,
+                        staging=self.core.staging, block_bytes=self.block_bytes,
+                        loaded_blocks=self.core.num_loaded_blocks_total)  # fmt: skip
 
     # -- the wire (source side) ---------------------------------------------
     def read(self, request_id: str, first: int, count: int) -> dict[str, Any]:

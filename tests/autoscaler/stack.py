@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
-from autoscaler.events import Event, EventLog
+from infra.events import Event, EventLog
 from infra.keys import KeySchema
 from infra.records import InstanceView
 from infra.store import StateStore

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import psutil
 
-from autoscaler.events import Event
 from infra.demand import DemandBoard
+from infra.events import Event
 from infra.keys import KeySchema
 from tests.autoscaler.stack import Stack, stream
 from tests.helpers import REPO, SHOAL, start_gateway, wait_for

@@ -7,8 +7,8 @@ import uuid
 
 from redis.asyncio import Redis
 
-from autoscaler.events import EventLog
 from autoscaler.leader import LeaderLease
+from infra.events import EventLog
 
 
 def _key() -> str:

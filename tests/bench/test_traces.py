@@ -48,8 +48,8 @@ from bench.traces import (
 from bench.traces.fit import fit_lognormal, stats_of
 from bench.traces.lengths import zipf_mean
 from bench.traces.presets import LOGNORMAL_FITS, PAPER_ZIPF_ALPHAS, PUBLISHED, ZIPF_MEANS
-from infra.cli import main as shoal
 from infra.records import Priority
+from shoal.cli import main as shoal
 
 N = 20_000
 

@@ -1,7 +1,7 @@
 """infra/deploy: the Kubernetes manifests, images, collector configuration and
 dashboard refer only to what the project has. Every YAML document parses;
 every `shoal` command a container or an image runs names an existing
-subcommand with existing flags (checked against `python -m infra.cli <sub>
+subcommand with existing flags (checked against `python -m shoal <sub>
 --help` and parsed by the real parser); every SHOAL_* variable set is a field
 of the settings class of the component that reads it, with a valid value;
 probes hit endpoints the component serves; the dashboard's metrics exist."""
@@ -12,7 +12,6 @@ import functools
 import json
 import re
 import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,8 +24,9 @@ from prometheus_client import CollectorRegistry
 
 from autoscaler.metrics import AutoscalerMetrics
 from gateway.metrics import GatewayMetrics
-from infra.cli import build_parser
+from infra.procs import shoal_command
 from instance.metrics import InstanceMetrics
+from shoal.cli import build_parser
 from tests.deploy import DEPLOY, REPO, SETTINGS, setting_field
 
 
@@ -176,7 +176,7 @@ def entrypoint(image_name: str) -> list[str]:
 @functools.cache
 def cli_help(subcommand: str) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", "infra.cli", subcommand, "--help"],
+        shoal_command(subcommand, "--help"),
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, f"shoal {subcommand} --help failed:\n{proc.stderr}"
@@ -437,7 +437,7 @@ def test_images_match_the_project() -> None:
     extra's, and the gateway image has no GPU libraries."""
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     packages = {
-        p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+        p.split(".")[0] for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     }
     (vllm_pin,) = [d for d in pyproject["project"]["optional-dependencies"]["gpu"] if "vllm" in d]
     for dockerfile in IMAGES.values():

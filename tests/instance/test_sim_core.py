@@ -8,8 +8,9 @@ import asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from infra.contract import SamplingSpec
 from infra.records import Priority
-from instance.engine import EngineRequest, SamplingSpec
+from instance.engine import EngineRequest
 from instance.sim.core import SimConfig, SimCore
 from instance.sim.engine import SimEngine
 from instance.sim.latency import LatencyModel

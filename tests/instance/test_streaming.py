@@ -6,8 +6,8 @@ from collections.abc import AsyncGenerator
 
 import httpx
 
-from instance.api import GenerateChunk
-from instance.streaming import ndjson
+from infra.contract import GenerateChunk
+from infra.ndjson import ndjson
 
 # Line breaks to str.splitlines, which httpx's iter_lines follows: JSON escapes
 # the control characters but leaves U+0085, U+2028 and U+2029 as they are.

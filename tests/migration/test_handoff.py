@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from instance.api import GenerateChunk
+from infra.contract import GenerateChunk
 from instance.generation import Generation
 from migration.protocol import Mode, Outcome
 from migration.source import migrate_out
@@ -60,7 +60,7 @@ async def _start_and_migrate(
 
 
 def _unclaimed(sim: Sim) -> float:
-    value = sim.worker.metrics.migrations_unclaimed._value.get()
+    value = sim.worker.metrics.migration.unclaimed._value.get()
     return float(value)
 
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from infra.contract import SamplingSpec
 from infra.records import Priority
-from instance.engine import EngineLoad, EngineRequest, KvLoad, SamplingSpec
+from instance.engine import EngineRequest, KvLoad
 from instance.generation import Generation
 from migration.destination import Inbox, NoRoom
 from migration.policies import Movable, choose_mode, select, selection_policies
@@ -83,8 +84,7 @@ class Clock:
 async def test_inbox_reserves_under_a_watermark_and_expires() -> None:
     used = 80
     clock = Clock()
-    inbox = Inbox(lambda: EngineLoad(num_blocks_total=100, num_blocks_used=used), None,
-                  watermark_blocks=4, timeout_s=10, clock=clock)  # fmt: skip
+    inbox = Inbox(lambda: 100 - used, None, watermark_blocks=4, timeout_s=10, clock=clock)
     inbox.reserve("a", 10)
     inbox.reserve("a", 12)  # grows to 12 in total, not 22
     assert inbox.reserved_blocks == 12

@@ -19,12 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
+from infra.contract import GenerateChunk, SamplingSpec
 from infra.records import Priority
 from infra.telemetry import new_registry
-from instance.api import GenerateChunk
-from instance.engine import EngineRequest, KvLoad, SamplingSpec
+from instance.engine import EngineRequest, KvLoad
 from instance.generation import Generation
 from instance.metrics import InstanceMetrics
+from instance.migration_host import WorkerMigrationHost
 from instance.reporter import ReporterConfig
 from instance.sim.core import SimConfig, SimCore
 from instance.sim.engine import SimEngine
@@ -32,6 +33,7 @@ from instance.sim.kv import KvTransferModel, SimKvOptions, SimKvPort
 from instance.sim.latency import LatencyModel
 from instance.worker import InstanceWorker, WorkerConfig
 from migration.destination import Inbox, NoRoom
+from migration.ports import KvStatus
 from migration.protocol import CommitReply, MigrationRecord, Outcome, ResumeSpec
 from migration.source import Refused, migrate_out
 from migration.wire import Endpoint, WireError, call
@@ -154,7 +156,7 @@ async def test_stage_reads_the_source_and_waits_the_modelled_transfer_time() -> 
         assert await dst.stage("k", src.endpoint, "r", 0, 2) == 2 * 4000
         assert await dst.stage("k", src.endpoint, "r", 2, 1) == 4000
         assert sleep.calls == [pytest.approx(0.5 + 0.008), pytest.approx(0.5 + 0.004)]
-        assert (await dst.status())["staging"] == {"k": 3}
+        assert (await dst.status()).staging == {"k": 3}
         with pytest.raises(WireError, match="3 full blocks"):
             await dst.stage("k", src.endpoint, "r", 2, 2)  # block 3 is still filling
         with pytest.raises(WireError, match="holds no KV"):
@@ -167,8 +169,7 @@ async def test_stage_reads_the_source_and_waits_the_modelled_transfer_time() -> 
         )
         assert header["bytes"] == 3 * 4000 and payload == b""
         status = await dst.status()
-        assert status == {"pinned": [], "delayed": [], "staging": {}, "block_bytes": 4000,
-                          "loaded_blocks": 0}  # fmt: skip
+        assert status == KvStatus(block_bytes=4000)  # all empty
 
 
 async def test_a_pin_expires_after_its_ttl() -> None:
@@ -195,8 +196,8 @@ class InboxDestination:
     def __init__(self, worker: InstanceWorker) -> None:
         self.worker = worker
         self.address = worker.config.address
-        engine = worker.engine
-        self.inbox = Inbox(engine.load, engine.kv_port)
+        self.host = WorkerMigrationHost(worker)
+        self.inbox = Inbox(self.host.free_blocks, self.host.kv_port)
 
     async def reserve(self, key: str, num_blocks: int) -> None:
         try:
@@ -209,7 +210,7 @@ class InboxDestination:
         return await self.inbox.stage(key, source, engine_request_id, first, count)
 
     async def commit(self, spec: ResumeSpec) -> CommitReply:
-        return CommitReply(admitted_s=await self.inbox.commit(spec, self.worker))
+        return CommitReply(admitted_s=await self.inbox.commit(spec, self.host))
 
     async def abort(self, key: str) -> None:
         await self.inbox.abort(key)
@@ -454,6 +455,6 @@ def test_sim_worker_without_kv_transfer_has_no_port(redis_url: str, tmp_path: Pa
                      instance_id="sim-no-kv", env={"SHOAL_KV_TRANSFER": "false"},
                      ready_timeout_s=60)  # fmt: skip
     try:
-        assert _get(w, "/migrations/kv") == {"kv_port": None}
+        assert _get(w, "/migrations/kv")["kv_port"] is None
     finally:
         w.stop()

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 
-from instance.engine import EngineRequest, SamplingSpec
+from infra.contract import SamplingSpec
+from instance.engine import EngineRequest
 from instance.generation import Generation
+from migration.plan import StagePlan
 from migration.protocol import CommitReply, Outcome, ResumeSpec
-from migration.source import Refused, StagePlan, migrate_out
+from migration.source import Refused, migrate_out
 
 BS = 4
 

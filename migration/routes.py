@@ -1,7 +1,7 @@
 """Live migration over HTTP: the operator's ``/migrate`` on a source, the
 source-destination handshake (``/migration/*``), ``/resume/{id}`` where the
 gateway picks up a migrated stream, and ``/migrations`` (in flight and
-history)."""
+history). They serve any instance that offers a :class:`MigrationHost`."""
 
 from __future__ import annotations
 
@@ -9,31 +9,37 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Protocol
 
 import aiohttp
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
+from infra.contract import GenerateChunk
 from infra.errors import BadRequestError, ServiceUnavailableError
-from instance.generation import Generation
-from instance.streaming import NDJSON_MEDIA_TYPE, ndjson
-from instance.worker import InstanceWorker
-from migration.destination import Inbox
+from infra.ndjson import NDJSON_MEDIA_TYPE, ndjson
+from infra.records import Priority
+from migration.destination import Adopter, Inbox
+from migration.metrics import MigrationMetrics
 from migration.policies import Movable, select, selection_policies
+from migration.ports import KvPort
 from migration.protocol import (
     AbortMigration,
+    AbortReply,
     CommitReply,
+    KvPortStatus,
     MigrateRequest,
     MigrationRecord,
     MigrationStatus,
+    ReserveReply,
     ReserveRequest,
     ResumeSpec,
     RunningRequest,
     StageReply,
     StageRequest,
 )
-from migration.source import Refused, migrate_out
+from migration.source import Outgoing, Refused, SourceEngine, migrate_out
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +83,63 @@ class HttpDestination:
         await self._post("/migration/abort", AbortMigration(key=key).model_dump_json())
 
 
+class MovableRequest(Outgoing, Protocol):
+    """A request that may move, with what the selection policies weigh."""
+
+    @property
+    def priority(self) -> Priority: ...
+
+    @property
+    def arrival_time(self) -> float: ...
+
+    @property
+    def num_remaining(self) -> int:
+        """Tokens it may still generate."""
+        ...
+
+
+class MigrationHost(Adopter, SourceEngine, Protocol):
+    """What an instance offers migration: its address and KV, the requests
+    that may move out, and the adoption of those that move in."""
+
+    metrics: MigrationMetrics
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def kv_port(self) -> KvPort | None: ...
+
+    def free_blocks(self) -> int:
+        """KV blocks free in the engine now (reservations not counted)."""
+        ...
+
+    def refusal(self) -> str | None:
+        """Why the instance takes no migrations in now, or None if it does."""
+        ...
+
+    def movable(self) -> list[MovableRequest]:
+        """Requests that may move out (sent by a gateway, neither frozen nor done)."""
+        ...
+
+    def running(self) -> list[RunningRequest]: ...
+
+    @property
+    def parked(self) -> list[str]:
+        """Migrated-in requests whose client has not resumed them yet."""
+        ...
+
+    def resume(self, request_id: str) -> AsyncGenerator[GenerateChunk, None]: ...
+
+
 class MigrationService:
-    def __init__(self, worker: InstanceWorker, *, watermark_blocks: int = 4,
+    def __init__(self, host: MigrationHost, *, watermark_blocks: int = 4,
                  timeout_s: float = 30.0) -> None:  # fmt: skip
-        self.worker = worker
-        self.inbox = Inbox(worker.engine.load, worker.engine.kv_port,
+        self.host = host
+        self.inbox = Inbox(host.free_blocks, host.kv_port,
                            watermark_blocks=watermark_blocks, timeout_s=timeout_s)  # fmt: skip
         self.history: collections.deque[MigrationRecord] = collections.deque(maxlen=HISTORY)
         self.outgoing: set[str] = set()
@@ -96,7 +154,7 @@ class MigrationService:
             while True:
                 await asyncio.sleep(1.0)
                 await self.inbox.expire()
-                self.worker.metrics.migration_reserved_blocks.set(self.inbox.reserved_blocks)
+                self.host.metrics.reserved_blocks.set(self.inbox.reserved_blocks)
 
         task = asyncio.create_task(expire(), name="migration-expiry")
         try:
@@ -107,10 +165,9 @@ class MigrationService:
                 await task
             await self._session.close()
 
-    def _chosen(self, body: MigrateRequest) -> list[Generation]:
-        movable = {g.request_id: g for g in self.worker.generations
-                   if g.migratable and not g.frozen and not g.finished
-                   and g.request_id not in self.outgoing}  # fmt: skip
+    def _chosen(self, body: MigrateRequest) -> list[MovableRequest]:
+        movable = {g.request_id: g for g in self.host.movable()
+                   if g.request_id not in self.outgoing}  # fmt: skip
         if body.request_ids is not None:
             missing = [r for r in body.request_ids if r not in movable]
             if missing:
@@ -121,29 +178,25 @@ class MigrationService:
         if body.policy not in selection_policies():
             raise BadRequestError(f"unknown policy {body.policy!r}; known: "
                                   f"{selection_policies()}", param="policy")  # fmt: skip
-        candidates = [
-            Movable(g.request_id, g.request.priority, g.request.arrival_time, len(g.tokens),
-                    g.request.sampling.max_tokens - g.num_output)
-            for g in movable.values()
-        ]  # fmt: skip
+        candidates = [Movable(g.request_id, g.priority, g.arrival_time, len(g.tokens),
+                              g.num_remaining) for g in movable.values()]  # fmt: skip
         chosen = select(body.policy, candidates, body.count or 1, include_high=body.include_high)
         return [movable[m.request_id] for m in chosen]
 
     async def migrate(self, body: MigrateRequest) -> list[MigrationRecord]:
         assert self._session is not None
-        if body.destination.rstrip("/") == self.worker.config.address:
+        host = self.host
+        if body.destination.rstrip("/") == host.address:
             raise BadRequestError("the destination is this instance", param="destination")
         gens = self._chosen(body)
         destination = HttpDestination(self._session, body.destination)
-        engine = self.worker.engine
         records = []
         for gen in gens:
             self.outgoing.add(gen.request_id)
             try:
                 record = await migrate_out(
-                    gen, source=self.worker.config.address, destination=destination,
-                    engine=engine, port=engine.kv_port, block_size=engine.limits.block_size,
-                    mode=body.mode,
+                    gen, source=host.address, destination=destination, engine=host,
+                    port=host.kv_port, block_size=host.block_size, mode=body.mode,
                 )  # fmt: skip
             finally:
                 self.outgoing.discard(gen.request_id)
@@ -153,16 +206,16 @@ class MigrationService:
 
     def _record(self, record: MigrationRecord) -> None:
         self.history.append(record)
-        m = self.worker.metrics
+        m = self.host.metrics
         m.migrations.labels(record.mode, record.outcome.value).inc()
-        m.migration_bytes.inc(record.bytes)
+        m.bytes.inc(record.bytes)
         log.info("migration %s -> %s: %s (%s, %d stages, %d blocks, hand-off after %s s)",
                  record.request_id, record.destination, record.outcome.value, record.mode,
                  record.stages, record.blocks, record.downtime_s)  # fmt: skip
 
 
 def add_migration_routes(app: FastAPI, service: MigrationService) -> None:
-    worker, inbox = service.worker, service.inbox
+    host, inbox = service.host, service.inbox
 
     @app.post("/migrate", response_model=list[MigrationRecord])
     async def migrate(body: MigrateRequest) -> list[MigrationRecord]:
@@ -170,31 +223,26 @@ def add_migration_routes(app: FastAPI, service: MigrationService) -> None:
 
     @app.get("/requests", response_model=list[RunningRequest])
     async def requests() -> list[RunningRequest]:
-        return [
-            RunningRequest(request_id=g.request_id, engine_request_id=g.engine_request_id,
-                           priority=g.request.priority, num_tokens=len(g.tokens),
-                           num_output=g.num_output, migratable=g.migratable, frozen=g.frozen)
-            for g in worker.generations
-        ]  # fmt: skip
+        return host.running()
 
     @app.get("/migrations", response_model=MigrationStatus)
     async def migrations() -> MigrationStatus:
         return MigrationStatus(in_flight=sorted(service.outgoing) + inbox.in_flight,
                                reserved_blocks=inbox.reserved_blocks,
-                               parked=worker.parked, history=list(service.history))  # fmt: skip
+                               parked=host.parked, history=list(service.history))  # fmt: skip
 
-    @app.get("/migrations/kv")
-    async def kv_status() -> dict[str, object]:
-        port = worker.engine.kv_port
+    @app.get("/migrations/kv", response_model=KvPortStatus)
+    async def kv_status() -> KvPortStatus:
+        port = host.kv_port
         if port is None:
-            return {"kv_port": None}
-        return {"kv_port": port.endpoint, **(await port.status())}
+            return KvPortStatus(kv_port=None)
+        return KvPortStatus(kv_port=port.endpoint, **(await port.status()).model_dump())
 
-    @app.post("/migration/reserve")
-    async def reserve(body: ReserveRequest) -> dict[str, int]:
-        _check_serving(worker)
+    @app.post("/migration/reserve", response_model=ReserveReply)
+    async def reserve(body: ReserveRequest) -> ReserveReply:
+        _check_serving(host)
         inbox.reserve(body.key, body.num_blocks)
-        return {"reserved_blocks": inbox.reserved_blocks}
+        return ReserveReply(reserved_blocks=inbox.reserved_blocks)
 
     @app.post("/migration/stage", response_model=StageReply)
     async def stage(body: StageRequest) -> StageReply:
@@ -204,20 +252,21 @@ def add_migration_routes(app: FastAPI, service: MigrationService) -> None:
 
     @app.post("/migration/commit", response_model=CommitReply)
     async def commit(body: ResumeSpec) -> CommitReply:
-        _check_serving(worker)
-        return CommitReply(admitted_s=await inbox.commit(body, worker))
+        _check_serving(host)
+        return CommitReply(admitted_s=await inbox.commit(body, host))
 
-    @app.post("/migration/abort")
-    async def abort(body: AbortMigration) -> dict[str, bool]:
+    @app.post("/migration/abort", response_model=AbortReply)
+    async def abort(body: AbortMigration) -> AbortReply:
         await inbox.abort(body.key)
-        return {"ok": True}
+        return AbortReply()
 
     @app.get("/resume/{request_id}")
     async def resume(request_id: str) -> StreamingResponse:
-        chunks = worker.resume(request_id)
+        chunks = host.resume(request_id)
         return StreamingResponse(ndjson(request_id, chunks), media_type=NDJSON_MEDIA_TYPE)
 
 
-def _check_serving(worker: InstanceWorker) -> None:
-    if not worker.healthy or worker.status.value not in ("active",):
-        raise ServiceUnavailableError(f"instance is {worker.status.value}: takes no migrations")
+def _check_serving(host: MigrationHost) -> None:
+    refusal = host.refusal()
+    if refusal is not None:
+        raise ServiceUnavailableError(f"takes no migrations: {refusal}")

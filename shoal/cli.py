@@ -121,7 +121,7 @@ def _cmd_autoscaler(args: argparse.Namespace) -> int:
 
 # -- shoal up ----------------------------------------------------------------
 def _cmd_up(args: argparse.Namespace) -> int:
-    from infra.up import run_up
+    from shoal.up import run_up
 
     _setup_logging("WARNING")
     return run_up(instances=args.instances, engine=args.engine, model=args.model,

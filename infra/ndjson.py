@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
+from infra.contract import GenerateChunk
 from infra.errors import ErrorDetail
 from infra.http import line_safe_json
-from instance.api import GenerateChunk
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from types import FrameType
 import httpx
 
 from infra.embedded_redis import EmbeddedRedis, resolve_redis
-from infra.procs import spawn, stop_all
+from infra.procs import shoal_command, spawn, stop_all
 from infra.settings import CommonSettings, GatewaySettings
 
 GRACE_S = 10.0
@@ -191,7 +191,7 @@ class _Stack:
         self.signals.check()
         log = self.logs / f"{name}.log"
         with log.open("wb") as out:
-            proc = spawn([sys.executable, "-m", "infra.cli", *args],
+            proc = spawn(shoal_command(*args),
                          env={**os.environ, **self.env}, stdout=out,
                          stderr=subprocess.STDOUT)  # fmt: skip
         child = Child(name, proc, ready_url, log)

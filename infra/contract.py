@@ -1,4 +1,7 @@
-"""HTTP payloads of the instance worker (``POST /generate``).
+"""The gateway <-> instance contract: the HTTP payloads of the instance worker
+(``POST /generate`` and its stream), and the sampling parameters every layer
+carries whole (``SamplingSpec``: the instance's engine request, a migration's
+resume spec).
 
 The worker speaks a small internal protocol, not the OpenAI one: the gateway
 translates. A streaming response is newline-delimited JSON, one
@@ -17,6 +20,32 @@ from infra.records import Priority
 
 MAX_STOP_SEQUENCES = 8
 MAX_ID_LENGTH = 128
+
+
+class SamplingSpec(BaseModel):
+    """Engine-neutral sampling parameters (the OpenAI subset Shoal honours)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_tokens: int = Field(ge=1)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_tokens: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def after(self, num_done: int) -> SamplingSpec:
+        """The same sampling for the rest of a request that has ``num_done`` tokens."""
+        rest = {
+            "max_tokens": self.max_tokens - num_done,
+            "min_tokens": max(0, self.min_tokens - num_done),
+        }
+        return self.model_copy(update=rest)
 
 
 class TextPart(BaseModel):
@@ -93,6 +122,16 @@ class GenerateRequest(BaseModel):
         if self.max_tokens is not None and done >= self.max_tokens:
             raise ValueError("a continuation must leave tokens to generate within 'max_tokens'")
         return self
+
+    def sampling(self, max_tokens: int) -> SamplingSpec:
+        """The request's sampling, with ``max_tokens`` resolved by the instance."""
+        return SamplingSpec(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, min_tokens=self.min_tokens, seed=self.seed,
+            stop=self.stop_sequences, ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+        )  # fmt: skip
 
     @property
     def stop_sequences(self) -> tuple[str, ...]:

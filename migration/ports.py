@@ -1,0 +1,58 @@
+"""What migration needs of an instance's engine, as interfaces migration owns:
+the engine's KV port (moving blocks between instances). The instance's
+engines implement it; migration never imports the instance."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pydantic import BaseModel, Field
+
+
+class KvStatus(BaseModel):
+    """A KV port's state (``GET /migrations/kv``): all empty when idle."""
+
+    pinned: list[str] = Field(default_factory=list)
+    """Engine requests whose blocks are kept after their end, for a migration."""
+    delayed: list[str] = Field(default_factory=list)
+    """Ended requests whose blocks vLLM has not freed yet (pinned or in flight)."""
+    staging: dict[str, int] = Field(default_factory=dict)
+    """Blocks staged here per incoming migration key."""
+    block_bytes: int = 0
+    loaded_blocks: int = 0
+    """Blocks loaded from staging into the engine, in total."""
+
+
+class KvPort(Protocol):
+    """Moving KV blocks between instances for live migration: an engine that
+    has one can migrate by KV transfer; all engines can recompute.
+
+    Blocks are a request's logical blocks (0 = its first ``block_size``
+    tokens); ``request_id`` is the engine's id of the running request."""
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` where peers read this instance's blocks."""
+        ...
+
+    @property
+    def block_bytes(self) -> int: ...
+
+    async def stage(self, key: str, source: str, request_id: str, first: int, count: int) -> int:
+        """Pull blocks ``[first, first + count)`` of ``request_id`` from the
+        instance at ``source`` into staging under ``key``; returns bytes."""
+        ...
+
+    async def drop(self, key: str) -> None:
+        """Forget what is staged under ``key``."""
+        ...
+
+    async def pin(self, request_id: str) -> None:
+        """Keep the request's blocks after it is stopped, until unpinned."""
+        ...
+
+    async def unpin(self, request_id: str) -> None: ...
+
+    async def status(self) -> KvStatus:
+        """Pins, staging areas and delayed frees (all empty when idle)."""
+        ...
