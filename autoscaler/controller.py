@@ -25,11 +25,11 @@ from autoscaler.instances import InstanceApi
 from autoscaler.leader import LeaderLease
 from autoscaler.metrics import AutoscalerMetrics
 from autoscaler.policies import (
+    PAIRING,
+    SCALING,
     PairingConfig,
     ScalingConfig,
     ScalingState,
-    pairing_policy_named,
-    scaling_policy_named,
 )
 from autoscaler.providers import Provider
 from autoscaler.snapshot import InstanceState, Snapshot
@@ -48,8 +48,10 @@ class ControllerConfig:
     """The served model name the provider's workers register with."""
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     pairing: PairingConfig = field(default_factory=PairingConfig)
-    scaling_policy: str = "band"
-    pairing_policy: str = "llumnix"
+    scaling_policy: str | None = None
+    """Registered name; None: the registry's default."""
+    pairing_policy: str | None = None
+    """Registered name; None: the registry's default."""
     tick_s: float = 0.5
     start_timeout_s: float = 600.0
     """A launched worker not registered after this long is stopped."""
@@ -70,8 +72,8 @@ class Controller:
         self._store, self._provider, self._instances = store, provider, instances
         self._lease, self._events, self._demand = lease, events, demand
         self._metrics, self._clock = metrics, clock
-        self._scale = scaling_policy_named(config.scaling_policy)
-        self._pair = pairing_policy_named(config.pairing_policy)
+        self._scale = SCALING.get(config.scaling_policy)
+        self._pair = PAIRING.get(config.pairing_policy)
         self.state = ScalingState()
         self._launched_at: dict[str, float] = {}
         self._stopping: set[str] = set()
@@ -251,7 +253,7 @@ class Controller:
             return
         draining = src.load is not None and src.load.status is InstanceStatus.DRAINING
         body = MigrateRequest(destination=dst.info.address, count=m.count,
-                              policy=m.selection or "lcfs", include_high=draining)  # fmt: skip
+                              policy=m.selection, include_high=draining)  # fmt: skip
         task = asyncio.create_task(self._migrate(m, src.info.address, body))
         self._migrating[m.source] = self._migrating[m.destination] = task
 
@@ -278,7 +280,7 @@ class Controller:
         state = {"leader": self.me, "timestamp": time.time(), "model": self.config.model,
                  "migrating": sorted(self._migrating), "num_held": snap.num_held,
                  "instance_seconds": round(self.instance_seconds, 1),
-                 "scaling_policy": self.config.scaling_policy,
-                 "pairing_policy": self.config.pairing_policy}  # fmt: skip
+                 "scaling_policy": self.config.scaling_policy or SCALING.default,
+                 "pairing_policy": self.config.pairing_policy or PAIRING.default}  # fmt: skip
         ttl_ms = int((5 * self.config.tick_s + 2) * 1000)
         await self._store.redis.set(self._store.keys.autoscaler, json.dumps(state), px=ttl_ms)

@@ -170,9 +170,9 @@ class GatewaySettings(CommonSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     """TCP port of the OpenAI-compatible API."""
 
-    dispatch_policy: str = "llumnix"
+    dispatch_policy: str | None = None
     """Name of the registered dispatch policy (``llumnix``, ``least-load``,
-    ``round-robin``, ``random``)."""
+    ``round-robin``, ``random``); unset: the registry's default (``llumnix``)."""
 
     view_refresh_interval_s: float = Field(default=0.05, gt=0.0)
     """How often the gateway re-reads instance load from Redis."""
@@ -281,10 +281,12 @@ class AutoscalerSettings(CommonSettings):
     """No scaling change for this long after the previous one."""
     idle_timeout_s: float = Field(default=60.0, ge=0.0)
     """With ``min_instances = 0``: stop every instance after this long idle."""
-    scaling_policy: str = "band"
-    """Registered scaling policy: ``band`` or ``static``."""
-    pairing_policy: str = "llumnix"
-    """Registered migration-pairing policy: ``llumnix`` or ``none``."""
+    scaling_policy: str | None = None
+    """Registered scaling policy (``band``, ``static``); unset: the registry's
+    default (``band``)."""
+    pairing_policy: str | None = None
+    """Registered migration-pairing policy (``llumnix``, ``none``); unset: the
+    registry's default (``llumnix``)."""
     migrate_out_below: float = 5.0
     """An instance below this freeness sends requests to a freer one."""
     migrate_in_above: float = 40.0

@@ -20,7 +20,8 @@ class MigrateError(Exception):
 
 async def migrate(settings: CommonSettings, source: str, destination: str, *,
                   request_ids: list[str] | None, count: int | None, mode: Mode,
-                  policy: str, timeout_s: float = 600.0) -> list[MigrationRecord]:  # fmt: skip
+                  policy: str | None, timeout_s: float = 600.0,
+                  ) -> list[MigrationRecord]:  # fmt: skip
     status = await collect_status(settings)
     addresses = {v.info.instance_id: v.info.address for v in status.instances}
     for name in (source, destination):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from infra.records import Priority
+from infra.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -26,47 +27,35 @@ class Movable:
 SelectionPolicy = Callable[[Sequence[Movable]], list[Movable]]
 """Orders candidates, first to move first."""
 
-_SELECTION: dict[str, SelectionPolicy] = {}
+SELECTION: Registry[SelectionPolicy] = Registry("selection policy")
 
 
-def selection_policy(name: str) -> Callable[[SelectionPolicy], SelectionPolicy]:
-    def register(fn: SelectionPolicy) -> SelectionPolicy:
-        _SELECTION[name] = fn
-        return fn
-
-    return register
-
-
-@selection_policy("lcfs")
+@SELECTION.register("lcfs", default=True)
 def last_come_first(candidates: Sequence[Movable]) -> list[Movable]:
     """Newest first: the least context to move (Llumnix's default)."""
     return sorted(candidates, key=lambda m: -m.arrival_time)
 
 
-@selection_policy("shortest-remaining")
+@SELECTION.register("shortest-remaining")
 def shortest_remaining(candidates: Sequence[Movable]) -> list[Movable]:
     """Fewest tokens still to generate first."""
     return sorted(candidates, key=lambda m: (m.num_remaining, -m.arrival_time))
 
 
-@selection_policy("lowest-priority")
+@SELECTION.register("lowest-priority")
 def lowest_priority(candidates: Sequence[Movable]) -> list[Movable]:
     """Low priority first, then newest."""
     return sorted(candidates, key=lambda m: (-m.priority.rank, -m.arrival_time))
 
 
-def selection_policies() -> list[str]:
-    return sorted(_SELECTION)
-
-
 def select(
-    name: str, candidates: Sequence[Movable], count: int, *, include_high: bool = False
+    name: str | None, candidates: Sequence[Movable], count: int, *, include_high: bool = False
 ) -> list[Movable]:
-    """Up to ``count`` requests to move; high priority only when asked."""
-    if name not in _SELECTION:
-        raise ValueError(f"unknown selection policy {name!r}; known: {selection_policies()}")
+    """Up to ``count`` requests to move (policy ``name``, None for the
+    default); high priority only when asked."""
+    policy = SELECTION.get(name)
     allowed = [m for m in candidates if include_high or m.priority is not Priority.HIGH]
-    return _SELECTION[name](allowed)[:count]
+    return policy(allowed)[:count]
 
 
 def choose_mode(

@@ -37,7 +37,7 @@ class MigrateRequest(BaseModel):
     destination: str = Field(min_length=1, description="base URL of the destination instance")
     request_ids: list[str] | None = Field(default=None, min_length=1)
     count: int | None = Field(default=None, ge=1, description="or this many, chosen by policy")
-    policy: str = "lcfs"
+    policy: str | None = Field(default=None, description="selection policy; None: the default")
     mode: Mode = "auto"
     include_high: bool = Field(default=False, description="let the policy pick high priority")
 

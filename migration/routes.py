@@ -22,7 +22,7 @@ from infra.ndjson import NDJSON_MEDIA_TYPE, ndjson
 from infra.records import Priority
 from migration.destination import Adopter, Inbox
 from migration.metrics import MigrationMetrics
-from migration.policies import Movable, select, selection_policies
+from migration.policies import SELECTION, Movable, select
 from migration.ports import KvPort
 from migration.protocol import (
     AbortMigration,
@@ -175,9 +175,9 @@ class MigrationService:
                                       f"gateway, or already moving): {missing}",
                                       param="request_ids")  # fmt: skip
             return [movable[r] for r in body.request_ids]
-        if body.policy not in selection_policies():
+        if body.policy is not None and body.policy not in SELECTION.names():
             raise BadRequestError(f"unknown policy {body.policy!r}; known: "
-                                  f"{selection_policies()}", param="policy")  # fmt: skip
+                                  f"{SELECTION.names()}", param="policy")  # fmt: skip
         candidates = [Movable(g.request_id, g.priority, g.arrival_time, len(g.tokens),
                               g.num_remaining) for g in movable.values()]  # fmt: skip
         chosen = select(body.policy, candidates, body.count or 1, include_high=body.include_high)

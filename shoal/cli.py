@@ -245,12 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         inst.add_argument("--" + name.replace("_", "-"), dest=name, **kw)  # type: ignore[arg-type]
     inst.set_defaults(func=_cmd_instance)
 
-    from gateway.policies import policy_names
+    from gateway.policies import DISPATCH
 
     gw = sub.add_parser("gateway", help="run an OpenAI-compatible gateway replica")
     gw.add_argument("--host")
     gw.add_argument("--port", type=int, help="default 8000")
-    gw.add_argument("--dispatch-policy", dest="dispatch_policy", choices=policy_names())
+    gw.add_argument("--dispatch-policy", dest="dispatch_policy", choices=DISPATCH.names())
     gw.add_argument("--redis-url", dest="redis_url")
     gw.set_defaults(func=_cmd_gateway)
 
@@ -301,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--request", dest="request_ids", action="append",
                        help="request id to move (repeatable)")  # fmt: skip
     which.add_argument("--count", type=int, help="move this many, chosen by --policy")
-    mig.add_argument("--policy", default="lcfs", help="lcfs, shortest-remaining, lowest-priority")
+    from migration.policies import SELECTION
+
+    mig.add_argument("--policy", choices=SELECTION.names(), help=SELECTION.describe())
     mig.add_argument("--mode", default="auto", choices=["auto", "kv", "recompute"])
     mig.add_argument("--json", action="store_true", help="the migration records as JSON")
     mig.add_argument("--redis-url", dest="redis_url")

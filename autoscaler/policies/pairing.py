@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from autoscaler.decisions import Migrate
 from autoscaler.snapshot import InstanceState, Snapshot
+from infra.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -36,28 +37,7 @@ class PairingConfig:
 
 
 PairingPolicy = Callable[[Snapshot, PairingConfig], list[Migrate]]
-_PAIRING: dict[str, PairingPolicy] = {}
-DEFAULT_PAIRING = "llumnix"
-
-
-def pairing_policy(name: str) -> Callable[[PairingPolicy], PairingPolicy]:
-    def register(fn: PairingPolicy) -> PairingPolicy:
-        assert name not in _PAIRING, f"pairing policy {name!r} registered twice"
-        _PAIRING[name] = fn
-        return fn
-
-    return register
-
-
-def pairing_policies() -> list[str]:
-    return sorted(_PAIRING)
-
-
-def pairing_policy_named(name: str | None = None) -> PairingPolicy:
-    try:
-        return _PAIRING[name or DEFAULT_PAIRING]
-    except KeyError:
-        raise ValueError(f"unknown pairing policy {name!r}; known: {pairing_policies()}") from None
+PAIRING: Registry[PairingPolicy] = Registry("pairing policy")
 
 
 class _Pairs:
@@ -140,7 +120,7 @@ def _balance(snap: Snapshot, cfg: PairingConfig, pairs: _Pairs) -> None:
         )
 
 
-@pairing_policy("llumnix")
+@PAIRING.register("llumnix", default=True)
 def llumnix(snap: Snapshot, cfg: PairingConfig) -> list[Migrate]:
     pairs = _Pairs(snap)
     _drain(snap, cfg, pairs)
@@ -149,7 +129,7 @@ def llumnix(snap: Snapshot, cfg: PairingConfig) -> list[Migrate]:
     return pairs.chosen
 
 
-@pairing_policy("none")
+@PAIRING.register("none")
 def drain_only(snap: Snapshot, cfg: PairingConfig) -> list[Migrate]:
     pairs = _Pairs(snap)
     _drain(snap, cfg, pairs)

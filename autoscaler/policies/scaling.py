@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from autoscaler.decisions import Decision, Drain, ScaleOut, Stop
 from autoscaler.snapshot import InstanceState, Snapshot
+from infra.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -65,28 +66,7 @@ class ScalingState:
 ScalingPolicy = Callable[
     [Snapshot, ScalingConfig, ScalingState], tuple[list[Decision], ScalingState]
 ]
-_SCALING: dict[str, ScalingPolicy] = {}
-DEFAULT_SCALING = "band"
-
-
-def scaling_policy(name: str) -> Callable[[ScalingPolicy], ScalingPolicy]:
-    def register(fn: ScalingPolicy) -> ScalingPolicy:
-        assert name not in _SCALING, f"scaling policy {name!r} registered twice"
-        _SCALING[name] = fn
-        return fn
-
-    return register
-
-
-def scaling_policies() -> list[str]:
-    return sorted(_SCALING)
-
-
-def scaling_policy_named(name: str | None = None) -> ScalingPolicy:
-    try:
-        return _SCALING[name or DEFAULT_SCALING]
-    except KeyError:
-        raise ValueError(f"unknown scaling policy {name!r}; known: {scaling_policies()}") from None
+SCALING: Registry[ScalingPolicy] = Registry("scaling policy")
 
 
 def cheapest_to_empty(candidates: list[InstanceState]) -> InstanceState:
@@ -143,7 +123,7 @@ def _projected_freeness(snap: Snapshot, leaving: InstanceState) -> float:
     return math.inf if batch == 0 else (free - moved) / batch
 
 
-@scaling_policy("band")
+@SCALING.register("band", default=True)
 def freeness_band(
     snap: Snapshot, cfg: ScalingConfig, state: ScalingState
 ) -> tuple[list[Decision], ScalingState]:
@@ -208,7 +188,7 @@ def freeness_band(
     return decisions, state
 
 
-@scaling_policy("static")
+@SCALING.register("static")
 def static(
     snap: Snapshot, cfg: ScalingConfig, state: ScalingState
 ) -> tuple[list[Decision], ScalingState]:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from autoscaler.policies import pairing_policies, scaling_policies
+from autoscaler.policies import PAIRING, SCALING
 from bench.simulator.hardware import DEFAULT_HARDWARE, HARDWARE_PRESETS, hardware_preset
 from bench.traces import (
     ARRIVAL_KINDS,
@@ -29,8 +29,8 @@ from bench.traces import (
     parse_lengths,
     preset_lengths,
 )
-from gateway.policies import policy_names
-from migration.policies import selection_policies
+from gateway.policies import DISPATCH
+from migration.policies import SELECTION
 
 if TYPE_CHECKING:
     from bench.simulator.config import SimulationConfig
@@ -60,13 +60,13 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster and policies")
     g.add_argument("--instances", type=int, default=16, help="active at time 0")
     g.add_argument("--hardware", choices=sorted(HARDWARE_PRESETS), default=DEFAULT_HARDWARE)
-    g.add_argument("--dispatch", choices=policy_names(), default="llumnix")
-    g.add_argument("--pairing", choices=pairing_policies(), default="llumnix")
+    g.add_argument("--dispatch", choices=DISPATCH.names(), default=DISPATCH.default)
+    g.add_argument("--pairing", choices=PAIRING.names(), default=PAIRING.default)
     g.add_argument("--migration", action=argparse.BooleanOptionalAction, default=True,
                    help="ask the pairing policy (--no-migration: nothing moves)")  # fmt: skip
-    g.add_argument("--selection", choices=selection_policies(), default="lcfs")
+    g.add_argument("--selection", choices=SELECTION.names(), default=SELECTION.default)
     g.add_argument("--migration-mode", choices=("auto", "kv", "recompute"), default="auto")
-    g.add_argument("--scaling", choices=scaling_policies(), default="static")
+    g.add_argument("--scaling", choices=SCALING.names(), default="static")
     g.add_argument("--min-instances", type=int, help="default: --instances (static), 1 (band)")
     g.add_argument("--max-instances", type=int, help="default: --instances")
     for name in _SCALING_FLAGS + _PAIRING_FLAGS:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from functools import partial
 
 from autoscaler.decisions import Decision, Drain, Migrate, ScaleOut, Stop
-from autoscaler.policies import ScalingState, pairing_policy_named, scaling_policy_named
+from autoscaler.policies import PAIRING, SCALING, ScalingState
 from autoscaler.snapshot import InstanceState, Snapshot
 from bench.loadgen import TimelineSample
 from bench.simulator.config import SimulationConfig
@@ -50,8 +50,8 @@ class Simulator:
         self.config = config
         self.queue = EventQueue()
         self._dispatch = make_policy(config.dispatch)
-        self._scale = scaling_policy_named(config.scaling)
-        self._pair = pairing_policy_named(config.pairing) if config.migration else None
+        self._scale = SCALING.get(config.scaling)
+        self._pair = PAIRING.get(config.pairing) if config.migration else None
         self.scaling_state = ScalingState()
         self.migrations = Migrations(self, config)
         self.instances: dict[str, SimInstance] = {}

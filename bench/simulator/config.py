@@ -20,22 +20,22 @@ class SimulationConfig:
 
     num_instances: int = 16
     """Instances active at time 0 (provisioned, no cold start)."""
-    dispatch: str = "llumnix"
-    """Dispatch policy (``gateway.policies`` registry)."""
+    dispatch: str | None = None
+    """Dispatch policy (``gateway.policies`` registry; None: its default)."""
     scaling: str = "static"
     """Scaling policy (``autoscaler.policies`` registry)."""
     scaling_config: ScalingConfig = field(
         default_factory=lambda: ScalingConfig(min_instances=16, max_instances=16)
     )
-    pairing: str = "llumnix"
-    """Pairing policy (``autoscaler.policies`` registry)."""
+    pairing: str | None = None
+    """Pairing policy (``autoscaler.policies`` registry; None: its default)."""
     pairing_config: PairingConfig = field(default_factory=PairingConfig)
     migration: bool = True
     """Off: the pairing policy is never asked (no request moves, not even to
     drain: a draining instance empties as its requests finish)."""
-    selection: str = "lcfs"
-    """Request selection on a source when a decision names none (the
-    controller's default)."""
+    selection: str | None = None
+    """Request selection on a source when a decision names none (None: the
+    registry's default, as the controller uses)."""
     migration_mode: MigrationMode = "auto"
     """KV transfer or recompute, as ``migration.policies.choose_mode`` picks."""
     kv_transfer: bool = True

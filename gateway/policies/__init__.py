@@ -2,17 +2,18 @@
 instances for one request. Registered by name; ``llumnix`` is the default."""
 
 from gateway.policies.base import (
+    DISPATCH,
     Candidate,
     DispatchContext,
     DispatchPolicy,
     DispatchRequest,
     make_policy,
-    policy_names,
 )
 from gateway.policies.baselines import LeastLoad, Random, RoundRobin
 from gateway.policies.llumnix import Llumnix
 
 __all__ = [
+    "DISPATCH",
     "Candidate",
     "DispatchContext",
     "DispatchPolicy",
@@ -22,5 +23,4 @@ __all__ = [
     "Random",
     "RoundRobin",
     "make_policy",
-    "policy_names",
 ]

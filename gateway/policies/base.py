@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from infra.records import InstanceInfo, LoadReport, Priority
+from infra.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -47,36 +48,19 @@ class DispatchPolicy(ABC):
     """Ranks candidates, best first. Never does I/O."""
 
     name: ClassVar[str]
-    _registry: ClassVar[dict[str, type[DispatchPolicy]]] = {}
-    _default: ClassVar[str | None] = None
 
     def __init_subclass__(cls, *, name: str, default: bool = False, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        if name in DispatchPolicy._registry:
-            raise TypeError(f"dispatch policy {name!r} registered twice")
         cls.name = name
-        DispatchPolicy._registry[name] = cls
-        if default:
-            DispatchPolicy._default = name
+        DISPATCH.register(name, default=default)(cls)
 
     @abstractmethod
     def rank(self, ctx: DispatchContext) -> list[Candidate]: ...
 
 
-def policy_names() -> list[str]:
-    return sorted(DispatchPolicy._registry)
-
-
-def default_policy_name() -> str:
-    assert DispatchPolicy._default is not None
-    return DispatchPolicy._default
+DISPATCH: Registry[type[DispatchPolicy]] = Registry("dispatch policy")
 
 
 def make_policy(name: str | None = None) -> DispatchPolicy:
-    name = name or default_policy_name()
-    try:
-        return DispatchPolicy._registry[name]()
-    except KeyError:
-        raise ValueError(
-            f"unknown dispatch policy {name!r}; choose one of {policy_names()}"
-        ) from None
+    """A fresh instance of the dispatch policy ``name`` (None: the default)."""
+    return DISPATCH.get(name)()

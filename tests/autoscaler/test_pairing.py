@@ -4,11 +4,11 @@ protection, Llumnix balancing, one migration per instance at a time."""
 from __future__ import annotations
 
 from autoscaler.decisions import Migrate
-from autoscaler.policies import PairingConfig, pairing_policy_named
+from autoscaler.policies import PAIRING, PairingConfig
 from infra.records import InstanceStatus
 from tests.autoscaler.snapshots import inst, snap
 
-llumnix = pairing_policy_named("llumnix")
+llumnix = PAIRING.get("llumnix")
 CFG = PairingConfig(migrate_out_below=5, migrate_in_above=40, protect_above=80, drain_batch=4)
 
 
@@ -60,7 +60,7 @@ def test_high_only_instance_is_left_alone() -> None:
 
 
 def test_none_policy_only_drains() -> None:
-    none = pairing_policy_named("none")
+    none = PAIRING.get("none")
     hot, cold = inst("hot", running=20, used=99), inst("cold")
     assert none(snap(hot, cold), CFG) == []
     draining = inst("d", running=1, used=10, status=InstanceStatus.DRAINING)

@@ -8,12 +8,12 @@ from dataclasses import replace
 import pytest
 
 from autoscaler.decisions import Decision, Drain, ScaleOut, Stop
-from autoscaler.policies import ScalingConfig, ScalingState, scaling_policy_named
+from autoscaler.policies import SCALING, ScalingConfig, ScalingState
 from autoscaler.snapshot import InstanceState, Snapshot
 from infra.records import InstanceStatus
 from tests.autoscaler.snapshots import inst, snap
 
-band = scaling_policy_named("band")
+band = SCALING.get("band")
 CFG = ScalingConfig(
     min_instances=1, max_instances=3, freeness_low=10, freeness_high=60, scale_out_ticks=3,
     scale_in_ticks=2, cooldown_s=5, idle_timeout_s=30,
@@ -132,11 +132,11 @@ def test_config_errors_name_the_values() -> None:
     with pytest.raises(ValueError, match="freeness_low"):
         ScalingConfig(freeness_low=50, freeness_high=10)
     with pytest.raises(ValueError, match="unknown scaling policy"):
-        scaling_policy_named("nope")
+        SCALING.get("nope")
 
 
 def test_static_keeps_min_instances() -> None:
-    static = scaling_policy_named("static")
+    static = SCALING.get("static")
     cfg = replace(CFG, min_instances=2)
     decisions, _ = static(snap(busy("a"), now=1), cfg, ScalingState())
     assert [type(d) for d in decisions] == [ScaleOut]

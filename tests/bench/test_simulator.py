@@ -35,7 +35,7 @@ from bench.traces import (
     preset_lengths,
     uniform,
 )
-from gateway.policies import DispatchPolicy, Llumnix
+from gateway.policies import DISPATCH, Llumnix
 from infra.records import Priority
 
 SIMULATOR_DIR = Path(__file__).resolve().parents[2] / "bench" / "simulator"
@@ -195,12 +195,11 @@ def test_the_simulator_calls_the_registered_policy_objects(
 ) -> None:
     calls: Counter[str] = Counter()
     monkeypatch.setattr(Llumnix, "rank", recorder(Llumnix.rank, calls, "dispatch"))
-    monkeypatch.setitem(scaling._SCALING, "band",
-                        recorder(scaling._SCALING["band"], calls, "scaling"))  # fmt: skip
-    monkeypatch.setitem(pairing._PAIRING, "llumnix",
-                        recorder(pairing._PAIRING["llumnix"], calls, "pairing"))  # fmt: skip
-    monkeypatch.setitem(selection._SELECTION, "lcfs",
-                        recorder(selection._SELECTION["lcfs"], calls, "selection"))  # fmt: skip
+    for registry, name, kind in ((scaling.SCALING, "band", "scaling"),
+                                 (pairing.PAIRING, "llumnix", "pairing"),
+                                 (selection.SELECTION, "lcfs", "selection")):  # fmt: skip
+        entries: dict[str, Any] = registry._entries
+        monkeypatch.setitem(entries, name, recorder(entries[name], calls, kind))
     config = SimulationConfig(
         num_instances=4, scaling="band", dispatch="llumnix", pairing="llumnix",
         scaling_config=ScalingConfig(min_instances=1, max_instances=4),
@@ -225,10 +224,10 @@ def _defined_names(path: Path) -> set[str]:
 
 def test_no_policy_is_reimplemented_in_the_simulator() -> None:
     registered = {
-        *(fn.__name__ for fn in scaling._SCALING.values()),
-        *(fn.__name__ for fn in pairing._PAIRING.values()),
-        *(fn.__name__ for fn in selection._SELECTION.values()),
-        *(cls.__name__ for cls in DispatchPolicy._registry.values()),
+        *(scaling.SCALING.get(n).__name__ for n in scaling.SCALING.names()),
+        *(pairing.PAIRING.get(n).__name__ for n in pairing.PAIRING.names()),
+        *(selection.SELECTION.get(n).__name__ for n in selection.SELECTION.names()),
+        *(DISPATCH.get(n).__name__ for n in DISPATCH.names()),
     }
     live_functions = {
         "rank", "effective_freeness", "freeness", "virtual_usage", "request_virtual_usage",
@@ -241,10 +240,9 @@ def test_no_policy_is_reimplemented_in_the_simulator() -> None:
         clash = _defined_names(path) & forbidden
         assert not clash, f"{path.name} defines {sorted(clash)}: import the live policy instead"
         text = path.read_text()
-        for registrar in ("@scaling_policy(", "@pairing_policy(", "@selection_policy(",
-                          "(DispatchPolicy"):  # fmt: skip
+        for registrar in (".register(", "(DispatchPolicy"):
             assert registrar not in text, f"{path.name} registers a policy of its own"
-    assert all(not cls.__module__.startswith("bench.") for cls in DispatchPolicy._registry.values())
+    assert all(not DISPATCH.get(n).__module__.startswith("bench.") for n in DISPATCH.names())
 
 
 # -- the command line ----------------------------------------------------------------

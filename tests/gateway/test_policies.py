@@ -12,9 +12,8 @@ from gateway.policies import (
     DispatchContext,
     DispatchRequest,
     make_policy,
-    policy_names,
 )
-from gateway.policies.base import default_policy_name
+from gateway.policies.base import DISPATCH
 from infra.records import InstanceInfo, InstanceStatus, LoadReport, Priority, PriorityCounts
 
 
@@ -49,8 +48,8 @@ def ids(ranked: list[Candidate]) -> list[str]:
 
 
 def test_registry_lists_the_policies_with_llumnix_default() -> None:
-    assert policy_names() == ["least-load", "llumnix", "random", "round-robin"]
-    assert default_policy_name() == "llumnix"
+    assert DISPATCH.names() == ["least-load", "llumnix", "random", "round-robin"]
+    assert DISPATCH.default == "llumnix"
     with pytest.raises(ValueError, match="unknown dispatch policy 'nope'"):
         make_policy("nope")
 

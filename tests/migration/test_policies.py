@@ -13,7 +13,7 @@ from infra.records import Priority
 from instance.engine import EngineRequest, KvLoad
 from instance.generation import Generation
 from migration.destination import Inbox, NoRoom
-from migration.policies import Movable, choose_mode, select, selection_policies
+from migration.policies import SELECTION, Movable, choose_mode, select
 
 CANDIDATES = [
     Movable("old-long", Priority.NORMAL, arrival_time=1.0, num_tokens=900, num_remaining=50),
@@ -28,7 +28,8 @@ def _ids(ms: list[Movable]) -> list[str]:
 
 
 def test_selection_policies_order_and_spare_high_priority() -> None:
-    assert selection_policies() == ["lcfs", "lowest-priority", "shortest-remaining"]
+    assert SELECTION.names() == ["lcfs", "lowest-priority", "shortest-remaining"]
+    assert SELECTION.default == "lcfs"
     assert _ids(select("lcfs", CANDIDATES, 4)) == ["new-short", "low", "old-long"]
     assert _ids(select("shortest-remaining", CANDIDATES, 1)) == ["old-long"]
     assert _ids(select("lowest-priority", CANDIDATES, 2)) == ["low", "new-short"]
