@@ -19,7 +19,9 @@ def _default_cache_dir() -> Path:
 class CommonSettings(BaseSettings):
     """Settings every Shoal process reads."""
 
-    model_config = SettingsConfigDict(env_prefix="SHOAL_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="SHOAL_", extra="ignore", use_attribute_docstrings=True
+    )
 
     redis_url: str | None = None
     """URL of an existing Redis/Valkey (``redis://host:port/0``). When unset, Shoal
