@@ -83,6 +83,12 @@ class Generation:
                        prompt_token_ids=tuple(self.tokens), sampling=sampling,
                        kv_transfer=load)  # fmt: skip
 
+    def continue_after(self, output_token_ids: list[int], emitted_chars: int) -> None:
+        """Start after output the client already has (a replayed request)."""
+        self.earlier_output = tuple(output_token_ids)
+        self.emitted_chars = emitted_chars
+        self.realign_text = True
+
     # -- migration (source side) ---------------------------------------------
     def resume_spec(self, key: str, tokens: list[int], num_kv_tokens: int, *,
                     frozen_for_s: float) -> ResumeSpec:  # fmt: skip

@@ -43,7 +43,7 @@ def create_app(
     tracer: trace.Tracer | None = None,
     max_body_bytes: int = 4 * 1024 * 1024,
 ) -> FastAPI:
-    tracer = tracer or trace.NoOpTracer()
+    migrations = MigrationService(WorkerMigrationHost(worker))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -57,10 +57,15 @@ def create_app(
     app = FastAPI(title="Shoal instance worker", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
-
+    _add_generation_routes(app, worker, tracer or trace.NoOpTracer())
+    _add_control_routes(app, worker)
     add_openai_routes(app, worker)
-    migrations = MigrationService(WorkerMigrationHost(worker))
     add_migration_routes(app, migrations)
+    return app
+
+
+def _add_generation_routes(app: FastAPI, worker: InstanceWorker, tracer: trace.Tracer) -> None:
+    """``/generate`` (streamed NDJSON or whole) and ``/abort/{id}``."""
 
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(body: GenerateRequest, request: Request) -> Response:
@@ -81,25 +86,24 @@ def create_app(
     async def abort(request_id: str) -> AbortResponse:
         return AbortResponse(request_id=request_id, aborted=await worker.abort(request_id))
 
+
+def _health(worker: InstanceWorker, ok: bool) -> JSONResponse:
+    status = "ok" if ok else ("starting" if worker.healthy else "unhealthy")
+    body = HealthResponse(status=status, instance_id=worker.config.instance_id,
+                          engine=worker.engine.kind)  # fmt: skip
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+def _add_control_routes(app: FastAPI, worker: InstanceWorker) -> None:
+    """Health, readiness, identity, load, status changes and metrics."""
+
     @app.get("/health", response_model=HealthResponse)
     async def health() -> JSONResponse:
-        ok = worker.healthy
-        body = HealthResponse(
-            status="ok" if ok else "unhealthy",
-            instance_id=worker.config.instance_id,
-            engine=worker.engine.kind,
-        )
-        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+        return _health(worker, worker.healthy)
 
     @app.get("/ready", response_model=HealthResponse)
     async def ready() -> JSONResponse:
-        ok = worker.healthy and worker.status is InstanceStatus.ACTIVE
-        body = HealthResponse(
-            status="ok" if ok else ("starting" if worker.healthy else "unhealthy"),
-            instance_id=worker.config.instance_id,
-            engine=worker.engine.kind,
-        )
-        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+        return _health(worker, worker.healthy and worker.status is InstanceStatus.ACTIVE)
 
     @app.get("/info", response_model=InstanceInfo)
     async def info() -> InstanceInfo:
@@ -122,8 +126,6 @@ def create_app(
     async def metrics() -> Response:
         worker.reporter.build_report()
         return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 async def _collect(worker: InstanceWorker, ereq: EngineRequest) -> GenerateResponse:

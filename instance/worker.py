@@ -25,7 +25,7 @@ from infra.errors import (
 )
 from infra.records import InstanceInfo, InstanceStatus
 from infra.store import StateStore
-from instance.engine import ChatMessage, Engine, EngineRequest
+from instance.engine import ChatMessage, Engine, EngineRequest, TokenDelta
 from instance.generation import Generation
 from instance.metrics import InstanceMetrics
 from instance.reporter import LoadReporter, ReporterConfig
@@ -226,57 +226,22 @@ class InstanceWorker:
             request, num_prompt_tokens=len(request.prompt_token_ids), migratable=migratable
         )
         if continuation is not None:
-            gen.earlier_output = tuple(continuation.output_token_ids)
-            gen.emitted_chars = continuation.emitted_chars
-            gen.realign_text = True
-        rid = gen.request_id
-        priority = request.priority.value
+            gen.continue_after(continuation.output_token_ids, continuation.emitted_chars)
+        rid, priority = gen.request_id, request.priority.value
         self._generations[rid] = gen
-        first: float | None = None
-        last = request.arrival_time
+        latency = _Latency(self.metrics, priority, request.arrival_time)
         finish: str | None = None
         try:
             while finish is None:
-                segment = self.engine.generate(gen.next_segment(), gen.admitted.set)
-                async with contextlib.aclosing(segment) as deltas:
-                    async for delta in deltas:
-                        if gen.frozen:
-                            continue  # the destination produces these again
-                        now = self._clock()
-                        if delta.token_ids:
-                            if first is None:
-                                first = now
-                                self.metrics.ttft.labels(priority).observe(
-                                    now - request.arrival_time
-                                )
-                            else:
-                                self.metrics.tpot.labels(priority).observe(now - last)
-                            last = now
-                        gen.delivered.extend(delta.token_ids)
-                        text = self._text(gen, delta.text)
-                        usage = None
-                        if delta.finish_reason is not None:
-                            finish = delta.finish_reason
-                            gen.finished = True
-                            usage = Usage(
-                                prompt_tokens=gen.num_prompt_tokens,
-                                completion_tokens=gen.num_output,
-                                total_tokens=gen.num_prompt_tokens + gen.num_output,
-                            )
-                        yield GenerateChunk(
-                            request_id=rid,
-                            token_ids=list(delta.token_ids),
-                            text=text,
-                            finish_reason=delta.finish_reason,
-                            usage=usage,
-                        )
-                if finish is None and not gen.frozen:
-                    finish = "abort"  # the engine ended it without a reason
-                if gen.frozen:
-                    destination = await gen.outcome()
-                    if destination is not None:
-                        finish = "migrated"
-                        yield GenerateChunk(request_id=rid, migrated_to=destination)
+                async with contextlib.aclosing(self._segment(gen, latency)) as chunks:
+                    async for chunk in chunks:
+                        finish = chunk.finish_reason
+                        yield chunk
+                if not gen.frozen:
+                    finish = finish or "abort"  # the engine ended it without a reason
+                elif (destination := await gen.outcome()) is not None:
+                    finish = "migrated"
+                    yield GenerateChunk(request_id=rid, migrated_to=destination)
         finally:
             gen.finished = True
             if self._generations.get(rid) is gen:
@@ -284,6 +249,31 @@ class InstanceWorker:
             self.metrics.requests.labels(priority, finish or "abort").inc()
             if finish not in (None, "migrated", "abort"):
                 self.metrics.e2e.labels(priority).observe(self._clock() - request.arrival_time)
+
+    async def _segment(
+        self, gen: Generation, latency: _Latency
+    ) -> AsyncGenerator[GenerateChunk, None]:
+        """The chunks of one engine request of ``gen``, until it ends or
+        the request is frozen for a migration."""
+        deltas = self.engine.generate(gen.next_segment(), gen.admitted.set)
+        async with contextlib.aclosing(deltas):
+            async for delta in deltas:
+                if gen.frozen:
+                    continue  # the destination produces these again
+                if delta.token_ids:
+                    latency.tokens_at(self._clock())
+                yield self._chunk(gen, delta)
+
+    def _chunk(self, gen: Generation, delta: TokenDelta) -> GenerateChunk:
+        gen.delivered.extend(delta.token_ids)
+        text = self._text(gen, delta.text)
+        usage = None
+        if delta.finish_reason is not None:
+            gen.finished = True
+            usage = Usage(prompt_tokens=gen.num_prompt_tokens, completion_tokens=gen.num_output,
+                          total_tokens=gen.num_prompt_tokens + gen.num_output)  # fmt: skip
+        return GenerateChunk(request_id=gen.request_id, token_ids=list(delta.token_ids),
+                             text=text, finish_reason=delta.finish_reason, usage=usage)  # fmt: skip
 
     # -- migrated-in requests ------------------------------------------------
     async def adopt(self, spec: ResumeSpec) -> asyncio.Future[None]:
@@ -394,3 +384,22 @@ class InstanceWorker:
     @property
     def num_inflight(self) -> int:
         return len(self._generations)
+
+
+@dataclass
+class _Latency:
+    """One request's time to first token and time per token, into the
+    instance's histograms."""
+
+    metrics: InstanceMetrics
+    priority: str
+    arrival_time: float
+    last: float | None = None
+    """When its previous tokens came (None: none yet)."""
+
+    def tokens_at(self, now: float) -> None:
+        if self.last is None:
+            self.metrics.ttft.labels(self.priority).observe(now - self.arrival_time)
+        else:
+            self.metrics.tpot.labels(self.priority).observe(now - self.last)
+        self.last = now
