@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import httpx
+from infra.procs import start_child, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 PLOTS = REPO / "docs" / "bench"
@@ -25,36 +20,24 @@ def free_port() -> int:
 
 
 class Server:
-    """A server process on loopback, killed with its whole process group."""
+    """A server process on loopback (``infra.procs.start_child``), killed
+    with its whole process group; optionally pinned to ``cpus``."""
 
     def __init__(self, cmd: Sequence[str], ready_url: str, env: dict[str, str], log: Path,
                  cpus: set[int] | None = None) -> None:  # fmt: skip
+        self.child = start_child(log.stem, cmd, ready_url=ready_url, log=log, env=env, cwd=REPO,
+                                 cpus=cpus)  # fmt: skip
+        self.proc = self.child.proc
         self.ready_url = ready_url
         self.log = log
-        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                list(cmd), env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-                process_group=0, cwd=REPO, preexec_fn=pin,
-            )  # fmt: skip
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.ready_url, timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(self.ready_url)
+        wait_ready([self.child], timeout_s, poll_s=0.3)
 
     @property
     def base_url(self) -> str:
         """``scheme://host:port`` of the ready URL."""
-        return "/".join(self.ready_url.split("/")[:3])
+        return self.child.base_url
 
     def cpu_s(self) -> float:
         """CPU seconds used so far by the server and all its children."""
@@ -79,13 +62,7 @@ class Server:
         return sum(p.memory_info().rss for p in procs) / 2**20
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(30)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(5)
+        self.child.stop()
 
 
 def python() -> str:

@@ -41,7 +41,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NoReturn
 
@@ -120,6 +122,89 @@ def stop_all(
         kill_group(proc)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
+
+
+# -- servers: started, waited for, stopped -------------------------------------
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""Readiness probes go straight to loopback, whatever proxy the environment names."""
+
+
+@dataclass
+class Child:
+    """A server started by ``start_child``: ready once ``ready_url`` answers 200."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    ready_url: str
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        """``scheme://host:port`` of the ready URL."""
+        return "/".join(self.ready_url.split("/")[:3])
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+    def answers(self, timeout_s: float = 1.0) -> bool:
+        try:
+            with _DIRECT.open(self.ready_url, timeout=timeout_s) as resp:
+                return bool(resp.status == 200)
+        except (OSError, ValueError):
+            return False
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL of its process group after ``grace_s``."""
+        stop_all([self.proc], grace_s)
+
+
+class ChildExited(RuntimeError):
+    def __init__(self, child: Child) -> None:
+        super().__init__(f"{child.name} exited with {child.proc.returncode} before it was "
+                         f"ready; the end of {child.log}:\n{child.log_tail(15)}")  # fmt: skip
+        self.child = child
+
+
+def start_child(
+    name: str, cmd: Sequence[str], *, ready_url: str, log: Path,
+    env: Mapping[str, str] | None = None, cwd: Path | None = None,
+    cpus: set[int] | None = None,
+) -> Child:  # fmt: skip
+    """``spawn`` a server with its output in ``log``, pinned to ``cpus`` if given
+    (set before its start-up spawns threads, which inherit it)."""
+    with log.open("wb") as out:
+        proc = spawn(cmd, env={**os.environ, **(env or {})}, stdout=out,
+                     stderr=subprocess.STDOUT, cwd=cwd)  # fmt: skip
+    if cpus:
+        os.sched_setaffinity(proc.pid, cpus)
+    return Child(name, proc, ready_url, log)
+
+
+def wait_ready(
+    children: Sequence[Child], timeout_s: float, *,
+    sleep: Callable[[float], object] = time.sleep, check: Callable[[], None] = lambda: None,
+    on_ready: Callable[[Child], None] = lambda _: None, poll_s: float = 0.1,
+) -> None:  # fmt: skip
+    """Wait until every child answers: :class:`ChildExited` if one dies first,
+    ``TimeoutError`` after ``timeout_s``; ``check`` may raise to give up sooner
+    (a Ctrl-C)."""
+    pending = list(children)
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        for child in list(pending):
+            check()
+            if child.proc.poll() is not None:
+                raise ChildExited(child)
+            if child.answers():
+                pending.remove(child)
+                on_ready(child)
+        if pending and time.monotonic() > deadline:
+            raise TimeoutError(f"not ready after {timeout_s:.0f}s: {[c.name for c in pending]}")
+        if pending:
+            sleep(poll_s)
 
 
 # -- the wrapper: ``python -I -S procs.py PARENT_PID SIGNAL -- CMD...`` ------

@@ -27,18 +27,14 @@ import os
 import select
 import signal
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-import httpx
-
 from infra.embedded_redis import EmbeddedRedis, resolve_redis
-from infra.procs import shoal_command, spawn, stop_all
+from infra.procs import Child, ChildExited, shoal_command, start_child, stop_all, wait_ready
 from infra.settings import CommonSettings, GatewaySettings
 
 GRACE_S = 10.0
@@ -158,26 +154,8 @@ class _Signals:
             raise _Interrupted(self.received[0])
 
 
-# -- children ----------------------------------------------------------------
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    ready_url: str
-    log: Path
-
-    def log_tail(self, n: int = 15) -> str:
-        try:
-            lines = self.log.read_text(errors="replace").splitlines()[-n:]
-        except FileNotFoundError:
-            return ""
-        return "\n".join(f"  | {line}" for line in lines)
-
-
-class _ChildExited(Exception):
-    def __init__(self, child: Child) -> None:
-        super().__init__(f"{child.name} exited with {child.proc.returncode} during start-up; "
-                         f"the end of {child.log}:\n{child.log_tail()}")  # fmt: skip
+def _announce(child: Child) -> None:
+    print(f"  {child.name} ready", flush=True)
 
 
 @dataclass
@@ -189,34 +167,14 @@ class _Stack:
 
     def spawn(self, name: str, args: list[str], ready_url: str) -> Child:
         self.signals.check()
-        log = self.logs / f"{name}.log"
-        with log.open("wb") as out:
-            proc = spawn(shoal_command(*args),
-                         env={**os.environ, **self.env}, stdout=out,
-                         stderr=subprocess.STDOUT)  # fmt: skip
-        child = Child(name, proc, ready_url, log)
+        child = start_child(name, shoal_command(*args), ready_url=ready_url,
+                            log=self.logs / f"{name}.log", env=self.env)  # fmt: skip
         self.children.append(child)
         return child
 
     def wait_ready(self, children: list[Child], timeout_s: float) -> None:
-        pending = list(children)
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(timeout=1) as client:
-            while True:
-                for c in list(pending):
-                    self.signals.check()
-                    if c.proc.poll() is not None:
-                        raise _ChildExited(c)
-                    if _answers(client, c.ready_url):
-                        pending.remove(c)
-                        print(f"  {c.name} ready", flush=True)
-                if not pending:
-                    return
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"not ready after {timeout_s:.0f}s: {[c.name for c in pending]}"
-                    )
-                self.signals.sleep(0.5)
+        wait_ready(children, timeout_s, sleep=self.signals.sleep, check=self.signals.check,
+                   on_ready=_announce, poll_s=0.5)  # fmt: skip
 
     def watch(self) -> int:
         """Once up: 0 when told to stop, 1 when a child dies."""
@@ -237,13 +195,6 @@ class _Stack:
             return len(self.signals.received) > seen
 
         stop_all([c.proc for c in self.children], grace_s, sleep=hurry)
-
-
-def _answers(client: httpx.Client, url: str) -> bool:
-    try:
-        return client.get(url).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _start(stack: _Stack, *, instances: int, engine: str, model: str | None, port: int,
@@ -301,7 +252,7 @@ def run_up(*, instances: int, engine: str, model: str | None, port: int, base_po
         except _Interrupted as exc:
             print(f"{exc} during start-up", flush=True)
             return 128 + exc.signum
-        except (_ChildExited, TimeoutError) as exc:
+        except (ChildExited, TimeoutError) as exc:
             print(exc, file=sys.stderr, flush=True)
             return 1
         finally:

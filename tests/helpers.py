@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -13,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from infra.procs import shoal_command
+from infra import procs
+from infra.procs import Child, shoal_command, start_child
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,16 +44,25 @@ def free_port() -> int:
 
 @dataclass
 class WorkerProcess:
-    proc: subprocess.Popen[bytes]
-    base_url: str
+    """A Shoal server started by a test (``infra.procs.Child`` with its id)."""
+
+    child: Child
     instance_id: str
-    log_path: Path
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.child.proc
+
+    @property
+    def base_url(self) -> str:
+        return self.child.base_url
+
+    @property
+    def log_path(self) -> Path:
+        return self.child.log
 
     def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except FileNotFoundError:
-            return ""
+        return self.child.log_tail(n)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the worker's main process only."""
@@ -64,38 +71,34 @@ class WorkerProcess:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the worker and everything it started (its process group)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout_s)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(5)
+        self.child.stop(timeout_s)
+
+
+def launch(name: str, cmd: list[str], env: dict[str, str], log_dir: Path, port: int,
+           ready_path: str) -> WorkerProcess:  # fmt: skip
+    """Start ``shoal <cmd>`` on loopback (not yet ready: see ``wait_ready``)."""
+    child = start_child(name, [*SHOAL, *cmd], ready_url=f"http://127.0.0.1:{port}{ready_path}",
+                        log=log_dir / f"{name}.log", env=env, cwd=REPO)  # fmt: skip
+    return WorkerProcess(child, name)
+
+
+def wait_ready(workers: list[WorkerProcess], timeout_s: float) -> None:
+    """Wait until every one serves; on failure, stop them all and say why."""
+    try:
+        procs.wait_ready([w.child for w in workers], timeout_s)
+    except (procs.ChildExited, TimeoutError) as exc:
+        for w in workers:
+            w.stop()
+        tails = "\n".join(f"-- {w.instance_id}:\n{w.log_tail()}" for w in workers)
+        raise RuntimeError(f"{exc}\n{tails}") from exc
 
 
 def _spawn(name: str, cmd: list[str], env: dict[str, str], log_dir: Path, port: int,
            ready_path: str, ready_timeout_s: float) -> WorkerProcess:  # fmt: skip
     """Start ``shoal <cmd>`` on loopback and wait until ``ready_path`` answers 200."""
-    log_path = log_dir / f"{name}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [*SHOAL, *cmd], cwd=REPO, env={**os.environ, **env}, stdout=log,
-            stderr=subprocess.STDOUT, process_group=0,
-        )  # fmt: skip
-    handle = WorkerProcess(proc, f"http://127.0.0.1:{port}", name, log_path)
-    deadline = time.monotonic() + ready_timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{handle.log_tail()}")
-        try:
-            if httpx.get(handle.base_url + ready_path, timeout=1.0).status_code == 200:
-                return handle
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            handle.stop()
-            raise TimeoutError(f"{name} not ready in {ready_timeout_s}s:\n{handle.log_tail()}")
-        time.sleep(0.1)
+    handle = launch(name, cmd, env, log_dir, port, ready_path)
+    wait_ready([handle], ready_timeout_s)
+    return handle
 
 
 def start_worker(
@@ -110,12 +113,24 @@ def start_worker(
     ready_timeout_s: float = 300.0,
 ) -> WorkerProcess:
     """An instance worker on loopback, ready to serve."""
+    worker = launch_worker(engine=engine, redis_url=redis_url, namespace=namespace,
+                           log_dir=log_dir, instance_id=instance_id, args=args,
+                           env=env)  # fmt: skip
+    wait_ready([worker], ready_timeout_s)
+    return worker
+
+
+def launch_worker(
+    *, engine: str, redis_url: str, namespace: str, log_dir: Path, instance_id: str,
+    args: list[str] | None = None, env: dict[str, str] | None = None,
+) -> WorkerProcess:  # fmt: skip
+    """An instance worker on loopback, starting (several start at once: ``wait_ready``)."""
     port = free_port()
     cmd = ["instance", "--engine", engine, "--port", str(port), "--instance-id", instance_id,
            "--redis-url", redis_url, *(args or [])]  # fmt: skip
     full_env = {"SHOAL_NAMESPACE": namespace, "HF_HUB_OFFLINE": "1",
                 "SHOAL_RUN_DIR": str(log_dir / "run"), **(env or {})}  # fmt: skip
-    return _spawn(instance_id, cmd, full_env, log_dir, port, "/ready", ready_timeout_s)
+    return launch(instance_id, cmd, full_env, log_dir, port, "/ready")
 
 
 def wait_for(predicate: object, *, timeout_s: float, interval_s: float = 0.05) -> None:

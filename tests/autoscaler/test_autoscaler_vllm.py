@@ -6,14 +6,13 @@ streams finish without an error reaching the client."""
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.autoscaler.stack import Stack, stream
-from tests.helpers import start_worker, wait_for
+from tests.helpers import launch_worker, wait_for, wait_ready
 
 pytestmark = pytest.mark.vllm
 
@@ -24,14 +23,14 @@ MAX_TOKENS = 8000
 
 def test_calm_drains_a_vllm_instance_by_migration(stack: Stack, tiny_model: Path) -> None:
     env = {"SHOAL_DTYPE": "float32", "HF_HUB_OFFLINE": "1"}
-    with ThreadPoolExecutor(2) as pool:  # two instances, started together
-        started = [pool.submit(
-            start_worker, engine="vllm", redis_url=stack.redis_url, namespace=stack.ns,
-            log_dir=stack.log_dir, instance_id=f"vllm-{core}", env=env,
-            args=["--model", str(tiny_model), "--served-model-name", "tiny-llama",
-                  "--cpu-threads-bind", str(core), *ENGINE_ARGS.split()],
-        ) for core in (0, 1)]  # fmt: skip
-        stack.procs.extend(s.result() for s in started)
+    workers = [launch_worker(  # two instances, started together
+        engine="vllm", redis_url=stack.redis_url, namespace=stack.ns,
+        log_dir=stack.log_dir, instance_id=f"vllm-{core}", env=env,
+        args=["--model", str(tiny_model), "--served-model-name", "tiny-llama",
+              "--cpu-threads-bind", str(core), *ENGINE_ARGS.split()],
+    ) for core in (0, 1)]  # fmt: skip
+    stack.procs.extend(workers)
+    wait_ready(workers, timeout_s=300)
     gw = stack.gateway()
     wait_for(lambda: len(stack.active()) == 2, timeout_s=60)
     outs: list[dict[str, Any]] = [{}, {}]

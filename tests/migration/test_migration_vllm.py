@@ -23,7 +23,14 @@ import openai
 import psutil
 import pytest
 
-from tests.helpers import VLLM_NAMESPACE, WorkerProcess, start_gateway, start_worker, wait_for
+from tests.helpers import (
+    VLLM_NAMESPACE,
+    WorkerProcess,
+    launch_worker,
+    start_gateway,
+    wait_for,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -35,8 +42,9 @@ CLAIM_TIMEOUT_S = 10
 """B's and C's ``resume_timeout_s``: short, so a claim that expires early shows."""
 
 
-def _start(name: str, core: str, tiny_model: Path, redis_url: str, log_dir: Path) -> WorkerProcess:
-    return start_worker(
+def _launch(name: str, core: str, tiny_model: Path, redis_url: str, log_dir: Path,
+            ) -> WorkerProcess:  # fmt: skip
+    return launch_worker(
         engine="vllm", redis_url=redis_url, namespace=VLLM_NAMESPACE, log_dir=log_dir,
         instance_id=name,
         args=["--model", str(tiny_model), "--served-model-name", MODEL,
@@ -55,13 +63,14 @@ def trio(
     """The session's vLLM instance (A, core 0) and two more: B on core 1 and
     C sharing core 0 (started together). The module's last test kills C."""
     log_dir = tmp_path_factory.mktemp("vllm-bc")
-    with ThreadPoolExecutor(2) as pool:
-        started = [pool.submit(_start, name, core, tiny_model, redis_url, log_dir)
-                   for name, core in (("vllm-b", "1"), ("vllm-c", "0"))]  # fmt: skip
-        b, c = (s.result() for s in started)
-    yield vllm_stack[0], b, c
-    b.stop()
-    c.stop()
+    b, c = (_launch(name, core, tiny_model, redis_url, log_dir)
+            for name, core in (("vllm-b", "1"), ("vllm-c", "0")))  # fmt: skip
+    wait_ready([b, c], timeout_s=300)  # (stops both if either fails)
+    try:
+        yield vllm_stack[0], b, c
+    finally:
+        b.stop()
+        c.stop()
 
 
 @pytest.fixture
