@@ -24,10 +24,16 @@ Sleep = Callable[[float], Awaitable[None]]
 
 @dataclass(frozen=True)
 class ReporterConfig:
+    """How an instance publishes its LoadReport to Redis."""
+
     interval_s: float = 0.05
+    """Period of the reports (Llumnix-style 50-100 ms)."""
     ttl_s: float = 3.0
+    """Lifetime of the registry and load records: a silent instance disappears."""
     headroom_blocks: int = 32
+    """Virtual usage a high-priority request adds to its instance (Llumnix headroom)."""
     rate_window_s: float = 1.0
+    """Window of the generation tokens/s figure."""
 
 
 def make_report(

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from instance.engine import (
     ChatMessage,
     EngineLimits,
@@ -28,22 +30,44 @@ from instance.engine import (
     blocks_for,
 )
 from migration.ports import KvPort, KvStatus
-from migration.wire import TRANSFER_KEY, Endpoint, call
+from migration.wire import (
+    TRANSFER_KEY,
+    BlocksStaged,
+    Drop,
+    Endpoint,
+    GetStatus,
+    Pin,
+    R,
+    Reply,
+    StageBlocks,
+    StatusReply,
+    Unpin,
+    call,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class VllmOptions:
+    """The engine arguments Shoal chooses for vLLM (from the instance's settings)."""
+
     model: str
+    """Hugging Face model id or local path."""
     dtype: str = "auto"
+    """Weights and activations dtype (``float32`` for the tiny model on CPU)."""
     block_size: int | None = None
     """None lets vLLM choose (the CPU attention kernels need a multiple of 32)."""
     max_num_seqs: int = 16
+    """Largest batch the scheduler runs."""
     max_model_len: int = 2048
+    """Longest sequence (prompt + output)."""
     kv_cache_bytes: int = 64 * 1024 * 1024
+    """KV-cache memory (``kv_cache_memory_bytes``)."""
     enforce_eager: bool = True
+    """No graph capture (faster start-up; the CPU build needs it)."""
     seed: int = 0
+    """vLLM's global seed."""
     kv_endpoint: str | None = None
     """``host:port`` for Shoal's KV connector (live migration); None = off."""
 
@@ -309,28 +333,28 @@ class ConnectorPort:
     def block_bytes(self) -> int:
         return self._block_bytes
 
-    async def _call(self, op: str, **fields: Any) -> dict[str, Any]:
-        header, _ = await asyncio.to_thread(call, self._endpoint, op, **fields)
-        return header
+    async def _call(self, request: BaseModel, reply: type[R]) -> R:
+        answer, _ = await asyncio.to_thread(call, self._endpoint, request, reply)
+        return answer
 
     async def stage(self, key: str, source: str, request_id: str, first: int, count: int) -> int:
-        reply = await self._call("stage", key=key, source=source, request_id=request_id,
-                                 first=first, count=count)  # fmt: skip
-        return int(reply["bytes"])
+        stage = StageBlocks(key=key, source=source, request_id=request_id, first=first,
+                            count=count)  # fmt: skip
+        return (await self._call(stage, BlocksStaged)).bytes
 
     async def drop(self, key: str) -> None:
-        await self._call("drop", key=key)
+        await self._call(Drop(key=key), Reply)
 
     async def pin(self, request_id: str) -> None:
-        await self._call("pin", request_id=request_id)
+        await self._call(Pin(request_id=request_id), Reply)
 
     async def unpin(self, request_id: str) -> None:
-        await self._call("unpin", request_id=request_id)
+        await self._call(Unpin(request_id=request_id), Reply)
 
     async def status(self) -> KvStatus:
-        status = KvStatus.model_validate(await self._call("status"))
+        status = await self._call(GetStatus(), StatusReply)
         self._block_bytes = status.block_bytes
-        return status
+        return KvStatus.model_validate(status.model_dump())
 
 
 def _request_load(t: _Tracked, block_size: int) -> RequestLoad:

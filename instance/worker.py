@@ -36,12 +36,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    """What an instance worker is (from its settings, see ``instance.main``)."""
+
     instance_id: str
+    """Its id in the registry."""
     address: str
+    """Base URL other components reach it at."""
     served_model_name: str
+    """The model name clients ask for."""
     report: ReporterConfig
+    """How it publishes its load."""
     vocab_size: int | None = None
+    """Token ids in prompts are checked against it (None: unchecked)."""
     health_check_interval_s: float = 0.5
+    """How often the engine's health is checked; a dead engine deregisters."""
     resume_timeout_s: float = 60.0
     """A migrated-in request nobody resumes within this long of its hand-off
     is aborted (its client is gone)."""

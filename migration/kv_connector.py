@@ -49,7 +49,27 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.request import RequestStatus
 
-from migration.wire import TRANSFER_KEY, Endpoint, WireError, call, recv_frame, send_frame
+from migration.wire import (
+    TRANSFER_KEY,
+    BlocksRead,
+    BlocksStaged,
+    Drop,
+    Endpoint,
+    GetStatus,
+    Pin,
+    ReadBlocks,
+    Reply,
+    StageBlocks,
+    StatusReply,
+    Unpin,
+    WireError,
+    WireRequest,
+    call,
+    parse_request,
+    recv_frame,
+    refusal,
+    send_frame,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -343,67 +363,62 @@ class _WorkerState:
             return done
 
     # Requests from the wire (server threads) ------------------------------
-    def handle(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
-        op = header.get("op")
-        if op == "read":
-            return self._serve_read(str(header["request_id"]), int(header["first"]),
-                                    int(header["count"]))  # fmt: skip
-        if op == "stage":
-            return self._stage(header), b""
-        if op == "pin":
-            with self._lock:
-                self._pins[str(header["request_id"])] = time.monotonic()
-            return {"ok": True}, b""
-        if op == "unpin":
-            req_id = str(header["request_id"])
-            with self._lock:
-                self._pins.pop(req_id, None)
-                self._release.update(d for d in self._delayed if self._external(d) == req_id)
-            return {"ok": True}, b""
-        if op == "drop":
-            with self._lock:
-                self._staging.pop(str(header["key"]), None)
-            return {"ok": True}, b""
-        if op == "status":
-            with self._lock:
-                status = {"ok": True, "pinned": sorted(self._pins),
-                          "delayed": sorted(self._delayed),
-                          "staging": {k: len(v) for k, v in self._staging.items()},
-                          "block_bytes": self.block_bytes, "tables": len(self._tables),
-                          "loaded_blocks": self.loaded_blocks}  # fmt: skip
-            return status, b""
-        return {"ok": False, "error": f"unknown op {op!r}"}, b""
+    def handle(self, request: WireRequest) -> tuple[Reply, bytes]:
+        match request:
+            case ReadBlocks():
+                return self._serve_read(request)
+            case StageBlocks():
+                return self._stage(request), b""
+            case Pin():
+                with self._lock:
+                    self._pins[request.request_id] = time.monotonic()
+            case Unpin():
+                with self._lock:
+                    self._pins.pop(request.request_id, None)
+                    self._release.update(d for d in self._delayed
+                                         if self._external(d) == request.request_id)  # fmt: skip
+            case Drop():
+                with self._lock:
+                    self._staging.pop(request.key, None)
+            case GetStatus():
+                with self._lock:
+                    return StatusReply(
+                        pinned=sorted(self._pins), delayed=sorted(self._delayed),
+                        staging={k: len(v) for k, v in self._staging.items()},
+                        block_bytes=self.block_bytes, tables=len(self._tables),
+                        loaded_blocks=self.loaded_blocks,
+                    ), b""  # fmt: skip
+        return Reply(), b""
 
-    def _serve_read(self, req_id: str, first: int, count: int) -> tuple[dict[str, Any], bytes]:
+    def _serve_read(self, request: ReadBlocks) -> tuple[Reply, bytes]:
+        first, count = request.first, request.count
         with self._lock:
-            req_id = self._internal(req_id)
+            req_id = self._internal(request.request_id)
             table = list(self._tables.get(req_id, ()))
             version = self._versions.get(req_id, 0)
         if first + count > len(table):
-            return {"ok": False, "error": f"{req_id} holds {len(table)} blocks, "
-                    f"asked for {first}+{count}"}, b""  # fmt: skip
+            return refusal(f"{req_id} holds {len(table)} blocks, asked for {first}+{count}"), b""
         data = b"".join(self._read_block(b) for b in table[first : first + count])
         with self._lock:  # a preemption or finish meanwhile makes the copy void
             if self._versions.get(req_id, 0) != version or req_id not in self._tables:
-                return {"ok": False, "error": f"{req_id} lost its blocks during the read"}, b""
-        return {"ok": True, "count": count}, data
+                return refusal(f"{req_id} lost its blocks during the read"), b""
+        return BlocksRead(count=count, bytes=len(data)), data
 
-    def _stage(self, header: dict[str, Any]) -> dict[str, Any]:
-        key, first, count = str(header["key"]), int(header["first"]), int(header["count"])
-        source = Endpoint.parse(str(header["source"]))
+    def _stage(self, request: StageBlocks) -> Reply:
+        first, count = request.first, request.count
+        read = ReadBlocks(request_id=request.request_id, first=first, count=count)
         try:
-            _, data = call(source, "read", request_id=header["request_id"], first=first,
-                           count=count)  # fmt: skip
+            _, data = call(Endpoint.parse(request.source), read, BlocksRead)
         except WireError as exc:
-            return {"ok": False, "error": str(exc)}
+            return refusal(str(exc))
         size = self.block_bytes
         if len(data) != size * count:
-            return {"ok": False, "error": f"got {len(data)} bytes for {count} blocks of {size}"}
+            return refusal(f"got {len(data)} bytes for {count} blocks of {size}")
         with self._lock:
-            blocks = self._staging.setdefault(key, {})
+            blocks = self._staging.setdefault(request.key, {})
             for i in range(count):
                 blocks[first + i] = data[i * size : (i + 1) * size]
-        return {"ok": True, "blocks": count, "bytes": len(data)}
+        return BlocksStaged(blocks=count, bytes=len(data))
 
     def close(self) -> None:
         self._server.shutdown()
@@ -417,12 +432,12 @@ class _Handler(socketserver.BaseRequestHandler):
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            header, payload = recv_frame(sock)
+            header, _ = recv_frame(sock)
             try:
-                reply, data = self.server.state.handle(header, payload)
+                reply, data = self.server.state.handle(parse_request(header))
             except Exception as exc:  # a bad request must not kill the server
                 log.exception("KV connector request failed")
-                reply, data = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}, b""
+                reply, data = refusal(f"{type(exc).__name__}: {exc}"), b""
             send_frame(sock, reply, data)
         except (ConnectionError, OSError) as exc:
             log.debug("KV connector connection dropped: %s", exc)

@@ -2,10 +2,12 @@
 of two instances, and between an instance worker and its own connector.
 
 A frame is a 4-byte big-endian header length, a JSON header, then
-``header["nbytes"]`` bytes of payload (raw KV blocks) if any. Every request
-gets exactly one reply frame; ``{"ok": false, "error": ...}`` on failure.
-Blocking sockets on purpose: the connector serves from plain threads inside
-vLLM's worker process, and the worker calls it through ``asyncio.to_thread``.
+``nbytes`` bytes of payload (raw KV blocks) if any. The header is a typed
+message: a request (one of :data:`WireRequest`, told apart by ``op``) or a
+reply (:class:`Reply` and its kinds); every request gets exactly one reply
+frame, ``ok: false`` with an ``error`` on failure. Blocking sockets on
+purpose: the connector serves from plain threads inside vLLM's worker
+process, and the worker calls it through ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ import json
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+from migration.ports import KvStatus
 
 TRANSFER_KEY = "shoal_migration"
 """Key in a vLLM request's ``kv_transfer_params``: ``{"key", "num_tokens"}``."""
@@ -27,6 +33,110 @@ class WireError(Exception):
     """The peer refused the request or the connection failed."""
 
 
+# -- messages --------------------------------------------------------------------
+class ReadBlocks(BaseModel):
+    """Source side: send blocks ``[first, first + count)`` of a running request."""
+
+    op: Literal["read"] = "read"
+    request_id: str
+    """The engine's id of the request on the source."""
+    first: int = Field(ge=0)
+    count: int = Field(ge=1)
+
+
+class StageBlocks(BaseModel):
+    """Destination side: pull those blocks from ``source`` into staging under ``key``."""
+
+    op: Literal["stage"] = "stage"
+    key: str
+    source: str
+    """``host:port`` of the source's KV endpoint."""
+    request_id: str
+    first: int = Field(ge=0)
+    count: int = Field(ge=1)
+
+
+class Pin(BaseModel):
+    """Keep the request's blocks after it is stopped, until unpinned."""
+
+    op: Literal["pin"] = "pin"
+    request_id: str
+
+
+class Unpin(BaseModel):
+    op: Literal["unpin"] = "unpin"
+    request_id: str
+
+
+class Drop(BaseModel):
+    """Forget what is staged under ``key``."""
+
+    op: Literal["drop"] = "drop"
+    key: str
+
+
+class GetStatus(BaseModel):
+    op: Literal["status"] = "status"
+
+
+WireRequest = Annotated[
+    ReadBlocks | StageBlocks | Pin | Unpin | Drop | GetStatus, Field(discriminator="op")
+]
+_REQUEST: TypeAdapter[WireRequest] = TypeAdapter(WireRequest)
+
+
+class Reply(BaseModel):
+    ok: bool = True
+    error: str | None = None
+
+
+class BlocksRead(Reply):
+    count: int
+    bytes: int
+    """Bytes of KV that follow (the sim engine's carry none: its blocks are modelled)."""
+
+
+class BlocksStaged(Reply):
+    blocks: int
+    bytes: int
+
+
+class StatusReply(Reply, KvStatus):
+    tables: int = 0
+    """Requests whose block tables the connector tracks."""
+
+
+R = TypeVar("R", bound=Reply)
+
+
+def refusal(error: str) -> Reply:
+    return Reply(ok=False, error=error)
+
+
+def encode(message: BaseModel, nbytes: int = 0) -> bytes:
+    """A frame's length prefix and header."""
+    head = json.dumps({**message.model_dump(mode="json"), "nbytes": nbytes}).encode()
+    return _LEN.pack(len(head)) + head
+
+
+def decode_header(raw: bytes) -> tuple[dict[str, Any], int]:
+    """A frame's header fields and its payload size."""
+    header: dict[str, Any] = json.loads(raw)
+    return header, int(header.pop("nbytes", 0))
+
+
+def parse_request(header: dict[str, Any]) -> WireRequest:
+    return _REQUEST.validate_python(header)
+
+
+def parse_reply(header: dict[str, Any], kind: type[R], what: str) -> R:
+    """The reply as ``kind``, or :class:`WireError` if the peer refused."""
+    if not header.get("ok", False):
+        raise WireError(f"{what}: {header.get('error', 'refused')}")
+    return kind.model_validate(header)
+
+
+# -- blocking sockets --------------------------------------------------------------
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
     view = memoryview(buf)
@@ -39,9 +149,8 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def send_frame(sock: socket.socket, header: dict[str, Any], payload: bytes = b"") -> None:
-    head = json.dumps({**header, "nbytes": len(payload)}).encode()
-    sock.sendall(_LEN.pack(len(head)) + head)
+def send_frame(sock: socket.socket, message: BaseModel, payload: bytes = b"") -> None:
+    sock.sendall(encode(message, len(payload)))
     if payload:
         sock.sendall(payload)
 
@@ -50,8 +159,7 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
     (length,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
     if length > MAX_HEADER_BYTES:
         raise ConnectionError(f"frame header of {length} bytes")
-    header: dict[str, Any] = json.loads(_recv_exact(sock, length))
-    nbytes = int(header.get("nbytes", 0))
+    header, nbytes = decode_header(_recv_exact(sock, length))
     return header, _recv_exact(sock, nbytes) if nbytes else b""
 
 
@@ -70,16 +178,15 @@ class Endpoint:
 
 
 def call(
-    endpoint: Endpoint, op: str, timeout_s: float = 30.0, **fields: Any
-) -> tuple[dict[str, Any], bytes]:
+    endpoint: Endpoint, request: BaseModel, reply: type[R], timeout_s: float = 30.0
+) -> tuple[R, bytes]:
     """One request/reply exchange on a fresh connection."""
+    what = f"{getattr(request, 'op', '?')} to {endpoint}"
     try:
         with socket.create_connection((endpoint.host, endpoint.port), timeout=timeout_s) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            send_frame(sock, {"op": op, **fields})
+            send_frame(sock, request)
             header, payload = recv_frame(sock)
     except OSError as exc:
-        raise WireError(f"{op} to {endpoint}: {exc}") from exc
-    if not header.get("ok", False):
-        raise WireError(f"{op} to {endpoint}: {header.get('error', 'refused')}")
-    return header, payload
+        raise WireError(f"{what}: {exc}") from exc
+    return parse_reply(header, reply, what), payload

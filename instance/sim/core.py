@@ -40,6 +40,7 @@ class SimConfig:
     max_num_batched_tokens: int = 8192
     """Token budget of one step (prefill tokens plus one per decode)."""
     latency: LatencyModel = field(default_factory=LatencyModel)
+    """Modelled duration of a step (LLaMA-7B on an A10 by default)."""
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.block_size < 1 or self.max_num_seqs < 1:

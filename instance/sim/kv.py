@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import struct
 import time
@@ -34,9 +33,23 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
+
 from instance.sim.core import SimCore
 from migration.ports import KvStatus
-from migration.wire import MAX_HEADER_BYTES, Endpoint, WireError
+from migration.wire import (
+    MAX_HEADER_BYTES,
+    BlocksRead,
+    Endpoint,
+    ReadBlocks,
+    Reply,
+    WireError,
+    decode_header,
+    encode,
+    parse_reply,
+    parse_request,
+    refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +109,11 @@ class SimKvOptions:
     endpoint: str
     """``host:port`` peers read from; port 0 binds a free port (known after start)."""
     model: KvTransferModel = field(default_factory=KvTransferModel)
+    """Modelled time of a transfer."""
     listen_host: str | None = None
     """Interface to bind; defaults to the endpoint's host."""
     pin_ttl_s: float = PIN_TTL_S
+    """A pin its migration never releases is dropped after this long (the peer is gone)."""
 
 
 class SimKvPort:
@@ -166,9 +181,8 @@ class SimKvPort:
 
     # -- KvPort -------------------------------------------------------------
     async def stage(self, key: str, source: str, request_id: str, first: int, count: int) -> int:
-        reply = await _call(Endpoint.parse(source), "read", request_id=request_id, first=first,
-                            count=count)  # fmt: skip
-        num_bytes = int(reply["bytes"])
+        read = ReadBlocks(request_id=request_id, first=first, count=count)
+        num_bytes = (await _call(Endpoint.parse(source), read)).bytes
         if num_bytes != count * self.block_bytes:
             raise WireError(f"got {num_bytes} bytes for {count} blocks of {self.block_bytes} "
                             "(the instances model different KV sizes)")  # fmt: skip
@@ -193,27 +207,28 @@ class SimKvPort:
                         loaded_blocks=self.core.num_loaded_blocks_total)  # fmt: skip
 
     # -- the wire (source side) ---------------------------------------------
-    def read(self, request_id: str, first: int, count: int) -> dict[str, Any]:
+    def read(self, request: ReadBlocks) -> Reply:
         """Answer a peer's read of blocks ``[first, first + count)``."""
-        full = self.core.num_full_blocks(request_id)
+        first, count = request.first, request.count
+        full = self.core.num_full_blocks(request.request_id)
         if full is None:
-            return {"ok": False, "error": f"{request_id} holds no KV here"}
-        if first < 0 or count < 1 or first + count > full:
-            return {"ok": False, "error": f"{request_id} has {full} full blocks, "
-                    f"asked for {first}+{count}"}  # fmt: skip
-        return {"ok": True, "count": count, "bytes": count * self.block_bytes}
+            return refusal(f"{request.request_id} holds no KV here")
+        if first + count > full:
+            return refusal(f"{request.request_id} has {full} full blocks, "
+                           f"asked for {first}+{count}")  # fmt: skip
+        return BlocksRead(count=count, bytes=count * self.block_bytes)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             header = await _recv(reader)
             try:
-                if header.get("op") != "read":
-                    raise ValueError(f"unknown op {header.get('op')!r}")
-                reply = self.read(str(header["request_id"]), int(header["first"]),
-                                  int(header["count"]))  # fmt: skip
+                request = parse_request(header)
+                if not isinstance(request, ReadBlocks):
+                    raise ValueError(f"the sim serves reads only, not {request.op!r}")
+                reply = self.read(request)
             except Exception as exc:  # a bad request must not kill the server
                 log.debug("sim KV request %s failed: %s", header, exc)
-                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                reply = refusal(f"{type(exc).__name__}: {exc}")
             await _send(writer, reply)
         except (ConnectionError, asyncio.IncompleteReadError, OSError) as exc:
             log.debug("sim KV connection dropped: %s", exc)
@@ -223,9 +238,8 @@ class SimKvPort:
                 await writer.wait_closed()
 
 
-async def _send(writer: asyncio.StreamWriter, header: dict[str, Any]) -> None:
-    head = json.dumps({**header, "nbytes": 0}).encode()
-    writer.write(_LEN.pack(len(head)) + head)
+async def _send(writer: asyncio.StreamWriter, message: BaseModel) -> None:
+    writer.write(encode(message))
     await writer.drain()
 
 
@@ -233,29 +247,25 @@ async def _recv(reader: asyncio.StreamReader) -> dict[str, Any]:
     (length,) = _LEN.unpack(await reader.readexactly(_LEN.size))
     if length > MAX_HEADER_BYTES:
         raise ConnectionError(f"frame header of {length} bytes")
-    header: dict[str, Any] = json.loads(await reader.readexactly(length))
-    nbytes = int(header.get("nbytes", 0))
+    header, nbytes = decode_header(await reader.readexactly(length))
     if nbytes:  # the sim's frames carry none; a peer's are read and ignored
         await reader.readexactly(nbytes)
     return header
 
 
-async def _call(
-    endpoint: Endpoint, op: str, timeout_s: float = 30.0, **fields: Any
-) -> dict[str, Any]:
-    """One request/reply exchange on a fresh connection (as :func:`migration.wire.call`)."""
+async def _call(endpoint: Endpoint, request: ReadBlocks, timeout_s: float = 30.0) -> BlocksRead:
+    """One read on a fresh connection (as :func:`migration.wire.call`)."""
+    what = f"read to {endpoint}"
     try:
         async with asyncio.timeout(timeout_s):
             reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
             try:
-                await _send(writer, {"op": op, **fields})
+                await _send(writer, request)
                 header = await _recv(reader)
             finally:
                 writer.close()
                 with contextlib.suppress(ConnectionError, OSError):
                     await writer.wait_closed()
     except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
-        raise WireError(f"{op} to {endpoint}: {exc}") from exc
-    if not header.get("ok", False):
-        raise WireError(f"{op} to {endpoint}: {header.get('error', 'refused')}")
-    return header
+        raise WireError(f"{what}: {exc}") from exc
+    return parse_reply(header, BlocksRead, what)

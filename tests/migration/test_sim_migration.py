@@ -36,7 +36,7 @@ from migration.destination import Inbox, NoRoom
 from migration.ports import KvStatus
 from migration.protocol import CommitReply, MigrationRecord, Outcome, ResumeSpec
 from migration.source import Refused, migrate_out
-from migration.wire import Endpoint, WireError, call
+from migration.wire import BlocksRead, Endpoint, ReadBlocks, WireError, call
 from tests.helpers import WorkerProcess, start_worker, wait_for
 
 BS = 4
@@ -164,10 +164,10 @@ async def test_stage_reads_the_source_and_waits_the_modelled_transfer_time() -> 
         assert len(sleep.calls) == 2  # failed reads move nothing
         await dst.drop("k")
         # The blocking client of migration.wire speaks to the sim port too.
-        header, payload = await asyncio.to_thread(
-            call, Endpoint.parse(src.endpoint), "read", request_id="r", first=0, count=3
-        )
-        assert header["bytes"] == 3 * 4000 and payload == b""
+        read = ReadBlocks(request_id="r", first=0, count=3)
+        reply, payload = await asyncio.to_thread(call, Endpoint.parse(src.endpoint), read,
+                                                 BlocksRead)  # fmt: skip
+        assert reply.bytes == 3 * 4000 and payload == b""
         status = await dst.status()
         assert status == KvStatus(block_bytes=4000)  # all empty
 
