@@ -1,5 +1,6 @@
 """The controller's HTTP client to instance workers: mark one draining and
-ask one to migrate requests out (``POST /status``, ``POST /migrate``)."""
+ask one to migrate requests out (``POST /status`` with a ``StatusChange``,
+``POST /migrate`` with a ``MigrateRequest``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Protocol
 
 import aiohttp
 
-from infra.records import InstanceStatus
+from infra.records import InstanceStatus, StatusChange
 from migration.protocol import MigrateRequest, MigrationRecord
 
 
@@ -36,7 +37,7 @@ class HttpInstanceApi:
             raise InstanceCallFailed(f"{url}: {exc}") from exc
 
     async def set_status(self, address: str, status: InstanceStatus) -> None:
-        await self._post(f"{address}/status", {"status": status.value})
+        await self._post(f"{address}/status", StatusChange(status=status).model_dump(mode="json"))
 
     async def migrate(self, address: str, body: MigrateRequest) -> list[MigrationRecord]:
         reply = await self._post(f"{address}/migrate", body.model_dump(exclude_none=True))

@@ -9,7 +9,9 @@ import asyncio
 import logging
 import shlex
 import uuid
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -28,6 +30,7 @@ from infra.events import EventLog
 from infra.keys import KeySchema
 from infra.serving import run_server
 from infra.settings import AutoscalerSettings
+from infra.status import AutoscalerBoard
 from infra.store import StateStore
 from infra.telemetry import new_registry
 
@@ -35,20 +38,24 @@ log = logging.getLogger(__name__)
 
 
 def controller_config(s: AutoscalerSettings) -> ControllerConfig:
-    scaling = ScalingConfig(
-        min_instances=s.min_instances, max_instances=s.max_instances,
-        freeness_low=s.freeness_low, freeness_high=s.freeness_high,
-        scale_out_ticks=s.scale_out_ticks, scale_in_ticks=s.scale_in_ticks,
-        cooldown_s=s.cooldown_s, idle_timeout_s=s.idle_timeout_s,
-    )  # fmt: skip
-    pairing = PairingConfig(
-        migrate_out_below=s.migrate_out_below, migrate_in_above=s.migrate_in_above,
-        protect_above=s.protect_above,
-    )  # fmt: skip
+    """The controller's and the policies' configs from the settings: every
+    field of theirs that the settings also have (``SHOAL_<NAME>``,
+    ``--<name>``) is taken from there by name; the rest keep their defaults."""
     return ControllerConfig(
-        model=s.model_name, scaling=scaling, pairing=pairing, scaling_policy=s.scaling_policy,
-        pairing_policy=s.pairing_policy, tick_s=s.tick_s, start_timeout_s=s.start_timeout_s,
-    )  # fmt: skip
+        scaling=ScalingConfig(**_same_names(ScalingConfig, s)),
+        pairing=PairingConfig(**_same_names(PairingConfig, s)),
+        **_same_names(ControllerConfig, s),
+    )
+
+
+_SETTING_NAMES = frozenset({*AutoscalerSettings.model_fields, "model_name"})
+"""What the settings offer by name: their fields, and ``model_name`` (a
+property: the served name, derived from ``model``/``served_model_name``)."""
+
+
+def _same_names(config: type[Any], s: AutoscalerSettings) -> dict[str, Any]:
+    """The settings' values of the dataclass ``config``'s fields, by name."""
+    return {f.name: getattr(s, f.name) for f in fields(config) if f.name in _SETTING_NAMES}
 
 
 def worker_launch(s: AutoscalerSettings, redis_url: str) -> WorkerLaunch:
@@ -97,9 +104,10 @@ async def serve(settings: AutoscalerSettings) -> None:
     instances = HttpInstanceApi()
     provider = await build_provider(settings, worker_launch(settings, url))
     controller = Controller(
-        config=controller_config(settings), store=StateStore(redis, keys), provider=provider,
+        config=controller_config(settings), registry=StateStore(redis, keys), provider=provider,
         instances=instances, lease=LeaderLease(redis, keys.leader, me, settings.lease_ttl_s),
-        events=EventLog(redis, keys.events), demand=DemandBoard(redis, keys), metrics=metrics,
+        events=EventLog(redis, keys.events), demand=DemandBoard(redis, keys),
+        board=AutoscalerBoard(redis, keys), metrics=metrics,
     )  # fmt: skip
     stop = asyncio.Event()
     loop_task = asyncio.create_task(controller.run(stop), name="autoscaler")

@@ -32,9 +32,11 @@ from bench.common import PLOTS, REPO, Server, free_port
 from bench.loadgen import LoadGenConfig, RunResult, run_trace
 from bench.traces import Gamma, Poisson, Trace, TraceConfig, generate_trace, uniform
 from infra.embedded_redis import EmbeddedRedis
-from infra.events import Event, EventLog
+from infra.events import DrainEvent, Event, EventLog, MigratedEvent, ReadyEvent, ScaleOutEvent
 from infra.keys import KeySchema
 from infra.procs import shoal_command
+from infra.records import AutoscalerState
+from infra.status import AutoscalerBoard
 
 LOGS = REPO / "bench" / "out" / "autoscaling"
 INSTANCE_ARGS = "--num-sim-blocks 256 --max-num-seqs 16 --max-model-len 2048"
@@ -54,15 +56,33 @@ def phased_trace(arrivals: str, phases: list[tuple[float, float]], seed: int) ->
     return Trace(None, tuple(requests))
 
 
-async def _events(redis_url: str, ns: str) -> tuple[list[Event], dict[str, Any]]:
+async def _events(redis_url: str, ns: str) -> tuple[list[Event], AutoscalerState | None]:
     redis = Redis.from_url(redis_url)
     try:
         keys = KeySchema(ns)
         events = await EventLog(redis, keys.events).recent(10_000)
-        raw = await redis.get(keys.autoscaler)
-        return events, json.loads(raw) if raw else {}
+        return events, await AutoscalerBoard(redis, keys).read()
     finally:
         await redis.aclose()
+
+
+def _instance_seconds(state: AutoscalerState | None) -> float:
+    return state.instance_seconds if state is not None else 0.0
+
+
+def _servers(label: str, env: dict[str, str], scaler_args: list[str],
+             startup_s: float) -> tuple[Server, Server]:  # fmt: skip
+    """A gateway and an autoscaler of sim instances (not yet ready)."""
+    gw_port, as_port = free_port(), free_port()
+    gateway = Server(shoal_command("gateway", "--port", str(gw_port)),
+                     f"http://127.0.0.1:{gw_port}/readyz", env,
+                     LOGS / f"{label}-gateway.log")  # fmt: skip
+    cmd = shoal_command("autoscaler", "--engine", "sim", "--port", str(as_port), "--tick-s", "0.5",
+                        "--instance-args", f"{INSTANCE_ARGS} --sim-startup-s {startup_s}",
+                        *scaler_args)  # fmt: skip
+    scaler = Server(cmd, f"http://127.0.0.1:{as_port}/healthz", env,
+                    LOGS / f"{label}-autoscaler.log")  # fmt: skip
+    return gateway, scaler
 
 
 def _run(
@@ -70,67 +90,38 @@ def _run(
 ) -> dict[str, Any]:
     ns = f"bench-as-{uuid.uuid4().hex[:6]}"
     env = {"SHOAL_REDIS_URL": redis_url, "SHOAL_NAMESPACE": ns, "SHOAL_RUN_DIR": str(LOGS)}
-    gw_port, as_port = free_port(), free_port()
-    gateway = Server(
-        shoal_command("gateway", "--port", str(gw_port)),
-        f"http://127.0.0.1:{gw_port}/readyz",
-        env,
-        LOGS / f"{label}-gateway.log",
-    )
-    scaler = Server(
-        [
-            *shoal_command(),
-            "autoscaler",
-            "--engine",
-            "sim",
-            "--port",
-            str(as_port),
-            "--tick-s",
-            "0.5",
-            "--instance-args",
-            f"{INSTANCE_ARGS} --sim-startup-s {startup_s}",
-            *scaler_args,
-        ],
-        f"http://127.0.0.1:{as_port}/healthz",
-        env,
-        LOGS / f"{label}-autoscaler.log",
-    )
+    gateway, scaler = _servers(label, env, scaler_args, startup_s)
     try:
         gateway.wait_ready()
         scaler.wait_ready()
         time.sleep(startup_s + 5)  # the initial instances start before the trace does
         _, before = asyncio.run(_events(redis_url, ns))
         t0 = time.time()
-        config = LoadGenConfig(
-            endpoint=gateway.base_url,
-            model="sim-model",
-            prompt_mode="text",
-            status_redis=redis_url,
-            namespace=ns,
-            progress=False,
-        )
+        config = LoadGenConfig(endpoint=gateway.base_url, model="sim-model", prompt_mode="text",
+                               status_redis=redis_url, namespace=ns, progress=False)  # fmt: skip
         run = asyncio.run(run_trace(trace, config))
         events, state = asyncio.run(_events(redis_url, ns))
     finally:
         scaler.stop()
         gateway.stop()
-    return _row(label, run, events, state, t0, before.get("instance_seconds", 0.0))
+    return _row(label, run, events, state, t0, _instance_seconds(before))
 
 
 def _row(
     label: str,
     run: RunResult,
     events: list[Event],
-    state: dict[str, Any],
+    state: AutoscalerState | None,
     t0: float,
     seconds_before: float,
 ) -> dict[str, Any]:
     summary = run.summary()
     during = [e for e in events if e.timestamp >= t0]
-    cold = [e.data["cold_start_s"] for e in during if e.kind == "ready"]
+    ready = [(e.timestamp, e.payload) for e in during if isinstance(e.payload, ReadyEvent)]
+    cold = [p.cold_start_s for _, p in ready]
     return {
         "label": label,
-        "instance_seconds": state.get("instance_seconds", 0.0) - seconds_before,
+        "instance_seconds": _instance_seconds(state) - seconds_before,
         "duration_s": run.duration_s,
         "mean_instances": (summary.get("instances") or {}).get("mean"),
         "ttft_p99_s": (summary.get("ttft_s") or {}).get("p99"),
@@ -138,15 +129,36 @@ def _row(
         "e2e_p99_s": (summary.get("e2e_s") or {}).get("p99"),
         "errors": sum(summary.get("errors", {}).values()),
         "requests": len(run.requests),
-        "scale_outs": sum(1 for e in during if e.kind == "scale_out"),
-        "drains": sum(1 for e in during if e.kind == "drain"),
-        "migrations": sum(1 for e in during if e.kind == "migrated"),
+        "scale_outs": sum(1 for e in during if isinstance(e.payload, ScaleOutEvent)),
+        "drains": sum(1 for e in during if isinstance(e.payload, DrainEvent)),
+        "migrations": sum(1 for e in during if isinstance(e.payload, MigratedEvent)),
         "cold_start_s": statistics.median(cold) if cold else None,
-        "ready_times_s": [round(e.timestamp - t0, 1) for e in during if e.kind == "ready"],
+        "ready_times_s": [round(t - t0, 1) for t, _ in ready],
     }
 
 
 def main() -> None:
+    args = _parse_args()
+    phases = [(float(d), float(r)) for d, r in (p.split(":") for p in args.phases.split(","))]
+    LOGS.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = EmbeddedRedis.start(Path(tmp) / "valkey")
+        try:
+            for arrivals in args.arrivals.split(","):
+                trace = phased_trace(arrivals, phases, args.seed)
+                for label, scaler_args in _runs(arrivals, str(args.peak), args.bands.split(",")):
+                    run = _run(label, trace, redis.url, scaler_args, args.startup_s)
+                    row = {"arrivals": arrivals, **run}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+        finally:
+            redis.stop()
+    (LOGS / "results.json").write_text(json.dumps(rows, indent=2))
+    _report(rows, phases)
+
+
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arrivals", default="poisson,gamma")
     parser.add_argument("--bands", default="5:40,10:60,20:120")
@@ -158,59 +170,19 @@ def main() -> None:
         "--startup-s", type=float, default=10.0, help="modelled instance start-up (weights loading)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    phases = [(float(d), float(r)) for d, r in (p.split(":") for p in args.phases.split(","))]
-    LOGS.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        redis = EmbeddedRedis.start(Path(tmp) / "valkey")
-        try:
-            for arrivals in args.arrivals.split(","):
-                trace = phased_trace(arrivals, phases, args.seed)
-                peak = str(args.peak)
-                runs = [
-                    (
-                        f"{arrivals}-static",
-                        [
-                            "--scaling-policy",
-                            "static",
-                            "--min-instances",
-                            peak,
-                            "--max-instances",
-                            peak,
-                        ],
-                    )
-                ]
-                for band in args.bands.split(","):
-                    low, high = band.split(":")
-                    runs.append(
-                        (
-                            f"{arrivals}-band-{low}-{high}",
-                            [
-                                "--min-instances",
-                                "1",
-                                "--max-instances",
-                                peak,
-                                "--freeness-low",
-                                low,
-                                "--freeness-high",
-                                high,
-                                "--cooldown-s",
-                                "5",
-                            ],
-                        )
-                    )
-                for label, scaler_args in runs:
-                    row = {
-                        "arrivals": arrivals,
-                        **_run(label, trace, redis.url, scaler_args, args.startup_s),
-                    }
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-        finally:
-            redis.stop()
-    (LOGS / "results.json").write_text(json.dumps(rows, indent=2))
-    _report(rows, phases)
+    return parser.parse_args()
+
+
+def _runs(arrivals: str, peak: str, bands: list[str]) -> list[tuple[str, list[str]]]:
+    """(label, autoscaler arguments): static at the peak, then each band."""
+    static = ["--scaling-policy", "static", "--min-instances", peak, "--max-instances", peak]
+    runs = [(f"{arrivals}-static", static)]
+    for band in bands:
+        low, high = band.split(":")
+        band_args = ["--min-instances", "1", "--max-instances", peak, "--freeness-low", low,
+                     "--freeness-high", high, "--cooldown-s", "5"]  # fmt: skip
+        runs.append((f"{arrivals}-band-{low}-{high}", band_args))
+    return runs
 
 
 def _report(rows: list[dict[str, Any]], phases: list[tuple[float, float]]) -> None:

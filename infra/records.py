@@ -103,3 +103,26 @@ class InstanceView(Record):
 
     info: InstanceInfo
     load: LoadReport | None
+
+
+class StatusChange(Record):
+    """Body of an instance's ``POST /status``: the lifecycle state the
+    autoscaler sets (``draining`` before it moves the requests away)."""
+
+    status: InstanceStatus
+
+
+class AutoscalerState(Record):
+    """The leading autoscaler's state (``<ns>:autoscaler``), published every
+    tick with a TTL of about five ticks; ``shoal status`` shows it."""
+
+    leader: str = Field(description="Id of the autoscaler holding the lease")
+    timestamp: float = Field(description="Unix time of the tick that published it")
+    model: str = Field(description="Served model name whose instances it scales")
+    migrating: list[str] = Field(description="Instances with a migration in or out in flight")
+    num_held: int = Field(description="Requests gateways hold for lack of an instance")
+    instance_seconds: float = Field(
+        description="Instance-seconds (GPU-seconds on GPU hosts) it has counted while leading"
+    )
+    scaling_policy: str = Field(description="Registered name of the scaling policy")
+    pairing_policy: str = Field(description="Registered name of the pairing policy")

@@ -1,23 +1,46 @@
-"""``shoal status``: a snapshot of the registry, as a table or stable JSON."""
+"""``shoal status``: a snapshot of the registry, as a table or stable JSON;
+and the autoscaler's state record it shows (``<ns>:autoscaler``)."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 
 from infra.embedded_redis import resolve_redis
-from infra.events import EventLog
+from infra.events import (
+    Event,
+    EventLog,
+    EventPayload,
+    MigratedEvent,
+    MigrateEvent,
+    MigrationFailedEvent,
+    ScaleOutEvent,
+)
 from infra.keys import KeySchema
-from infra.records import InstanceView
+from infra.records import AutoscalerState, InstanceView
 from infra.settings import CommonSettings
 from infra.store import StateStore
 
 STATUS_SCHEMA_VERSION = 1
+
+
+class AutoscalerBoard:
+    """The leading autoscaler's :class:`AutoscalerState` in Redis: written
+    every tick with a TTL, so it vanishes when no autoscaler leads."""
+
+    def __init__(self, redis: Redis, keys: KeySchema) -> None:
+        self._redis = redis
+        self._key = keys.autoscaler
+
+    async def publish(self, state: AutoscalerState, ttl_s: float) -> None:
+        await self._redis.set(self._key, state.model_dump_json(), px=max(1, int(ttl_s * 1000)))
+
+    async def read(self) -> AutoscalerState | None:
+        raw = await self._redis.get(self._key)
+        return None if raw is None else AutoscalerState.model_validate_json(raw)
 
 
 class ClusterStatus(BaseModel):
@@ -30,11 +53,12 @@ class ClusterStatus(BaseModel):
     redis_url: str
     namespace: str
     instances: list[InstanceView]
-    autoscaler: dict[str, Any] | None = None
+    autoscaler: AutoscalerState | None = None
     """The active autoscaler's state (leader, migrating instances, held
     requests, instance-seconds), if one runs."""
-    events: list[dict[str, Any]] = []
-    """Its most recent decisions, oldest first."""
+    events: list[Event] = []
+    """Its most recent decisions and outcomes, oldest first (each printed flat:
+    timestamp, kind, by, then the payload's fields)."""
 
 
 async def collect_status(settings: CommonSettings, num_events: int = 8) -> ClusterStatus:
@@ -48,7 +72,7 @@ async def collect_status(settings: CommonSettings, num_events: int = 8) -> Clust
     keys = KeySchema(settings.namespace)
     try:
         views = await StateStore(redis, keys).list_instances()
-        raw = await redis.get(keys.autoscaler)
+        autoscaler = await AutoscalerBoard(redis, keys).read()
         events = await EventLog(redis, keys.events).recent(num_events)
     except OSError as exc:
         raise ConnectionError(f"cannot reach Redis at {url}: {exc}") from exc
@@ -56,8 +80,7 @@ async def collect_status(settings: CommonSettings, num_events: int = 8) -> Clust
         await redis.aclose()
     return ClusterStatus(
         timestamp=time.time(), redis_url=url, namespace=settings.namespace, instances=views,
-        autoscaler=json.loads(raw) if raw else None,
-        events=[{"timestamp": e.timestamp, "kind": e.kind, "by": e.by, **e.data} for e in events],
+        autoscaler=autoscaler, events=events,
     )  # fmt: skip
 
 
@@ -70,7 +93,7 @@ def _fmt(x: float) -> str:
 def render_table(status: ClusterStatus) -> str:
     header = ("INSTANCE", "STATUS", "ENGINE", "MODEL", "ADDRESS", "RUN", "WAIT",
               "BLOCKS", "FREENESS", "TOK/S", "MIGRATING")  # fmt: skip
-    migrating = set((status.autoscaler or {}).get("migrating", []))
+    migrating = set(status.autoscaler.migrating if status.autoscaler else [])
     rows = [header]
     for view in status.instances:
         info, load = view.info, view.load
@@ -96,14 +119,23 @@ def _render_autoscaler(status: ClusterStatus) -> list[str]:
     a = status.autoscaler
     if a is None:
         return ["", "autoscaler: none running"]
-    lines = ["", f"autoscaler: {a['leader']} ({a['scaling_policy']} scaling, "
-             f"{a['pairing_policy']} pairing); {a['num_held']} request(s) held; "
-             f"{a['instance_seconds']:.0f} instance-seconds so far"]  # fmt: skip
+    lines = ["", f"autoscaler: {a.leader} ({a.scaling_policy} scaling, "
+             f"{a.pairing_policy} pairing); {a.num_held} request(s) held; "
+             f"{a.instance_seconds:.0f} instance-seconds so far"]  # fmt: skip
     if status.events:
         lines.append("recent events:")
     for e in status.events:
-        when = time.strftime("%H:%M:%S", time.localtime(e["timestamp"]))
-        what = e.get("instance_id") or (f"{e['source']} -> {e['destination']}"
-                                        if "source" in e else e.get("count", ""))  # fmt: skip
-        lines.append(f"  {when}  {e['kind']:<16} {what!s:<24} {e.get('reason', '')}")
+        when = time.strftime("%H:%M:%S", time.localtime(e.timestamp))
+        reason = getattr(e.payload, "reason", "")
+        lines.append(f"  {when}  {e.kind:<16} {_subject(e.payload):<24} {reason}")
     return lines
+
+
+def _subject(p: EventPayload) -> str:
+    """What an event is about: an instance, a pair of them, a count."""
+    match p:
+        case MigrateEvent() | MigratedEvent() | MigrationFailedEvent():
+            return f"{p.source} -> {p.destination}"
+        case ScaleOutEvent():
+            return str(p.count)
+    return getattr(p, "instance_id", None) or ""

@@ -10,7 +10,6 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
 
 from infra.contract import (
     AbortResponse,
@@ -22,7 +21,7 @@ from infra.contract import (
 from infra.errors import BadRequestError, ServiceUnavailableError, install_error_handlers
 from infra.http import BodyLimitMiddleware, unless_disconnected
 from infra.ndjson import NDJSON_MEDIA_TYPE, ndjson
-from infra.records import InstanceInfo, InstanceStatus, LoadReport
+from infra.records import InstanceInfo, InstanceStatus, LoadReport, StatusChange
 from infra.telemetry import extract_context
 from instance.engine import EngineRequest
 from instance.migration_host import WorkerMigrationHost
@@ -31,10 +30,6 @@ from instance.worker import InstanceWorker
 from migration.routes import MigrationService, add_migration_routes
 
 log = logging.getLogger(__name__)
-
-
-class StatusChange(BaseModel):
-    status: InstanceStatus
 
 
 def create_app(

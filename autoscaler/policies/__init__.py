@@ -1,9 +1,21 @@
 """The autoscaler's policies, pure and registered by name: scaling (how many
 instances, which to drain) and pairing (which migrations balance, drain and
-protect high-priority traffic). Request selection on a source lives in
+protect high-priority traffic), composed into one tick by :func:`decide`
+(start timeouts first). Request selection on a source lives in
 :mod:`migration.policies`."""
 
-from autoscaler.policies.pairing import PAIRING, PairingConfig
+from autoscaler.policies.pairing import PAIRING, PairingConfig, may_move_high
 from autoscaler.policies.scaling import SCALING, ScalingConfig, ScalingState
+from autoscaler.policies.tick import TickPolicies, decide, start_timeouts
 
-__all__ = ["PAIRING", "SCALING", "PairingConfig", "ScalingConfig", "ScalingState"]
+__all__ = [
+    "PAIRING",
+    "SCALING",
+    "PairingConfig",
+    "ScalingConfig",
+    "ScalingState",
+    "TickPolicies",
+    "decide",
+    "may_move_high",
+    "start_timeouts",
+]

@@ -12,6 +12,9 @@ in or out of any instance at a time:
 
 ``none`` never migrates (load-aware dispatch alone, the INFaaS++ baseline),
 except to drain, which would otherwise wait for requests to finish.
+
+Which requests a ``Migrate`` may take from its source is one rule,
+:func:`may_move_high`, that the controller and the simulator both apply.
 """
 
 from __future__ import annotations
@@ -21,11 +24,15 @@ from dataclasses import dataclass
 
 from autoscaler.decisions import Migrate
 from autoscaler.snapshot import InstanceState, Snapshot
+from infra.records import InstanceStatus
 from infra.registry import Registry
 
 
 @dataclass(frozen=True)
 class PairingConfig:
+    """The pairing policies' knobs. Each field of ``AutoscalerSettings`` with
+    the same name sets it (``autoscaler.main.controller_config``)."""
+
     migrate_out_below: float = 5.0
     """An instance this short of free blocks per request sends requests away."""
     migrate_in_above: float = 40.0
@@ -34,6 +41,13 @@ class PairingConfig:
     """Freeness an instance with high-priority requests is kept above."""
     drain_batch: int = 4
     """Requests moved per migration call out of a draining instance."""
+
+
+def may_move_high(source_status: InstanceStatus) -> bool:
+    """Whether a migration out of an instance in ``source_status`` may pick
+    high-priority requests: only when it drains (everything must leave);
+    otherwise high priority stays where it runs and the others make room."""
+    return source_status is InstanceStatus.DRAINING
 
 
 PairingPolicy = Callable[[Snapshot, PairingConfig], list[Migrate]]

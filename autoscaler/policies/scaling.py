@@ -24,21 +24,32 @@ from infra.registry import Registry
 
 @dataclass(frozen=True)
 class ScalingConfig:
+    """The scaling policies' knobs. Each field of ``AutoscalerSettings``
+    (``SHOAL_<NAME>``, ``shoal autoscaler --name``) with the same name sets it
+    (``autoscaler.main.controller_config``); the defaults are the same."""
+
     min_instances: int = 1
     """Never fewer active or starting instances (0 allows scale to zero)."""
     max_instances: int = 4
+    """Never more instances, starting ones included."""
     freeness_low: float = 10.0
     """Scale out while the average freeness (free blocks per running request)
     stays below this."""
     freeness_high: float = 60.0
     """Scale in while it stays above this."""
     scale_out_ticks: int = 3
+    """Consecutive ticks below the band (or with requests held) before scaling out."""
     scale_in_ticks: int = 10
+    """Consecutive ticks above the band before draining an instance."""
     cooldown_s: float = 10.0
     """No scaling change for this long after the previous one."""
     idle_timeout_s: float = 60.0
     """With ``min_instances = 0``: stop every instance after this long without
     requests."""
+    start_timeout_s: float = 600.0
+    """An instance still starting this long after its launch is stopped
+    (:func:`autoscaler.policies.tick.start_timeouts`); the floor then starts
+    another."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_instances <= self.max_instances or self.max_instances < 1:
@@ -58,9 +69,13 @@ class ScalingState:
     """What a scaling policy carries from tick to tick (serialisable)."""
 
     num_low_ticks: int = 0
+    """Consecutive ticks below the band (or with requests held)."""
     num_high_ticks: int = 0
+    """Consecutive ticks above the band."""
     last_change_s: float = -math.inf
+    """When the last scale-out or drain was decided (the snapshot's clock)."""
     idle_since_s: float | None = None
+    """Since when no active instance has had a request (None: busy)."""
 
 
 ScalingPolicy = Callable[
@@ -123,74 +138,107 @@ def _projected_freeness(snap: Snapshot, leaving: InstanceState) -> float:
     return math.inf if batch == 0 else (free - moved) / batch
 
 
+Step = tuple[list[Decision], ScalingState]
+"""A scaling policy's answer: the decisions and the state for the next tick."""
+
+
 @SCALING.register("band", default=True)
-def freeness_band(
-    snap: Snapshot, cfg: ScalingConfig, state: ScalingState
-) -> tuple[list[Decision], ScalingState]:
+def freeness_band(snap: Snapshot, cfg: ScalingConfig, state: ScalingState) -> Step:
+    """Keep the average freeness of active instances inside the band.
+
+    Drained instances stop and the floor holds first; then at most one of:
+    scale out, scale to zero, scale in (drain one instance)."""
     decisions = _stops(snap) + _floor(snap, cfg)
-    if decisions and any(isinstance(d, ScaleOut) for d in decisions):
+    if any(isinstance(d, ScaleOut) for d in decisions):
         return decisions, replace(state, num_low_ticks=0, last_change_s=snap.now)
-    active = snap.active
-    if not active:
+    if not snap.active:
         return decisions, replace(state, num_low_ticks=0, num_high_ticks=0, idle_since_s=None)
-    avg = statistics.fmean(i.freeness for i in active)
+    avg = statistics.fmean(i.freeness for i in snap.active)
+    state = _count_ticks(snap, cfg, state, avg)
+    cooling = snap.now - state.last_change_s < cfg.cooldown_s
+    if (out := _scale_out(snap, cfg, state, avg, cooling)) is not None:
+        return [*decisions, out], replace(state, num_low_ticks=0, last_change_s=snap.now)
+    state = _track_idle(snap, state)
+    if drains := _scale_to_zero(snap, cfg, state):
+        return [*decisions, *drains], replace(state, idle_since_s=None, last_change_s=snap.now)
+    if (drain := _scale_in(snap, cfg, state, avg, cooling)) is not None:
+        return [*decisions, drain], replace(state, num_high_ticks=0, last_change_s=snap.now)
+    return decisions, state
+
+
+def _count_ticks(
+    snap: Snapshot, cfg: ScalingConfig, state: ScalingState, avg: float
+) -> ScalingState:
+    """Extend or reset the runs of ticks below and above the band."""
     short = avg < cfg.freeness_low or snap.num_held > 0
-    state = replace(
+    return replace(
         state,
         num_low_ticks=state.num_low_ticks + 1 if short else 0,
         num_high_ticks=state.num_high_ticks + 1 if avg > cfg.freeness_high else 0,
     )
-    cooling = snap.now - state.last_change_s < cfg.cooldown_s
-    live = len(active) + len(snap.starting)
+
+
+def _scale_out(
+    snap: Snapshot, cfg: ScalingConfig, state: ScalingState, avg: float, cooling: bool
+) -> ScaleOut | None:
+    """Below the band long enough, nothing starting, room below the maximum:
+    as many instances as bring the average to the band's middle."""
+    live = len(snap.active) + len(snap.starting)
     if (
-        state.num_low_ticks >= cfg.scale_out_ticks
-        and not cooling
-        and not snap.starting
-        and live < cfg.max_instances
+        state.num_low_ticks < cfg.scale_out_ticks
+        or cooling
+        or snap.starting
+        or live >= cfg.max_instances
     ):
-        count = min(instances_for_band(active, cfg) - live, cfg.max_instances - live)
-        reason = (
-            f"average freeness {avg:.1f} below {cfg.freeness_low:g} for "
-            f"{state.num_low_ticks} ticks, {snap.num_held} held"
-        )
-        return [*decisions, ScaleOut(max(1, count), reason)], replace(
-            state, num_low_ticks=0, last_change_s=snap.now
-        )
-    idle = all(i.num_requests == 0 for i in active) and snap.num_held == 0
-    state = replace(state, idle_since_s=(state.idle_since_s or snap.now) if idle else None)
+        return None
+    count = min(instances_for_band(snap.active, cfg) - live, cfg.max_instances - live)
+    reason = (
+        f"average freeness {avg:.1f} below {cfg.freeness_low:g} for "
+        f"{state.num_low_ticks} ticks, {snap.num_held} held"
+    )
+    return ScaleOut(max(1, count), reason)
+
+
+def _track_idle(snap: Snapshot, state: ScalingState) -> ScalingState:
+    """Start (or keep) the idle clock while nothing runs or is held."""
+    idle = all(i.num_requests == 0 for i in snap.active) and snap.num_held == 0
+    return replace(state, idle_since_s=(state.idle_since_s or snap.now) if idle else None)
+
+
+def _scale_to_zero(snap: Snapshot, cfg: ScalingConfig, state: ScalingState) -> list[Decision]:
+    """With ``min_instances = 0``, idle for ``idle_timeout_s``: drain them all."""
+    if cfg.min_instances != 0 or state.idle_since_s is None:
+        return []
+    idle_for = snap.now - state.idle_since_s
+    if idle_for < cfg.idle_timeout_s:
+        return []
+    return [Drain(i.instance_id, f"idle for {idle_for:.0f}s: scaling to zero") for i in snap.active]
+
+
+def _scale_in(
+    snap: Snapshot, cfg: ScalingConfig, state: ScalingState, avg: float, cooling: bool
+) -> Drain | None:
+    """Above the band long enough, none draining, more than the floor: drain
+    the instance cheapest to empty if the others stay above the band's bottom."""
     if (
-        cfg.min_instances == 0
-        and state.idle_since_s is not None
-        and snap.now - state.idle_since_s >= cfg.idle_timeout_s
+        state.num_high_ticks < cfg.scale_in_ticks
+        or cooling
+        or snap.draining
+        or len(snap.active) <= max(cfg.min_instances, 1)
     ):
-        idle_for = snap.now - state.idle_since_s
-        drains = [
-            Drain(i.instance_id, f"idle for {idle_for:.0f}s: scaling to zero") for i in active
-        ]
-        return [*decisions, *drains], replace(state, idle_since_s=None, last_change_s=snap.now)
-    floor = max(cfg.min_instances, 1)
-    if (
-        state.num_high_ticks >= cfg.scale_in_ticks
-        and not cooling
-        and not snap.draining
-        and len(active) > floor
-    ):
-        victim = cheapest_to_empty(active)
-        after = _projected_freeness(snap, victim)
-        if after > cfg.freeness_low:
-            reason = (
-                f"average freeness {avg:.1f} above {cfg.freeness_high:g} for "
-                f"{state.num_high_ticks} ticks; {after:.1f} without it"
-            )
-            return [*decisions, Drain(victim.instance_id, reason)], replace(
-                state, num_high_ticks=0, last_change_s=snap.now
-            )
-    return decisions, state
+        return None
+    victim = cheapest_to_empty(snap.active)
+    after = _projected_freeness(snap, victim)
+    if after <= cfg.freeness_low:
+        return None
+    reason = (
+        f"average freeness {avg:.1f} above {cfg.freeness_high:g} for "
+        f"{state.num_high_ticks} ticks; {after:.1f} without it"
+    )
+    return Drain(victim.instance_id, reason)
 
 
 @SCALING.register("static")
-def static(
-    snap: Snapshot, cfg: ScalingConfig, state: ScalingState
-) -> tuple[list[Decision], ScalingState]:
+def static(snap: Snapshot, cfg: ScalingConfig, state: ScalingState) -> Step:
     """Exactly ``min_instances``, always (provisioned for the peak)."""
     return _stops(snap) + _floor(snap, cfg), state

@@ -8,7 +8,8 @@ many* instances to run; Ray decides *where*, and Ray's own autoscaler decides
 *which nodes exist*: an actor whose resources no node has stays pending, the
 pending demand makes Ray's autoscaler launch a node, and idle nodes are
 removed once their actors are gone. Until then the instance is simply
-"starting" for the controller (and stopped after its ``start_timeout_s``).
+"starting" for the controller (and stopped after ``ScalingConfig.start_timeout_s``:
+a ``start_timeout`` event).
 
 The worker listens on the node's IP (``SHOAL_HOST``) and advertises it
 (``SHOAL_ADVERTISE_HOST``, the worker's ``public_host``) so gateways and peer

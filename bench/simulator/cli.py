@@ -7,10 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
+from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_type_hints
 
-from autoscaler.policies import PAIRING, SCALING
+from autoscaler.policies import PAIRING, SCALING, PairingConfig, ScalingConfig
 from bench.simulator.hardware import DEFAULT_HARDWARE, HARDWARE_PRESETS, hardware_preset
 from bench.traces import (
     ARRIVAL_KINDS,
@@ -35,9 +37,16 @@ from migration.policies import SELECTION
 if TYPE_CHECKING:
     from bench.simulator.config import SimulationConfig
 
-_SCALING_FLAGS = ("freeness_low", "freeness_high", "scale_out_ticks", "scale_in_ticks",
-                  "cooldown_s", "idle_timeout_s")  # fmt: skip
-_PAIRING_FLAGS = ("migrate_out_below", "migrate_in_above", "protect_above", "drain_batch")
+
+def _knobs(config: type[Any], *skip: str) -> dict[str, type]:
+    """A policy config's fields by name, with their types: one flag each."""
+    hints = get_type_hints(config)
+    return {f.name: hints[f.name] for f in fields(config) if f.name not in skip}
+
+
+_SCALING_FLAGS = _knobs(ScalingConfig, "min_instances", "max_instances")
+"""(``--min-instances`` and ``--max-instances`` have defaults of their own.)"""
+_PAIRING_FLAGS = _knobs(PairingConfig)
 
 
 def _add_trace_options(p: argparse.ArgumentParser) -> None:
@@ -69,8 +78,7 @@ def _add_cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scaling", choices=SCALING.names(), default="static")
     g.add_argument("--min-instances", type=int, help="default: --instances (static), 1 (band)")
     g.add_argument("--max-instances", type=int, help="default: --instances")
-    for name in _SCALING_FLAGS + _PAIRING_FLAGS:
-        kind = int if name.endswith(("ticks", "batch")) else float
+    for name, kind in {**_SCALING_FLAGS, **_PAIRING_FLAGS}.items():
         g.add_argument("--" + name.replace("_", "-"), type=kind, help="see ScalingConfig / "
                        "PairingConfig (default: theirs)")  # fmt: skip
     g.add_argument("--tick-s", type=float, default=0.5, help="autoscaler period")
@@ -108,13 +116,12 @@ def _trace(args: argparse.Namespace) -> Trace:
     return generate_trace(config)
 
 
-def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+def _given(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
     """The options among ``names`` given on the command line."""
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
 def config_from_args(args: argparse.Namespace) -> SimulationConfig:
-    from autoscaler.policies import PairingConfig, ScalingConfig
     from bench.simulator.config import SimulationConfig
 
     static = args.scaling == "static"

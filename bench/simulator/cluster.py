@@ -11,11 +11,13 @@ Events (``events.EventQueue``):
 * step: an instance with work runs one ``SimCore.step()``; its outputs are
   delivered when the step's modelled duration has passed, then the next step
   starts (an idle instance schedules nothing);
-* tick (every ``tick_s``): a ``Snapshot`` of every instance goes to the
-  scaling and pairing policies, as the autoscaler's controller does, and
-  their decisions are executed: ``ScaleOut`` (active after the cold start),
-  ``Drain``, ``Stop`` (only an empty instance) and ``Migrate``
-  (``migration.Migrations``).
+* tick (every ``tick_s``): a ``Snapshot`` of every instance goes to
+  ``autoscaler.policies.decide`` (start timeouts, then the scaling and
+  pairing policies), as in the autoscaler's controller, and the decisions
+  are executed: ``ScaleOut`` (active after the cold start), ``StopStarting``
+  (an instance whose cold start outlasts ``ScalingConfig.start_timeout_s``
+  never becomes active), ``Drain``, ``Stop`` (only an empty instance) and
+  ``Migrate`` (``migration.Migrations``).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from functools import partial
 
-from autoscaler.decisions import Decision, Drain, Migrate, ScaleOut, Stop
-from autoscaler.policies import PAIRING, SCALING, ScalingState
+from autoscaler.decisions import Decision, Drain, Migrate, ScaleOut, Stop, StopStarting
+from autoscaler.policies import PAIRING, SCALING, ScalingState, TickPolicies, decide
 from autoscaler.snapshot import InstanceState, Snapshot
 from bench.loadgen import TimelineSample
 from bench.simulator.config import SimulationConfig
@@ -50,8 +52,10 @@ class Simulator:
         self.config = config
         self.queue = EventQueue()
         self._dispatch = make_policy(config.dispatch)
-        self._scale = SCALING.get(config.scaling)
-        self._pair = PAIRING.get(config.pairing) if config.migration else None
+        self._policies = TickPolicies(
+            SCALING.get(config.scaling), config.scaling_config,
+            PAIRING.get(config.pairing) if config.migration else None, config.pairing_config,
+        )  # fmt: skip
         self.scaling_state = ScalingState()
         self.migrations = Migrations(self, config)
         self.instances: dict[str, SimInstance] = {}
@@ -194,15 +198,12 @@ class Simulator:
 
     # -- autoscaler ticks ----------------------------------------------------
     def _tick(self, now: float) -> None:
-        cfg = self.config
         snap = self._snapshot(now)
-        decisions, self.scaling_state = self._scale(snap, cfg.scaling_config, self.scaling_state)
-        if self._pair is not None:
-            decisions = [*decisions, *self._pair(snap, cfg.pairing_config)]
+        decisions, self.scaling_state = decide(snap, self._policies, self.scaling_state)
         for decision in decisions:
             self._execute(decision, now)
         self._sample(now)
-        self.queue.at(now + cfg.tick_s, self._tick)
+        self.queue.at(now + self.config.tick_s, self._tick)
 
     def _snapshot(self, now: float) -> Snapshot:
         cfg = self.config
@@ -232,13 +233,23 @@ class Simulator:
             case Stop(instance_id=instance_id):
                 inst = self.instances.get(instance_id)
                 if inst is not None and inst.is_empty and instance_id not in self.migrations.busy:
-                    self._account(now)
-                    del self.instances[instance_id]
+                    self._remove(inst, now)
+            case StopStarting(instance_id=instance_id):
+                inst = self.instances.get(instance_id)
+                if inst is not None and inst.status is InstanceStatus.STARTING:
+                    self._remove(inst, now)
             case Migrate():
                 self.migrations.start(decision, now)
 
+    def _remove(self, inst: SimInstance, now: float) -> None:
+        self._account(now)
+        del self.instances[inst.instance_id]
+
     def _activate(self, inst: SimInstance, now: float) -> None:
-        """Cold start over: the instance serves, held requests go first."""
+        """Cold start over: the instance serves, held requests go first
+        (unless it was stopped meanwhile: a start timeout)."""
+        if self.instances.get(inst.instance_id) is not inst:
+            return
         inst.set_status(InstanceStatus.ACTIVE)
         held, self.held = self.held, deque()
         for req in held:

@@ -27,9 +27,12 @@ class SimulationConfig:
     scaling_config: ScalingConfig = field(
         default_factory=lambda: ScalingConfig(min_instances=16, max_instances=16)
     )
+    """The scaling policy's knobs, the live ones (``start_timeout_s``: a
+    scale-out whose cold start lasts longer never becomes active)."""
     pairing: str | None = None
     """Pairing policy (``autoscaler.policies`` registry; None: its default)."""
     pairing_config: PairingConfig = field(default_factory=PairingConfig)
+    """The pairing policy's knobs, the live ones."""
     migration: bool = True
     """Off: the pairing policy is never asked (no request moves, not even to
     drain: a draining instance empties as its requests finish)."""
@@ -60,6 +63,7 @@ class SimulationConfig:
     trace priority, and report ``normal`` as the effective priority. The
     baseline of Llumnix's Figure 13."""
     hardware: HardwarePreset = LLAMA_7B_A10
+    """Model and GPU: the latency model, KV capacity, KV transfer, cold start."""
     cold_start_s: float | None = None
     """Scale-out to active; None takes the hardware preset's."""
     seed: int = 0

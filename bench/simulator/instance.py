@@ -12,6 +12,7 @@ from gateway.policies import Candidate
 from infra.records import InstanceInfo, InstanceStatus, LoadReport
 from instance.reporter import make_report
 from instance.sim.core import SimCore, SimStep
+from migration.plan import admits
 
 MODEL_NAME = "llama-7b"
 
@@ -91,7 +92,7 @@ class SimInstance:
         held = self.reserved.get(key, 0)
         free = self.core.num_free_blocks - sum(self.reserved.values())
         extra = num_blocks - held
-        if extra > 0 and free - extra < watermark_blocks:
+        if not admits(free, extra, watermark_blocks):
             return False
         self.reserved[key] = max(held, num_blocks)
         return True

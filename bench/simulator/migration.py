@@ -3,9 +3,10 @@
 
 A ``Migrate`` decision moves up to ``count`` requests, one after another,
 chosen on the source by the registered selection policy
-(``migration.policies.select``; high priority only out of a draining
-instance, as the controller asks). Each moves by KV transfer or recompute as
-``migration.policies.choose_mode`` decides:
+(``migration.policies.select``; high priority only when
+``autoscaler.policies.may_move_high`` allows it, as in the controller).
+Each moves by KV transfer or recompute as ``migration.policies.choose_mode``
+decides:
 
 * KV: stage after stage the destination reserves blocks (refusing below its
   watermark) and copies the source's full blocks in
@@ -32,12 +33,13 @@ from functools import partial
 from typing import Literal, Protocol
 
 from autoscaler.decisions import Migrate
+from autoscaler.policies import may_move_high
 from bench.simulator.config import SimulationConfig
 from bench.simulator.events import EventQueue
 from bench.simulator.instance import SimInstance
 from bench.simulator.requests import RequestState
-from infra.records import InstanceStatus
 from instance.engine import KvLoad
+from migration.plan import StageStep, stage_step
 from migration.policies import Movable, choose_mode, select
 from migration.protocol import Outcome
 
@@ -111,7 +113,7 @@ class Migrations:
         candidates = [Movable(r.request_id, r.priority, r.arrival_s, r.num_tokens, r.num_remaining)
                       for r in by_id.values()]  # fmt: skip
         chosen = select(decision.selection or self._config.selection, candidates, decision.count,
-                        include_high=src.status is InstanceStatus.DRAINING)  # fmt: skip
+                        include_high=may_move_high(src.status))  # fmt: skip
         self.num_decisions += 1
         if not chosen:
             return
@@ -146,10 +148,10 @@ class Migrations:
         if full is None:  # preempted: no KV to read
             return self._end(move, Outcome.FAILED, now)
         new = full - move.copied
-        plan = self._config.stage_plan
-        if move.stages >= plan.max_stages or (move.stages > 0 and new <= plan.final_blocks):
+        step = stage_step(self._config.stage_plan, move.stages, new)
+        if step is StageStep.STOP:
             return self._request_stop(move, now)
-        if new <= 0:
+        if step is StageStep.WAIT:
             move.stages += 1
             return self._stage(move, now)
         if not dst.reserve(move.key, move.copied + new, self._config.reservation_watermark_blocks):

@@ -8,11 +8,14 @@ import contextlib
 import json
 import os
 import signal
+import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from redis.asyncio import Redis
 
 from infra.events import Event, EventLog
@@ -65,13 +68,45 @@ class Stack:
         events: list[Event] = self._run(lambda r: EventLog(r, keys.events).recent(1000))
         return events
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop every process this stack started and wait until each process
+        group is gone: the autoscalers' and the gateway's, and those of the
+        instances still registered (an autoscaler's workers die with it; this
+        is a safety net). What outlives ``grace_s`` after SIGTERM is SIGKILLed."""
         leftovers = self.instances()
         for p in reversed(self.procs):
             p.stop()
-        for v in leftovers:  # (its children die with it; this is a safety net)
+        groups = {p.proc.pid for p in self.procs}  # (each started in a group of its own)
+        for v in leftovers:
             with contextlib.suppress(ProcessLookupError):
+                groups.add(os.getpgid(v.info.pid))
                 os.kill(v.info.pid, signal.SIGTERM)
+        groups.discard(os.getpgrp())  # (never the test's own)
+        left = _wait_gone(groups, grace_s)
+        for group in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+        if _wait_gone(left, 10.0):
+            raise RuntimeError(f"process groups {sorted(left)} outlived SIGKILL")
+
+
+def _live_groups(groups: Iterable[int]) -> set[int]:
+    """The ``groups`` with a process that is not a zombie (this container's
+    init reaps orphans late)."""
+    wanted, live = set(groups), set()
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(proc.pid) in wanted and proc.status() != psutil.STATUS_ZOMBIE:
+                live.add(os.getpgid(proc.pid))
+    return live
+
+
+def _wait_gone(groups: Iterable[int], timeout_s: float) -> set[int]:
+    """Wait until no process of ``groups`` runs; the groups still live after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while (live := _live_groups(groups)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return live
 
 
 def stream(base_url: str, prompt: Any, max_tokens: int, out: dict[str, Any],

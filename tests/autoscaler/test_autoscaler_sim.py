@@ -16,7 +16,14 @@ import httpx
 import psutil
 
 from infra.demand import DemandBoard
-from infra.events import Event
+from infra.events import (
+    Event,
+    MigratedEvent,
+    MigrateEvent,
+    MigrationFailedEvent,
+    ReadyEvent,
+    ScaleOutEvent,
+)
 from infra.keys import KeySchema
 from tests.autoscaler.stack import Stack, stream
 from tests.helpers import REPO, SHOAL, start_gateway, wait_for
@@ -36,12 +43,14 @@ def test_scale_from_zero_and_back_to_zero(stack: Stack) -> None:
     assert resp.status_code == 200, resp.text
     assert resp.json()["usage"]["completion_tokens"] == 8
     wait_for(lambda: stack.instances() == [], timeout_s=60)  # idle: scaled to zero
-    kinds = [e.kind for e in stack.events()]
+    events = stack.events()
+    kinds = [e.kind for e in events]
     assert kinds[:2] == ["leader", "scale_out"]
-    assert "held with no instance" in stack.events()[1].data["reason"]
+    assert isinstance(events[1].payload, ScaleOutEvent)
+    assert "held with no instance" in events[1].payload.reason
     assert kinds.index("drain") < kinds.index("stop")
-    ready = next(e for e in stack.events() if e.kind == "ready")
-    assert ready.data["cold_start_s"] > 0  # measured from launch to the first active report
+    ready = next(e.payload for e in events if isinstance(e.payload, ReadyEvent))
+    assert ready.cold_start_s > 0  # measured from launch to the first active report
 
 
 def test_burst_scales_out_and_calm_scales_in(stack: Stack) -> None:
@@ -78,10 +87,11 @@ def test_burst_scales_out_and_calm_scales_in(stack: Stack) -> None:
     # Whatever the drained instance still ran moved without a failure (whether
     # it ran anything depends on timing here; tests/autoscaler/
     # test_autoscaler_vllm.py drains an instance with a stream deterministically).
-    moved = [e for e in events if e.kind == "migrated" and "draining" in _reason_of(events, e)]
+    moved = [e.payload for e in events if isinstance(e.payload, MigratedEvent)
+             and "draining" in _reason_of(events, e.timestamp, e.payload)]  # fmt: skip
     ok = {"migrated", "source_finished", "refused"}  # refused: retried on a later tick
-    assert all(set(e.data["outcomes"]) <= ok for e in moved), moved
-    assert not any(e.kind == "migration_failed" for e in events), kinds
+    assert all(set(m.outcomes) <= ok for m in moved), moved
+    assert not any(isinstance(e.payload, MigrationFailedEvent) for e in events), kinds
 
 
 def _gone(pid: int) -> bool:
@@ -92,12 +102,11 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _reason_of(events: list[Event], migrated: Event) -> str:
-    """The reason of the migrate decision that led to ``migrated``."""
-    decisions = [e for e in events if e.kind == "migrate"
-                 and e.data["source"] == migrated.data["source"]
-                 and e.timestamp <= migrated.timestamp]  # fmt: skip
-    return str(decisions[-1].data["reason"]) if decisions else ""
+def _reason_of(events: list[Event], at: float, migrated: MigratedEvent) -> str:
+    """The reason of the migrate decision that led to ``migrated`` (at ``at``)."""
+    decisions = [e.payload for e in events if isinstance(e.payload, MigrateEvent)
+                 and e.payload.source == migrated.source and e.timestamp <= at]  # fmt: skip
+    return decisions[-1].reason if decisions else ""
 
 
 def test_standby_takes_over_when_the_leader_dies(stack: Stack) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from infra.events import DrainEvent, MigratedEvent, StopEvent
 from tests.autoscaler.stack import Stack, stream
 from tests.helpers import launch_worker, wait_for, wait_ready
 
@@ -56,8 +57,9 @@ def test_calm_drains_a_vllm_instance_by_migration(stack: Stack, tiny_model: Path
         assert out["status"] == 200 and "error" not in out, out
         assert out["usage"]["completion_tokens"] == MAX_TOKENS and out["done"] == 1, out
     events = stack.events()
-    drained = [e.data["instance_id"] for e in events if e.kind == "drain"]
-    moved = [e for e in events if e.kind == "migrated" and e.data["source"] in drained]
-    assert len(drained) == 1 and any("migrated" in e.data["outcomes"] for e in moved), events
-    assert [e.data["instance_id"] for e in events if e.kind == "stop"] == drained
+    drained = [e.payload.instance_id for e in events if isinstance(e.payload, DrainEvent)]
+    moved = [e.payload for e in events
+             if isinstance(e.payload, MigratedEvent) and e.payload.source in drained]  # fmt: skip
+    assert len(drained) == 1 and any("migrated" in m.outcomes for m in moved), events
+    assert [e.payload.instance_id for e in events if isinstance(e.payload, StopEvent)] == drained
     assert not any(e.kind == "scale_out" for e in events)  # it adopted both

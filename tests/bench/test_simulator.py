@@ -16,6 +16,8 @@ import pytest
 
 import autoscaler.policies.pairing as pairing
 import autoscaler.policies.scaling as scaling
+import autoscaler.policies.tick as tick
+import bench.simulator.cluster as sim_cluster
 import bench.simulator.instance as sim_instance
 import bench.simulator.migration as sim_migration
 import instance.reporter
@@ -164,6 +166,23 @@ def test_band_scaling_scales_out_under_a_burst_and_back_in() -> None:
     assert 1 < result.summary["simulation"]["cost"]["mean_instances"] < max(counts)
 
 
+def test_a_cold_start_longer_than_the_start_timeout_never_serves() -> None:
+    """The live start-timeout rule: each scale-out's instance is stopped
+    before it becomes active, and the one instance there is serves all."""
+    config = SimulationConfig(
+        num_instances=1, scaling="band", cold_start_s=30.0,
+        scaling_config=ScalingConfig(min_instances=1, max_instances=2, cooldown_s=5.0,
+                                     start_timeout_s=10.0),
+    )  # fmt: skip
+    sim, result = run(bursty_then_quiet(), config)
+    assert_all_served(result)
+    decisions = result.summary["simulation"]["cost"]["decisions"]
+    assert decisions["ScaleOut"] >= 1 and decisions["StopStarting"] == decisions["ScaleOut"]
+    assert max(s.num_active or 0 for s in result.timeline) == 1
+    assert max(s.num_instances or 0 for s in result.timeline) == 2  # launched, then stopped
+    assert set(sim.instances) == {"sim-001"}
+
+
 def test_scale_to_zero_holds_requests_and_serves_them_after_the_cold_start() -> None:
     early = [TraceRequest(0.1 * i, 50, 20) for i in range(5)]
     late = [TraceRequest(300.0 + 0.1 * i, 50, 20) for i in range(5)]
@@ -214,6 +233,8 @@ def test_the_simulator_calls_the_registered_policy_objects(
     assert vars(sim_instance)["make_report"] is instance.reporter.make_report
     assert vars(sim_migration)["choose_mode"] is selection.choose_mode
     assert vars(sim_migration)["select"] is selection.select
+    assert vars(sim_migration)["may_move_high"] is pairing.may_move_high
+    assert vars(sim_cluster)["decide"] is tick.decide
 
 
 def _defined_names(path: Path) -> set[str]:
@@ -232,6 +253,7 @@ def test_no_policy_is_reimplemented_in_the_simulator() -> None:
     live_functions = {
         "rank", "effective_freeness", "freeness", "virtual_usage", "request_virtual_usage",
         "count_by_priority", "make_report", "select", "choose_mode", "cheapest_to_empty",
+        "may_move_high", "start_timeouts", "decide",
     }  # fmt: skip
     forbidden = registered | live_functions
     sources = sorted(SIMULATOR_DIR.glob("*.py"))
