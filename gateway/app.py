@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -20,7 +20,7 @@ from gateway.dispatcher import Dispatcher, clamp_priority
 from gateway.metrics import GatewayMetrics
 from gateway.upstream import UpstreamRefused
 from gateway.view import ClusterView
-from infra.contract import GenerateChunk
+from infra.contract import ChunkBatch, GenerateChunk
 from infra.errors import ShoalError, install_error_handlers
 from infra.http import BodyLimitMiddleware, unless_disconnected
 from infra.openai_protocol.models import (
@@ -43,13 +43,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GatewayState:
+    """A replica's long-lived objects, built in the app's lifespan."""
+
     view: ClusterView
+    """The cluster as this replica sees it, refreshed from Redis."""
     dispatcher: Dispatcher
+    """Chooses instances and relays, retries and replays the token streams."""
     metrics: GatewayMetrics
+    """The replica's ``shoal_gateway_*`` metrics."""
     max_priority: Priority
     """Highest priority allowed when authentication is off."""
     tracer: trace.Tracer
+    """Makes the ``gateway.*`` spans (a no-op tracer without an OTLP endpoint)."""
     keys: KeyRing
+    """The API keys (none: authentication is off) and their rate limits."""
 
 
 def _priority(header: str | None, maximum: Priority) -> Priority:
@@ -68,18 +75,31 @@ class _Call:
     """One OpenAI call in flight: what it is, and the timing it reports."""
 
     rid: str
+    """The OpenAI response id (``chatcmpl-...`` or ``cmpl-...``), also the request's id."""
     created: int
+    """Unix time the call arrived (the response's ``created``)."""
     model: str
+    """The model the client asked for."""
     chat: bool
+    """A chat completion (else a text completion)."""
     include_usage: bool
+    """The client asked for a final usage chunk in its stream."""
     priority: Priority
+    """The effective priority (asked, clamped to what the caller may have)."""
     started: float
+    """``time.perf_counter()`` when the call arrived."""
     metrics: GatewayMetrics
+    """Where the call's latencies and outcome are counted."""
     key: ApiKey | None = None
+    """The caller's API key (None: authentication is off)."""
     keys: KeyRing | None = None
+    """The key ring that charges the caller's tokens."""
     span: trace.Span = trace.INVALID_SPAN
+    """The ``gateway.request`` span, ended by :meth:`done`."""
     first_at: float | None = None
-    num_chunks: int = 0
+    """``time.perf_counter()`` when the first token came (None: not yet)."""
+    num_tokens: int = 0
+    """Output tokens seen so far."""
 
     async def charge(self, usage: Usage | None) -> None:
         """Count the tokens against the caller's per-minute token limit."""
@@ -90,7 +110,7 @@ class _Call:
         if chunk.token_ids and self.first_at is None:
             self.first_at = time.perf_counter()
             self.metrics.ttft.labels(self.priority.value).observe(self.first_at - self.started)
-        self.num_chunks += len(chunk.token_ids)
+        self.num_tokens += len(chunk.token_ids)
 
     def done(self, status: str) -> None:
         self.span.set_attribute("shoal.status", status)
@@ -99,99 +119,134 @@ class _Call:
         p = self.priority.value
         self.metrics.requests.labels(status, p).inc()
         self.metrics.e2e.labels(p).observe(now - self.started)
-        if self.first_at is not None and self.num_chunks > 1:
-            self.metrics.tpot.labels(p).observe((now - self.first_at) / (self.num_chunks - 1))
+        if self.first_at is not None and self.num_tokens > 1:
+            self.metrics.tpot.labels(p).observe((now - self.first_at) / (self.num_tokens - 1))
 
 
 def create_app(make_state: Callable[[], contextlib.AbstractAsyncContextManager[GatewayState]],
                *, max_body_bytes: int) -> FastAPI:  # fmt: skip
     """The gateway app; ``make_state`` builds (and tears down) its long-lived
     objects inside the lifespan."""
+    app = FastAPI(title="Shoal gateway", version="0.1.0", lifespan=_lifespan(make_state))
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    add_completion_routes(app, serve)  # POST /v1/chat/completions, POST /v1/completions
+    app.add_api_route("/v1/models", models, methods=["GET"], response_model=ModelList)
+    app.add_api_route("/healthz", healthz, methods=["GET"])
+    app.add_api_route("/readyz", readyz, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    return app
 
+
+def _lifespan(
+    make_state: Callable[[], contextlib.AbstractAsyncContextManager[GatewayState]],
+) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with make_state() as state:
             app.state.shoal = state
             yield
 
-    app = FastAPI(title="Shoal gateway", version="0.1.0", lifespan=lifespan)
-    install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    return lifespan
 
-    def state(request: Request) -> GatewayState:
-        s: GatewayState = request.app.state.shoal
-        return s
 
-    async def serve(request: Request, body: ChatCompletionRequest | CompletionRequest,
-                    priority_header: str | None) -> Response:  # fmt: skip
-        st = state(request)
-        key = st.keys.authenticate(request.headers.get("authorization"))
-        priority = _priority(priority_header, key.max_priority if key else st.max_priority)
-        if key is not None:
-            await st.keys.admit(key)
-        chat = isinstance(body, ChatCompletionRequest)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        # The request's span joins the client's trace if it sent a traceparent;
-        # it ends when the response does (see _Call.done).
-        span = st.tracer.start_span("gateway.request", context=extract_context(request.headers))
-        span.set_attribute("shoal.request_id", rid)
-        span.set_attribute("shoal.priority", priority.value)
-        call = _Call(rid, int(time.time()), body.model, chat, body.include_usage, priority,
-                     time.perf_counter(), st.metrics, key, st.keys, span)  # fmt: skip
-        st.metrics.inflight.inc()
-        try:
-            parent = trace.set_span_in_context(call.span)
-            chunks = st.dispatcher.generate(
-                to_generate(body, rid, priority, migratable=True), body.model, parent
-            )
-            try:
-                first = await anext(chunks)
-            except UpstreamRefused as exc:
-                call.done(str(exc.status_code))
-                raise _refused(exc) from exc
-            except ShoalError as exc:
-                call.done(str(exc.status_code))
-                raise
-            out_headers = {PRIORITY_HEADER: priority.value}
-            if body.stream:
-                stream = sse_events(call, first, chunks)
-                return StreamingResponse(
-                    stream, media_type="text/event-stream", headers=out_headers
-                )
-            response = await unless_disconnected(request, whole_response(call, first, chunks))
-            if response is None:
-                call.done("disconnected")
-                return Response(status_code=499)
-            response.headers.update(out_headers)
-            return response
-        finally:
-            st.metrics.inflight.dec()
+def _state(request: Request) -> GatewayState:
+    s: GatewayState = request.app.state.shoal
+    return s
 
-    add_completion_routes(app, serve)
 
-    @app.get("/v1/models", response_model=ModelList)
-    async def models(request: Request) -> ModelList:
-        snapshot = state(request).view.snapshot
-        created = {v.info.model: int(v.info.started_at) for v in snapshot.instances}
-        return ModelList(data=[ModelCard(id=m, created=created.get(m, 0))
-                               for m in snapshot.models()])  # fmt: skip
+# -- the routes -------------------------------------------------------------
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
 
-    @app.get("/readyz")
-    async def readyz(request: Request) -> JSONResponse:
-        view = state(request).view
-        ready = view.fresh
-        body = {"status": "ok" if ready else "not ready",
-                "instances": len(view.snapshot.instances)}  # fmt: skip
-        return JSONResponse(body, status_code=200 if ready else 503)
+async def serve(request: Request, body: ChatCompletionRequest | CompletionRequest,
+                priority_header: str | None) -> Response:  # fmt: skip
+    """One OpenAI completion call: authenticated and admitted, dispatched, and
+    answered as an SSE stream or as one whole response."""
+    st = _state(request)
+    call = await _open_call(st, request, body, priority_header)
+    st.metrics.inflight.inc()
+    try:
+        parent = trace.set_span_in_context(call.span)
+        chunks = st.dispatcher.generate(
+            to_generate(body, call.rid, call.priority, migratable=True), body.model, parent
+        )
+        first = await _first_batch(call, chunks)
+        return await _respond(request, body.stream, call, first, chunks)
+    finally:
+        st.metrics.inflight.dec()
 
-    @app.get("/metrics")
-    async def metrics(request: Request) -> Response:
-        st = state(request)
-        st.metrics.instances.set(len(st.view.snapshot.instances))
-        return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+async def models(request: Request) -> ModelList:
+    snapshot = _state(request).view.snapshot
+    created = {v.info.model: int(v.info.started_at) for v in snapshot.instances}
+    return ModelList(data=[ModelCard(id=m, created=created.get(m, 0))
+                           for m in snapshot.models()])  # fmt: skip
+
+
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def readyz(request: Request) -> JSONResponse:
+    view = _state(request).view
+    ready = view.fresh
+    body = {"status": "ok" if ready else "not ready",
+            "instances": len(view.snapshot.instances)}  # fmt: skip
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    st = _state(request)
+    st.metrics.instances.set(len(st.view.snapshot.instances))
+    return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# -- the steps of a completion call -------------------------------------------
+
+
+async def _open_call(st: GatewayState, request: Request,
+                     body: ChatCompletionRequest | CompletionRequest,
+                     priority_header: str | None) -> _Call:  # fmt: skip
+    """Authenticate and admit the caller, settle the priority, start the span."""
+    key = st.keys.authenticate(request.headers.get("authorization"))
+    priority = _priority(priority_header, key.max_priority if key else st.max_priority)
+    if key is not None:
+        await st.keys.admit(key)
+    chat = isinstance(body, ChatCompletionRequest)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    # The request's span joins the client's trace if it sent a traceparent;
+    # it ends when the response does (see _Call.done).
+    span = st.tracer.start_span("gateway.request", context=extract_context(request.headers))
+    span.set_attribute("shoal.request_id", rid)
+    span.set_attribute("shoal.priority", priority.value)
+    return _Call(rid, int(time.time()), body.model, chat, body.include_usage, priority,
+                 time.perf_counter(), st.metrics, key, st.keys, span)  # fmt: skip
+
+
+async def _first_batch(call: _Call, chunks: AsyncGenerator[ChunkBatch, None]) -> ChunkBatch:
+    """The first batch of chunks; a call that fails before it ends here, with
+    its error (an instance's refusal passed on as the instance gave it)."""
+    try:
+        return await anext(chunks)
+    except UpstreamRefused as exc:
+        call.done(str(exc.status_code))
+        raise _refused(exc) from exc
+    except ShoalError as exc:
+        call.done(str(exc.status_code))
+        raise
+
+
+async def _respond(request: Request, stream: bool, call: _Call, first: ChunkBatch,
+                   chunks: AsyncGenerator[ChunkBatch, None]) -> Response:  # fmt: skip
+    """SSE events for a streaming call; otherwise the whole response once the
+    request is done (499 if the client went away first)."""
+    headers = {PRIORITY_HEADER: call.priority.value}
+    if stream:
+        events = sse_events(call, first, chunks)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    response = await unless_disconnected(request, whole_response(call, first, chunks))
+    if response is None:
+        call.done("disconnected")
+        return Response(status_code=499)
+    response.headers.update(headers)
+    return response

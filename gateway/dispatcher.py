@@ -1,5 +1,11 @@
 """Dispatch mechanism: snapshot -> policy -> reservation -> upstream stream,
-with retries on other instances while nothing has reached the client."""
+with retries on other instances while nothing has reached the client, and
+replays from the tokens already sent once something has.
+
+The dispatcher's collaborators are the interfaces below (the cluster view,
+the reservations, the instances' streams, the demand board); its clock and
+sleep are injected, so it runs in tests without processes, Redis or waiting.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -16,11 +24,9 @@ from redis.exceptions import RedisError
 
 from gateway.metrics import GatewayMetrics
 from gateway.policies import Candidate, DispatchContext, DispatchPolicy, DispatchRequest
-from gateway.reservations import Reservations
-from gateway.upstream import InstanceClient, UpstreamError, UpstreamRefused
-from gateway.view import ClusterView
+from gateway.upstream import UpstreamError, UpstreamRefused
+from gateway.view import Snapshot
 from infra.contract import ChunkBatch, Continuation, GenerateChunk, GenerateRequest
-from infra.demand import DemandBoard
 from infra.errors import NotFoundError, ServiceUnavailableError, ShoalError
 from infra.openai_protocol.render import StreamBroken
 from infra.records import Priority
@@ -29,13 +35,99 @@ from infra.telemetry import inject_context
 log = logging.getLogger(__name__)
 
 
+class View(Protocol):
+    """The cluster as this replica sees it (``gateway.view.ClusterView``)."""
+
+    @property
+    def usable(self) -> bool:
+        """The view is recent enough to dispatch from."""
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The latest instances, their loads and reservation counts."""
+
+    @property
+    def reservation_grace_s(self) -> float:
+        """Reservations this much older than an instance's report still count."""
+
+
+class ReservationBook(Protocol):
+    """The reservations in Redis (``gateway.reservations.Reservations``)."""
+
+    async def reserve(self, instance_id: str, request_id: str, *, since: float) -> int:
+        """Reserve a slot; the instance's count of reservations newer than
+        ``since`` (its report time), this one included."""
+
+    async def release(self, instance_id: str, request_id: str) -> None:
+        """Give a reservation back."""
+
+
+class Upstream(Protocol):
+    """The instances' chunk streams (``gateway.upstream.InstanceClient``)."""
+
+    def stream(
+        self, address: str, body: GenerateRequest, headers: dict[str, str]
+    ) -> AsyncGenerator[ChunkBatch, None]:
+        """The chunks of ``body`` run at ``address``; raises ``UpstreamError``
+        (the instance failed) or ``UpstreamRefused`` (it refused the request)."""
+
+    def resume(self, address: str, request_id: str) -> AsyncGenerator[ChunkBatch, None]:
+        """The chunks of a request that migrated to ``address``, from where it resumed."""
+
+
+class Demand(Protocol):
+    """Requests held for want of an instance, for the autoscaler (``infra.demand.DemandBoard``)."""
+
+    async def hold(self, request_id: str) -> None: ...
+
+    async def release(self, request_id: str) -> None: ...
+
+
+Clock = Callable[[], float]
+"""Seconds on a monotonic clock (``time.monotonic``)."""
+Sleep = Callable[[float], Awaitable[None]]
+"""Waits this many seconds (``asyncio.sleep``)."""
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
+    """How often a request is tried again, before and after its first token."""
+
     max_attempts: int = 3
-    """Instances tried before anything reached the client."""
+    """Instances tried before anything reached the client; then 503."""
     backoff_s: float = 0.05
+    """Wait before the first retry; it doubles before each further one."""
     max_replays: int = 3
     """Times a stream that broke after its first token is taken up again elsewhere."""
+
+    def backoff(self, failures: int) -> float:
+        """The wait before the retry that follows failure number ``failures``."""
+        return self.backoff_s * 2.0 ** (failures - 1)
+
+
+@dataclass(frozen=True)
+class HoldPolicy:
+    """Requests that find no instance of a model an autoscaler can start wait
+    for one (scale from zero): at most ``max_held`` per gateway, each at most
+    ``timeout_s``; beyond that, 503 with ``Retry-After``."""
+
+    max_held: int = 256
+    """Requests one gateway replica holds at once; one more is answered 503 at
+    once (0: nothing is held)."""
+    timeout_s: float = 120.0
+    """Longest a request is held; then it is answered 503."""
+    poll_s: float = 0.1
+    """How often a held request looks in the cluster view for an instance."""
+
+    @property
+    def retry_after_s(self) -> int:
+        """``Retry-After`` of a 503 for a full hold or a hold that timed out."""
+        return max(1, int(self.timeout_s / 4))
+
+
+MAX_RESERVE_CONFLICTS = 8
+"""Times one dispatch ranks again after Redis showed more reservations than
+it knew of; after that it keeps its last choice."""
 
 
 class _Broken(Exception):
@@ -71,6 +163,28 @@ class _Sent:
         )
 
 
+@dataclass
+class _Progress:
+    """One call through its attempts: what reached the client, the instances
+    that failed it, and its retries and replays so far."""
+
+    body: GenerateRequest
+    """The request as the caller made it."""
+    request: GenerateRequest
+    """What the next attempt sends: ``body``, or a replay of it."""
+    sent: _Sent = field(default_factory=lambda: _Sent([]))
+    exclude: set[str] = field(default_factory=set)
+    """Instances that failed this call: not tried again."""
+    failures: int = 0
+    """Attempts that failed before anything reached the client."""
+    replays: int = 0
+    """Attempts that took the stream up again after its first token."""
+
+    @property
+    def attempt(self) -> int:
+        return self.failures + self.replays + 1
+
+
 def _failure(chunk: GenerateChunk) -> str | None:
     """Why ``chunk`` ends its stream without the request being done, if it does.
     An ``abort`` the client did not ask for (the instance stopped, or an
@@ -80,20 +194,6 @@ def _failure(chunk: GenerateChunk) -> str | None:
     if chunk.finish_reason == "abort":
         return "the instance aborted the request"
     return None
-
-
-@dataclass(frozen=True)
-class HoldPolicy:
-    """Requests that find no instance of a model an autoscaler can start wait
-    for one (scale from zero): at most ``max_held`` per gateway, each at most
-    ``timeout_s``; beyond that, 503 with ``Retry-After``."""
-
-    max_held: int = 256
-    timeout_s: float = 120.0
-    poll_s: float = 0.1
-
-
-MAX_RESERVE_CONFLICTS = 8
 
 
 def _prompt_estimate(body: GenerateRequest) -> int:
@@ -108,18 +208,21 @@ def _prompt_estimate(body: GenerateRequest) -> int:
 class Dispatcher:
     def __init__(
         self,
-        view: ClusterView,
+        view: View,
         policy: DispatchPolicy,
-        reservations: Reservations,
-        upstream: InstanceClient,
+        reservations: ReservationBook,
+        upstream: Upstream,
         metrics: GatewayMetrics,
         retry: RetryPolicy,
         tracer: trace.Tracer | None = None,
         *,
         hold: HoldPolicy | None = None,
-        demand: DemandBoard | None = None,
+        demand: Demand | None = None,
         reservation_timeout_s: float = 0.1,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
+        """``clock`` times the holds; ``sleep`` waits out backoffs and hold polls."""
         self._tracer = tracer or trace.NoOpTracer()
         self._view = view
         self._policy = policy
@@ -134,107 +237,10 @@ class Dispatcher:
         self._demand = demand
         self._num_held = 0
         self._reservation_timeout_s = reservation_timeout_s
+        self._clock = clock
+        self._sleep = sleep
 
-    def _candidates(self, model: str, exclude: set[str]) -> list[Candidate]:
-        if not self._view.usable:
-            raise ServiceUnavailableError("the gateway has no recent view of the cluster")
-        snapshot = self._view.snapshot
-        if model not in snapshot.models():  # (includes models an autoscaler can start)
-            raise NotFoundError(
-                f"model {model!r} does not exist; available: {snapshot.models()}",
-                param="model", code="model_not_found",
-            )  # fmt: skip
-        return snapshot.candidates(model, exclude, self._pending)
-
-    async def _wait_for_instance(
-        self, model: str, exclude: set[str], request_id: str
-    ) -> list[Candidate]:
-        """Hold the request until an instance of ``model`` is ready, recording
-        the demand in Redis for the autoscaler (scale from zero)."""
-        hold = self._hold
-        if exclude or model not in self._view.snapshot.scalable:
-            raise ServiceUnavailableError(f"no instance of {model!r} is available",
-                                          retry_after_s=2)  # fmt: skip
-        if self._num_held >= hold.max_held:
-            raise ServiceUnavailableError(
-                f"{self._num_held} requests already wait for an instance of {model!r}",
-                retry_after_s=max(1, int(hold.timeout_s / 4)),
-            )
-        self._num_held += 1
-        self._metrics.held.inc()
-        try:
-            if self._demand is not None:
-                await _quietly(self._demand.hold(request_id))
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + hold.timeout_s
-            while loop.time() < deadline:
-                await asyncio.sleep(hold.poll_s)
-                candidates = self._candidates(model, exclude)
-                if candidates:
-                    return candidates
-            self._metrics.hold_timeouts.inc()
-            raise ServiceUnavailableError(
-                f"no instance of {model!r} became ready within {hold.timeout_s:g}s",
-                retry_after_s=max(1, int(hold.timeout_s / 4)),
-            )
-        finally:
-            self._num_held -= 1
-            self._metrics.held.dec()
-            if self._demand is not None:
-                await _quietly(self._demand.release(request_id))
-
-    def _since(self, c: Candidate) -> float:
-        """Reservations newer than this are not yet reflected in ``c``'s report."""
-        return c.load.timestamp - self._view.reservation_grace_s
-
-    async def _choose(self, body: GenerateRequest, model: str, exclude: set[str]) -> Candidate:
-        """Rank with the policy and reserve the best instance in Redis.
-
-        Reservations of this replica still on their way to Redis count as
-        pending, so concurrent requests here see each other at once. If Redis
-        shows more reservations than this replica knew of (another replica
-        chose the same instance meanwhile), rank again with the fresh count and
-        move if another instance is now better."""
-        assert body.request_id is not None
-        request = DispatchRequest(priority=body.priority, num_prompt_tokens=_prompt_estimate(body))
-        self._tick += 1
-        best: Candidate | None = None
-        for _ in range(MAX_RESERVE_CONFLICTS):
-            candidates = self._candidates(model, exclude)
-            if not candidates:
-                candidates = await self._wait_for_instance(model, exclude, body.request_id)
-            ranked = self._policy.rank(DispatchContext(request, candidates, self._tick, self._rng))[
-                0
-            ]
-            if best is not None:
-                if ranked.instance_id == best.instance_id:
-                    return best  # still the best with the fresh count: keep it
-                await _quietly(self._reservations.release(best.instance_id, body.request_id))
-            best = ranked
-            known = best.num_reserved + 1
-            self._pending[best.instance_id] = self._pending.get(best.instance_id, 0) + 1
-            started = time.perf_counter()
-            try:
-                count = await asyncio.wait_for(
-                    self._reservations.reserve(
-                        best.instance_id, body.request_id, since=self._since(best)
-                    ),
-                    self._reservation_timeout_s,
-                )
-            except (RedisError, TimeoutError) as exc:
-                # Redis is down or starved: dispatch from the last view rather
-                # than hold the request (the reservation only refines the view).
-                log.warning("reservation skipped for %s: %r", body.request_id, exc)
-                self._metrics.reservations_skipped.inc()
-                return best
-            finally:
-                self._pending[best.instance_id] -= 1
-                self._metrics.redis_call.labels("reserve").observe(time.perf_counter() - started)
-            self._view.snapshot.note_reserved(best.instance_id, count)
-            if count <= known:
-                return best
-        assert best is not None
-        return best
+    # -- the stream of one call ---------------------------------------------
 
     async def generate(
         self, body: GenerateRequest, model: str, parent: Context | None = None
@@ -248,59 +254,86 @@ class Dispatcher:
         replays are used up. Each attempt is traced as a ``gateway.dispatch``
         span and a ``gateway.proxy`` span whose context travels to the instance."""
         assert body.request_id is not None
-        exclude: set[str] = set()
-        sent = _Sent([])
-        failures = replays = 0
-        request = body
+        run = _Progress(body, body)
         while True:
+            chosen = await self._dispatch(run, model, parent)
             try:
-                with self._tracer.start_as_current_span("gateway.dispatch", context=parent) as sp:
-                    chosen = await self._choose(request, model, exclude)
-                    sp.set_attribute("shoal.instance_id", chosen.instance_id)
-                    sp.set_attribute("shoal.attempt", failures + replays + 1)
-            except ShoalError as exc:
-                if sent.batches:
-                    raise StreamBroken(f"no instance to continue on: {exc.message}") from exc
-                raise
-            self._metrics.dispatched.labels(chosen.instance_id).inc()
-            before = sent.batches
-            proxy = self._tracer.start_span("gateway.proxy", context=parent)
-            proxy.set_attribute("shoal.instance_id", chosen.instance_id)
-            headers = inject_context({}, trace.set_span_in_context(proxy))
-            try:
-                async for batch in self._follow(chosen.info.address, request, headers):
-                    sent.note(batch)
-                    yield batch
+                async with aclosing(self._attempt(run, chosen, parent)) as batches:
+                    async for batch in batches:
+                        yield batch
                 return
             except _Broken as exc:
-                exclude.add(self._instance_at(exc.address) or chosen.instance_id)
-                if not sent.batches:
-                    failures += 1
-                    self._metrics.retries.inc()
-                    log.warning("attempt %d of %s failed on %s: %s", failures, body.request_id,
-                                exc.address, exc)  # fmt: skip
-                    if failures >= self._retry.max_attempts:
-                        raise ServiceUnavailableError(
-                            f"no instance could serve the request after {failures} attempts"
-                        ) from exc
-                    await asyncio.sleep(self._retry.backoff_s * (2 ** (failures - 1)))
-                    continue
-                replays += 1
-                if replays > self._retry.max_replays:
-                    raise StreamBroken(str(exc)) from exc
-                self._metrics.replays.inc()
-                log.warning("%s broke on %s after %d tokens (%s): replaying it elsewhere",
-                            body.request_id, exc.address, len(sent.token_ids), exc)  # fmt: skip
-                request = sent.replay_of(body, replays)
-            except UpstreamRefused as exc:
-                if sent.batches:  # the continuation was refused: nothing more to try
-                    raise StreamBroken(f"the replay was refused: {exc}") from exc
-                raise
-            finally:
-                proxy.end()
-                if sent.batches == before:  # a failed attempt must not keep counting
-                    rid = request.request_id or ""
-                    await _quietly(self._reservations.release(chosen.instance_id, rid))
+                await self._recover(run, chosen, exc)
+
+    async def _dispatch(self, run: _Progress, model: str, parent: Context | None) -> Candidate:
+        """Choose (and reserve) the instance of the next attempt. With nothing
+        to choose from after the first token, the stream is broken."""
+        try:
+            with self._tracer.start_as_current_span("gateway.dispatch", context=parent) as sp:
+                chosen = await self._choose(run.request, model, run.exclude)
+                sp.set_attribute("shoal.instance_id", chosen.instance_id)
+                sp.set_attribute("shoal.attempt", run.attempt)
+        except ShoalError as exc:
+            if run.sent.batches:
+                raise StreamBroken(f"no instance to continue on: {exc.message}") from exc
+            raise
+        self._metrics.dispatched.labels(chosen.instance_id).inc()
+        return chosen
+
+    async def _attempt(
+        self, run: _Progress, chosen: Candidate, parent: Context | None
+    ) -> AsyncGenerator[ChunkBatch, None]:
+        """``run.request``'s batches from ``chosen`` (and wherever it migrates),
+        noted as sent. An attempt that sent nothing gives its reservation back;
+        a refused replay ends the stream."""
+        request, before = run.request, run.sent.batches
+        proxy = self._tracer.start_span("gateway.proxy", context=parent)
+        proxy.set_attribute("shoal.instance_id", chosen.instance_id)
+        headers = inject_context({}, trace.set_span_in_context(proxy))
+        try:
+            async with aclosing(self._follow(chosen.info.address, request, headers)) as batches:
+                async for batch in batches:
+                    run.sent.note(batch)
+                    yield batch
+        except UpstreamRefused as exc:
+            if run.sent.batches:  # the continuation was refused: nothing more to try
+                raise StreamBroken(f"the replay was refused: {exc}") from exc
+            raise
+        finally:
+            proxy.end()
+            if run.sent.batches == before:  # a failed attempt must not keep counting
+                rid = request.request_id or ""
+                await _quietly(self._reservations.release(chosen.instance_id, rid))
+
+    async def _recover(self, run: _Progress, chosen: Candidate, exc: _Broken) -> None:
+        """After a broken attempt: leave out the instance that broke it, then
+        retry after a backoff if the client has nothing yet, or replay from
+        what it has. Raises once the retries or the replays are used up."""
+        run.exclude.add(self._instance_at(exc.address) or chosen.instance_id)
+        if run.sent.batches:
+            self._replay(run, exc)
+        else:
+            await self._back_off(run, exc)
+
+    async def _back_off(self, run: _Progress, exc: _Broken) -> None:
+        run.failures += 1
+        self._metrics.retries.inc()
+        log.warning("attempt %d of %s failed on %s: %s", run.failures, run.body.request_id,
+                    exc.address, exc)  # fmt: skip
+        if run.failures >= self._retry.max_attempts:
+            raise ServiceUnavailableError(
+                f"no instance could serve the request after {run.failures} attempts"
+            ) from exc
+        await self._sleep(self._retry.backoff(run.failures))
+
+    def _replay(self, run: _Progress, exc: _Broken) -> None:
+        run.replays += 1
+        if run.replays > self._retry.max_replays:
+            raise StreamBroken(str(exc)) from exc
+        self._metrics.replays.inc()
+        log.warning("%s broke on %s after %d tokens (%s): replaying it elsewhere",
+                    run.body.request_id, exc.address, len(run.sent.token_ids), exc)  # fmt: skip
+        run.request = run.sent.replay_of(run.body, run.replays)
 
     async def _follow(
         self, address: str, request: GenerateRequest, headers: dict[str, str]
@@ -337,6 +370,125 @@ class Dispatcher:
     def _instance_at(self, address: str) -> str | None:
         return next((v.info.instance_id for v in self._view.snapshot.instances
                      if v.info.address == address), None)  # fmt: skip
+
+    # -- choosing an instance -------------------------------------------------
+
+    async def _choose(self, body: GenerateRequest, model: str, exclude: set[str]) -> Candidate:
+        """Rank with the policy and reserve the best instance in Redis.
+
+        Reservations of this replica still on their way to Redis count as
+        pending, so concurrent requests here see each other at once. If Redis
+        shows more reservations than this replica knew of (another replica
+        chose the same instance meanwhile), rank again with the fresh count and
+        move if another instance is now better."""
+        assert body.request_id is not None
+        request = DispatchRequest(priority=body.priority, num_prompt_tokens=_prompt_estimate(body))
+        self._tick += 1
+        best: Candidate | None = None
+        for _ in range(MAX_RESERVE_CONFLICTS):
+            ranked = await self._best(request, model, exclude, body.request_id)
+            if best is not None:
+                if ranked.instance_id == best.instance_id:
+                    return best  # still the best with the fresh count: keep it
+                await _quietly(self._reservations.release(best.instance_id, body.request_id))
+            best = ranked
+            count = await self._reserve(best, body.request_id)
+            if count is None or count <= best.num_reserved + 1:
+                return best  # no reservation, or none this replica did not know of
+        assert best is not None
+        return best
+
+    async def _best(
+        self, request: DispatchRequest, model: str, exclude: set[str], request_id: str
+    ) -> Candidate:
+        """The policy's first choice, once there is an instance to choose."""
+        candidates = self._candidates(model, exclude)
+        if not candidates:
+            candidates = await self._wait_for_instance(model, exclude, request_id)
+        return self._policy.rank(DispatchContext(request, candidates, self._tick, self._rng))[0]
+
+    def _candidates(self, model: str, exclude: set[str]) -> list[Candidate]:
+        if not self._view.usable:
+            raise ServiceUnavailableError("the gateway has no recent view of the cluster")
+        snapshot = self._view.snapshot
+        if model not in snapshot.models():  # (includes models an autoscaler can start)
+            raise NotFoundError(
+                f"model {model!r} does not exist; available: {snapshot.models()}",
+                param="model", code="model_not_found",
+            )  # fmt: skip
+        return snapshot.candidates(model, exclude, self._pending)
+
+    async def _reserve(self, c: Candidate, request_id: str) -> int | None:
+        """Reserve a slot on ``c`` in Redis: the count of its reservations not
+        yet in its report, this one included. None when Redis is down or too
+        slow: the request goes out on the last view rather than wait (the
+        reservation only refines the view)."""
+        self._pending[c.instance_id] = self._pending.get(c.instance_id, 0) + 1
+        started = time.perf_counter()
+        try:
+            count = await asyncio.wait_for(
+                self._reservations.reserve(c.instance_id, request_id, since=self._since(c)),
+                self._reservation_timeout_s,
+            )
+        except (RedisError, TimeoutError) as exc:
+            log.warning("reservation skipped for %s: %r", request_id, exc)
+            self._metrics.reservations_skipped.inc()
+            return None
+        finally:
+            self._pending[c.instance_id] -= 1
+            self._metrics.redis_call.labels("reserve").observe(time.perf_counter() - started)
+        self._view.snapshot.note_reserved(c.instance_id, count)
+        return count
+
+    def _since(self, c: Candidate) -> float:
+        """Reservations newer than this are not yet reflected in ``c``'s report."""
+        return c.load.timestamp - self._view.reservation_grace_s
+
+    # -- holding for an instance (scale from zero) ----------------------------
+
+    async def _wait_for_instance(
+        self, model: str, exclude: set[str], request_id: str
+    ) -> list[Candidate]:
+        """Hold the request until an instance of ``model`` is ready, recording
+        the demand in Redis for the autoscaler (scale from zero)."""
+        self._check_may_hold(model, exclude)
+        self._num_held += 1
+        self._metrics.held.inc()
+        try:
+            if self._demand is not None:
+                await _quietly(self._demand.hold(request_id))
+            return await self._poll_for_instance(model, exclude)
+        finally:
+            self._num_held -= 1
+            self._metrics.held.dec()
+            if self._demand is not None:
+                await _quietly(self._demand.release(request_id))
+
+    def _check_may_hold(self, model: str, exclude: set[str]) -> None:
+        """503 at once for a request that may not wait: it already failed on an
+        instance, no autoscaler can start its model, or the hold is full."""
+        if exclude or model not in self._view.snapshot.scalable:
+            raise ServiceUnavailableError(f"no instance of {model!r} is available",
+                                          retry_after_s=2)  # fmt: skip
+        if self._num_held >= self._hold.max_held:
+            raise ServiceUnavailableError(
+                f"{self._num_held} requests already wait for an instance of {model!r}",
+                retry_after_s=self._hold.retry_after_s,
+            )
+
+    async def _poll_for_instance(self, model: str, exclude: set[str]) -> list[Candidate]:
+        hold = self._hold
+        deadline = self._clock() + hold.timeout_s
+        while self._clock() < deadline:
+            await self._sleep(hold.poll_s)
+            candidates = self._candidates(model, exclude)
+            if candidates:
+                return candidates
+        self._metrics.hold_timeouts.inc()
+        raise ServiceUnavailableError(
+            f"no instance of {model!r} became ready within {hold.timeout_s:g}s",
+            retry_after_s=hold.retry_after_s,
+        )
 
 
 def _until_failure(batch: ChunkBatch) -> tuple[ChunkBatch, str | None]:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import aiohttp
 from fastapi import FastAPI
 from redis.asyncio import BlockingConnectionPool, Redis
 
@@ -14,7 +15,7 @@ from gateway.app import GatewayState, create_app
 from gateway.auth import KeyRing, load_keys_file
 from gateway.dispatcher import Dispatcher, HoldPolicy, RetryPolicy
 from gateway.metrics import GatewayMetrics
-from gateway.policies import make_policy
+from gateway.policies import DispatchPolicy, make_policy
 from gateway.reservations import Reservations
 from gateway.upstream import InstanceClient, make_session
 from gateway.view import ClusterView
@@ -32,57 +33,77 @@ log = logging.getLogger(__name__)
 
 def build_app(settings: GatewaySettings, redis_url: str) -> FastAPI:
     policy = make_policy(settings.dispatch_policy)  # fails fast on a bad name
-    max_priority = Priority(settings.default_max_priority)
+    max_priority = Priority(settings.default_max_priority)  # and on a bad priority
 
     @contextlib.asynccontextmanager
     async def state() -> AsyncIterator[GatewayState]:
-        # A bounded pool that makes callers wait for a connection (instead of
-        # failing) when many requests reserve at once.
-        pool = BlockingConnectionPool.from_url(
-            redis_url, max_connections=64, timeout=1.0, socket_timeout=1.0,
-            socket_connect_timeout=1.0,
-        )  # fmt: skip
-        redis = Redis(connection_pool=pool)
-        keys_schema = KeySchema(settings.namespace)
-        reservations = Reservations(redis, keys_schema, settings.reservation_ttl_s)
-        demand = DemandBoard(redis, keys_schema)
+        redis = Redis(connection_pool=_redis_pool(redis_url))
         session = make_session(settings.connect_timeout_s)
-        metrics = GatewayMetrics(new_registry())
-        view = ClusterView(StateStore(redis, keys_schema), reservations,
-                           refresh_interval_s=settings.view_refresh_interval_s,
-                           max_staleness_s=settings.view_max_staleness_s,
-                           reservation_grace_s=settings.reservation_grace_s,
-                           demand=demand,
-                           on_refresh=metrics.redis_call.labels("refresh").observe)  # fmt: skip
-        metrics.view_age.set_function(lambda: view.age_s)
-        retry = RetryPolicy(settings.max_attempts, settings.retry_backoff_s, settings.max_replays)
-        tracer = make_tracer("shoal-gateway", settings.otlp_endpoint)
-        hold = HoldPolicy(settings.max_held_requests, settings.hold_timeout_s)
-        dispatcher = Dispatcher(view, policy, reservations, InstanceClient(session), metrics, retry,
-                                tracer, hold=hold, demand=demand,
-                                reservation_timeout_s=settings.reservation_timeout_s)  # fmt: skip
-        file_keys = load_keys_file(settings.keys_file) if settings.keys_file else {}
-        keys = KeyRing(redis, keys_schema, file_keys)
-        stop = asyncio.Event()
-        with contextlib.suppress(Exception):
-            await view.refresh()
-            await keys.refresh()
-        tasks = [
-            asyncio.create_task(view.run(stop), name="cluster-view"),
-            asyncio.create_task(_refresh_keys(keys, stop), name="api-keys"),
-        ]
         try:
-            yield GatewayState(view, dispatcher, metrics, max_priority, tracer, keys)
+            gateway = _assemble(settings, policy, max_priority, redis, session)
+            async with _refreshing(gateway):
+                yield gateway
         finally:
-            stop.set()
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
             await session.close()
             await redis.aclose()
 
     return create_app(state, max_body_bytes=settings.max_body_bytes)
+
+
+def _redis_pool(redis_url: str) -> BlockingConnectionPool:
+    """A bounded pool that makes callers wait for a connection (instead of
+    failing) when many requests reserve at once."""
+    return BlockingConnectionPool.from_url(
+        redis_url, max_connections=64, timeout=1.0, socket_timeout=1.0,
+        socket_connect_timeout=1.0,
+    )  # fmt: skip
+
+
+def _assemble(settings: GatewaySettings, policy: DispatchPolicy, max_priority: Priority,
+              redis: Redis, session: aiohttp.ClientSession) -> GatewayState:  # fmt: skip
+    """The replica's long-lived objects, wired together."""
+    keys_schema = KeySchema(settings.namespace)
+    reservations = Reservations(redis, keys_schema, settings.reservation_ttl_s)
+    demand = DemandBoard(redis, keys_schema)
+    metrics = GatewayMetrics(new_registry())
+    view = ClusterView(StateStore(redis, keys_schema), reservations,
+                       refresh_interval_s=settings.view_refresh_interval_s,
+                       max_staleness_s=settings.view_max_staleness_s,
+                       reservation_grace_s=settings.reservation_grace_s,
+                       demand=demand,
+                       on_refresh=metrics.redis_call.labels("refresh").observe)  # fmt: skip
+    metrics.view_age.set_function(lambda: view.age_s)
+    retry = RetryPolicy(settings.max_attempts, settings.retry_backoff_s, settings.max_replays)
+    tracer = make_tracer("shoal-gateway", settings.otlp_endpoint)
+    hold = HoldPolicy(settings.max_held_requests, settings.hold_timeout_s)
+    dispatcher = Dispatcher(view, policy, reservations, InstanceClient(session), metrics, retry,
+                            tracer, hold=hold, demand=demand,
+                            reservation_timeout_s=settings.reservation_timeout_s)  # fmt: skip
+    file_keys = load_keys_file(settings.keys_file) if settings.keys_file else {}
+    keys = KeyRing(redis, keys_schema, file_keys)
+    return GatewayState(view, dispatcher, metrics, max_priority, tracer, keys)
+
+
+@contextlib.asynccontextmanager
+async def _refreshing(gateway: GatewayState) -> AsyncIterator[None]:
+    """The cluster view and the API keys refreshed from Redis in the
+    background (a first time before the gateway serves, if Redis answers)."""
+    stop = asyncio.Event()
+    with contextlib.suppress(Exception):
+        await gateway.view.refresh()
+        await gateway.keys.refresh()
+    tasks = [
+        asyncio.create_task(gateway.view.run(stop), name="cluster-view"),
+        asyncio.create_task(_refresh_keys(gateway.keys, stop), name="api-keys"),
+    ]
+    try:
+        yield
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _refresh_keys(keys: KeyRing, stop: asyncio.Event, interval_s: float = 1.0) -> None:

@@ -26,9 +26,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Snapshot:
+    """The cluster at one refresh: what dispatch ranks from."""
+
     instances: tuple[InstanceView, ...] = ()
+    """Every registered instance with its latest load report (if any)."""
     reserved: dict[str, int] = field(default_factory=dict)
+    """Reservations per instance (by any replica) not yet in its load report."""
     taken_at: float = 0.0
+    """When the refresh that made it succeeded (the view's clock)."""
     scalable: tuple[str, ...] = ()
     """Models an autoscaler can start instances of (even when none run)."""
 

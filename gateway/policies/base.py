@@ -17,7 +17,9 @@ class Candidate:
     """An active instance serving the requested model, as the gateway sees it."""
 
     info: InstanceInfo
+    """Its registry entry (address, model, block size, ...)."""
     load: LoadReport
+    """Its latest load report."""
     num_reserved: int = 0
     """Requests dispatched to it (by any gateway) not yet seen in its report."""
 
@@ -28,7 +30,10 @@ class Candidate:
 
 @dataclass(frozen=True)
 class DispatchRequest:
+    """What a policy knows of the request being dispatched."""
+
     priority: Priority
+    """The request's effective priority."""
     num_prompt_tokens: int
     """Estimate of the prompt length (the gateway does not tokenise)."""
 
@@ -38,10 +43,13 @@ class DispatchContext:
     """Everything a policy may look at: one request and a snapshot."""
 
     request: DispatchRequest
+    """The request being dispatched."""
     candidates: Sequence[Candidate]
+    """The instances it may go to (never empty when the gateway asks)."""
     tick: int = 0
     """Requests dispatched so far by this gateway (for rotation)."""
     rng: random.Random = field(default_factory=random.Random)
+    """The randomness a policy may use (seeded in the simulator)."""
 
 
 class DispatchPolicy(ABC):

@@ -55,7 +55,15 @@ class _Sampling(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         if self.stream_options is not None and not self.stream:
             raise ValueError("'stream_options' is only allowed when 'stream' is true")
+        limit = self.token_limit
+        if limit is not None and self.min_tokens > limit:
+            raise ValueError("'min_tokens' must not exceed the token limit ('max_tokens')")
         return self
+
+    @property
+    def token_limit(self) -> int | None:
+        """The most output tokens asked for (None: up to the context)."""
+        raise NotImplementedError
 
     @property
     def include_usage(self) -> bool:

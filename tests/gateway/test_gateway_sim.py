@@ -136,6 +136,8 @@ def test_sse_ends_with_one_done(gateway: WorkerProcess) -> None:
         ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
         ("/v1/completions", {"model": MODEL}, 400, "prompt"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {}}, 400, None),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "min_tokens": 5},
+         400, None),
     ],
 )  # fmt: skip
 def test_bad_requests_get_openai_errors(
@@ -370,11 +372,14 @@ def test_a_refused_resume_is_replayed_not_ended(redis_url: str, tmp_path: Path) 
     namespace = f"refused-{uuid.uuid4().hex[:6]}"
     # Slow instances (12 ms a token): the request surely runs through the migration.
     slow = ["--sim-speedup", "2", "--max-model-len", "1024", "--served-model-name", MODEL]
-    workers = [start_worker(engine="sim", redis_url=redis_url, namespace=namespace,
-                            log_dir=tmp_path, instance_id=f"sim-slow-{i}", args=slow)
-               for i in range(2)]  # fmt: skip
-    gateway = start_gateway(redis_url=redis_url, namespace=namespace, log_dir=tmp_path)
-    try:
+    workers: list[WorkerProcess] = []
+    gateway = None
+    try:  # everything started is stopped, whichever start fails
+        for i in range(2):
+            workers.append(start_worker(engine="sim", redis_url=redis_url, namespace=namespace,
+                                        log_dir=tmp_path, instance_id=f"sim-slow-{i}",
+                                        args=slow))  # fmt: skip
+        gateway = start_gateway(redis_url=redis_url, namespace=namespace, log_dir=tmp_path)
         wait_for(lambda: _readyz_instances(gateway) == 2, timeout_s=10)
         body = {"model": MODEL, "prompt": "refused " * 6, "max_tokens": 900, "stream": True,
                 "stream_options": {"include_usage": True}}  # fmt: skip
@@ -385,7 +390,8 @@ def test_a_refused_resume_is_replayed_not_ended(redis_url: str, tmp_path: Path) 
         )
         assert _replays(gateway) == 1
     finally:
-        gateway.stop()
+        if gateway is not None:
+            gateway.stop()
         for w in workers:
             w.stop()
 

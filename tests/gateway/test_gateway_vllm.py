@@ -35,10 +35,12 @@ def stack(
     worker = vllm_stack[0]
     gateway = start_gateway(redis_url=redis_url, namespace=VLLM_NAMESPACE,
                             log_dir=tmp_path_factory.mktemp("gw-vllm"))  # fmt: skip
-    wait_for(lambda: httpx.get(gateway.base_url + "/readyz").json()["instances"] >= 1,
-             timeout_s=10)  # fmt: skip
-    yield gateway, worker
-    gateway.stop()
+    try:  # stopped even if it never sees the instance
+        wait_for(lambda: httpx.get(gateway.base_url + "/readyz").json()["instances"] >= 1,
+                 timeout_s=10)  # fmt: skip
+        yield gateway, worker
+    finally:
+        gateway.stop()
 
 
 def direct_text(worker: WorkerProcess, **body: Any) -> tuple[str, list[int]]:
