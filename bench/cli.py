@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from bench.simulator.cli import add_simulate_command
+from bench.soak.cli import add_soak_command
 from bench.traces import (
     ARRIVAL_KINDS,
     DEFAULT_ARRIVALS,
@@ -208,3 +209,4 @@ def add_bench_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore
     _add_trace(bench_sub)
     _add_run(bench_sub)
     add_simulate_command(bench_sub)
+    add_soak_command(bench_sub)
