@@ -24,6 +24,13 @@ from infra.store import StateStore
 log = logging.getLogger(__name__)
 
 
+STALE_REPORT_S = 1.0
+"""An instance whose last load report is this much older than the newest in
+the view (20 report periods) has stopped reporting: it died, or its event loop
+is stuck. Its registry entry outlives it by the heartbeat TTL (3 s); dispatch
+skips it meanwhile, so a request is not sent to a dead instance and retried."""
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """The cluster at one refresh: what dispatch ranks from."""
@@ -48,9 +55,12 @@ class Snapshot:
     def candidates(
         self, model: str, exclude: set[str], pending: dict[str, int] | None = None
     ) -> list[Candidate]:
-        """Active instances serving ``model`` with a load report; ``pending``
-        adds reservations of this replica still on their way to Redis."""
+        """Active instances serving ``model`` with a load report that is not
+        stale; ``pending`` adds reservations of this replica still on their
+        way to Redis."""
         pending = pending or {}
+        reports = [v.load.timestamp for v in self.instances if v.load is not None]
+        current = max(reports, default=0.0) - STALE_REPORT_S
         return [
             Candidate(
                 v.info,
@@ -60,6 +70,7 @@ class Snapshot:
             for v in self.instances
             if v.info.model == model
             and v.load is not None
+            and v.load.timestamp >= current
             and v.load.status is InstanceStatus.ACTIVE
             and v.info.status is InstanceStatus.ACTIVE
             and v.info.instance_id not in exclude

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from infra.records import Priority
 from instance.engine import EngineRequest, KvLoad
+from instance.text import TextStream
 from migration.protocol import ResumeSpec
 
 
@@ -39,12 +40,13 @@ class Generation:
     kv_load: KvLoad | None = None
     emitted_chars: int = 0
     """Characters of text the client has received so far (all instances)."""
-    realign_text: bool = False
-    """Set on a migrated-in request until its text is realigned: the engine
-    here never saw the characters a token split across the move had pending."""
+    text: TextStream | None = None
+    """Its text so far (None until the worker starts it here)."""
     admitted: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once an engine here has taken the request (running or queued)."""
     _outcome: asyncio.Future[str | None] | None = None
+    _segment_start: int = 0
+    """``delivered`` when the current engine request started."""
 
     @property
     def request_id(self) -> str:
@@ -71,8 +73,13 @@ class Generation:
     def arrival_time(self) -> float:
         return self.request.arrival_time
 
+    @property
+    def holds_kv(self) -> bool:
+        return len(self.delivered) > self._segment_start
+
     def next_segment(self) -> EngineRequest:
         """The engine request that continues this generation from here."""
+        self._segment_start = len(self.delivered)
         self.segment += 1
         self.engine_request_id = f"{self.request_id}~{self.segment}-{uuid.uuid4().hex[:6]}"
         if self.segment == 1 and not self.earlier_output and self.kv_load is None:
@@ -87,7 +94,6 @@ class Generation:
         """Start after output the client already has (a replayed request)."""
         self.earlier_output = tuple(output_token_ids)
         self.emitted_chars = emitted_chars
-        self.realign_text = True
 
     # -- migration (source side) ---------------------------------------------
     def resume_spec(self, key: str, tokens: list[int], num_kv_tokens: int, *,
@@ -99,6 +105,7 @@ class Generation:
             output_token_ids=tokens[num_prompt:], num_kv_tokens=num_kv_tokens,
             sampling=r.sampling, priority=r.priority, arrival_time=r.arrival_time,
             emitted_chars=self.emitted_chars, frozen_for_s=frozen_for_s,
+            text=self.text.state if self.text is not None else None,
         )  # fmt: skip
 
     @classmethod
@@ -113,7 +120,6 @@ class Generation:
             migratable=True,
             kv_load=KvLoad(spec.key, spec.num_kv_tokens) if spec.num_kv_tokens else None,
             emitted_chars=spec.emitted_chars,
-            realign_text=True,
         )  # fmt: skip
 
     def freeze(self) -> list[int]:

@@ -248,6 +248,9 @@ class VllmEngine:
             frequency_penalty=s.frequency_penalty,
             repetition_penalty=s.repetition_penalty,
             output_kind=RequestOutputKind.DELTA,
+            # The worker makes the text from the token ids (instance.text), so
+            # vLLM detokenizes only to find stop strings.
+            detokenize=bool(s.stop),
         )
         if request.kv_transfer is not None:
             load = request.kv_transfer

@@ -29,6 +29,7 @@ from instance.engine import ChatMessage, Engine, EngineRequest, TokenDelta
 from instance.generation import Generation
 from instance.metrics import InstanceMetrics
 from instance.reporter import LoadReporter, ReporterConfig
+from instance.text import TextStream
 from migration.protocol import ResumeSpec
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,8 @@ class InstanceWorker:
         )
         if continuation is not None:
             gen.continue_after(continuation.output_token_ids, continuation.emitted_chars)
+        if gen.text is None:
+            await self._start_text(gen)
         rid, priority = gen.request_id, request.priority.value
         self._generations[rid] = gen
         latency = _Latency(self.metrics, priority, request.arrival_time)
@@ -272,14 +275,30 @@ class InstanceWorker:
                     latency.tokens_at(self._clock())
                 yield self._chunk(gen, delta)
 
+    async def _start_text(self, gen: Generation) -> None:
+        """Start the request's text; after output from elsewhere (a replay),
+        replay that output through it, off the event loop."""
+        tok, prompt = self.engine.tokenizer, gen.request.prompt_token_ids
+        if not gen.earlier_output:
+            gen.text = TextStream.start(tok, prompt)
+            return
+        gen.text, chars = await asyncio.to_thread(TextStream.replayed, tok, prompt,
+                                                  gen.earlier_output)  # fmt: skip
+        if chars != gen.emitted_chars:
+            log.warning("%s: the client has %d characters, its tokens make %d: the text may "
+                        "not line up", gen.request_id, gen.emitted_chars, chars)  # fmt: skip
+
     def _chunk(self, gen: Generation, delta: TokenDelta) -> GenerateChunk:
+        assert gen.text is not None
         gen.delivered.extend(delta.token_ids)
-        text = self._text(gen, delta.text)
+        text = gen.text.push(delta.token_ids)
         usage = None
         if delta.finish_reason is not None:
+            text += gen.text.flush()
             gen.finished = True
             usage = Usage(prompt_tokens=gen.num_prompt_tokens, completion_tokens=gen.num_output,
                           total_tokens=gen.num_prompt_tokens + gen.num_output)  # fmt: skip
+        gen.emitted_chars += len(text)
         return GenerateChunk(request_id=gen.request_id, token_ids=list(delta.token_ids),
                              text=text, finish_reason=delta.finish_reason, usage=usage)  # fmt: skip
 
@@ -291,6 +310,8 @@ class InstanceWorker:
         does within ``resume_timeout_s`` it is aborted. The returned future
         resolves at its first token here, or when it ends without one."""
         gen, frozen_for_s = Generation.resumed(spec), spec.frozen_for_s
+        if spec.text is not None:
+            gen.text = TextStream.resumed(self.engine.tokenizer, spec.text)
         loop = asyncio.get_running_loop()
         first: asyncio.Future[None] = loop.create_future()
         queue: asyncio.Queue[GenerateChunk | None] = asyncio.Queue()
@@ -363,20 +384,6 @@ class InstanceWorker:
                         await task
 
         return chunks()
-
-    def _text(self, gen: Generation, engine_text: str) -> str:
-        """The text to send for the tokens just delivered. Normally the
-        engine's; right after a migration, the text of all output so far past
-        what the client has, so a character whose bytes straddle the move is
-        neither lost nor garbled (held back while still incomplete)."""
-        if gen.realign_text:
-            output = [*gen.earlier_output, *gen.delivered]
-            full = self.engine.tokenizer.decode(output)
-            stable = full.rstrip("\ufffd")
-            engine_text = stable[gen.emitted_chars :]
-            gen.realign_text = stable != full
-        gen.emitted_chars += len(engine_text)
-        return engine_text
 
     async def abort(self, request_id: str) -> bool:
         gen = self._generations.get(request_id)

@@ -66,9 +66,10 @@ def choose_mode(
     block_size: int,
     min_kv_blocks: int = 2,
 ) -> Literal["kv", "recompute"]:
-    """KV transfer unless it cannot run or recomputing is cheaper: a context
-    shorter than ``min_kv_blocks`` full blocks costs less to prefill again
-    than a multi-stage copy's round trips."""
+    """KV transfer unless it cannot run (no KV port, or a request that holds
+    no KV yet: even when ``kv`` is asked for) or recomputing is cheaper: a
+    context shorter than ``min_kv_blocks`` full blocks costs less to prefill
+    again than a multi-stage copy's round trips."""
     if asked == "recompute" or not kv_available:
         return "recompute"
     if asked == "kv":

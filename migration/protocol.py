@@ -77,6 +77,15 @@ class StageReply(BaseModel):
     bytes: int
 
 
+class TextState(BaseModel):
+    """Where the request's text stands (the instance's incremental
+    detokenizer): the tokens of its current window and where the ones not yet
+    emitted start."""
+
+    window: list[int]
+    read_offset: int = Field(ge=0)
+
+
 class ResumeSpec(BaseModel):
     """Everything the destination needs to continue the request."""
 
@@ -88,6 +97,8 @@ class ResumeSpec(BaseModel):
     output_token_ids: list[int]
     num_kv_tokens: int = Field(ge=0, description="leading tokens whose KV is staged")
     emitted_chars: int = Field(default=0, ge=0, description="text characters the client has")
+    text: TextState | None = None
+    """The source's detokenizer state (None: rebuilt from the output)."""
     sampling: SamplingSpec
     """The request's sampling as first received (``max_tokens`` counts the
     output so far too)."""

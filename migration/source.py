@@ -70,6 +70,12 @@ class Outgoing(Protocol):
         """Its whole context so far: prompt and output."""
         ...
 
+    @property
+    def holds_kv(self) -> bool:
+        """Whether its engine request has computed KV to move (it has produced
+        a token): a waiting request has none, and moves by recompute."""
+        ...
+
     def freeze(self) -> list[int]:
         """Stop streaming here; returns the context the destination takes over."""
         ...
@@ -104,8 +110,8 @@ async def migrate_out(
     plan: StagePlan = DEFAULT_PLAN,
     clock: Callable[[], float] = time.monotonic,
 ) -> MigrationRecord:
-    chosen = choose_mode(mode, kv_available=port is not None, num_tokens=len(gen.tokens),
-                         block_size=block_size)  # fmt: skip
+    chosen = choose_mode(mode, kv_available=port is not None and gen.holds_kv,
+                         num_tokens=len(gen.tokens), block_size=block_size)  # fmt: skip
     move = _Move(gen, destination, port if chosen == "kv" else None, block_size, clock,
                  MigrationRecord(request_id=gen.request_id, source=source,
                                  destination=destination.address, mode=chosen,

@@ -14,7 +14,15 @@ from gateway.policies import (
     make_policy,
 )
 from gateway.policies.base import DISPATCH
-from infra.records import InstanceInfo, InstanceStatus, LoadReport, Priority, PriorityCounts
+from gateway.view import STALE_REPORT_S, Snapshot
+from infra.records import (
+    InstanceInfo,
+    InstanceStatus,
+    InstanceView,
+    LoadReport,
+    Priority,
+    PriorityCounts,
+)
 
 
 def cand(iid: str, *, used: float = 0, running: int = 0, waiting: int = 0, reserved: int = 0,
@@ -89,3 +97,18 @@ def test_baselines() -> None:
     assert ids(make_policy("least-load").rank(ctx(a, b, c))) == ["b", "c", "a"]
     assert ids(make_policy("round-robin").rank(ctx(a, b, c, tick=4))) == ["b", "c", "a"]
     assert sorted(ids(make_policy("random").rank(ctx(a, b, c)))) == ["a", "b", "c"]
+
+
+def test_an_instance_that_stopped_reporting_is_not_a_candidate() -> None:
+    """A dead instance stays registered until its TTL runs out, but its load
+    report stops: dispatch skips it once the report falls behind the others."""
+
+    def view(iid: str, reported_at: float) -> InstanceView:
+        c = cand(iid)
+        return InstanceView(info=c.info, load=c.load.model_copy(update={"timestamp": reported_at}))
+
+    live, dead = view("live", 100.0), view("dead", 100.0 - STALE_REPORT_S - 0.1)
+    assert ids(Snapshot((live, dead)).candidates("m", set())) == ["live"]
+    recent = view("recent", 100.0 - STALE_REPORT_S + 0.1)
+    assert ids(Snapshot((live, recent)).candidates("m", set())) == ["live", "recent"]
+    assert ids(Snapshot((dead,)).candidates("m", set())) == ["dead"]  # alone: nothing to judge by

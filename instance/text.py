@@ -1,0 +1,75 @@
+"""The text of a growing output, token by token.
+
+Text is emitted only once it can no longer change: a token whose bytes do not
+yet complete a character (the decoded text ends in U+FFFD) is held until a
+later token completes it, and whatever is still held is emitted at the end,
+replacement characters included. This is the incremental detokenization vLLM
+does (a window of a few tokens decoded with its prefix for context), done here
+so that the text depends on the token sequence alone: an instance that
+continues a request (a migration, a replay) carries on the same state and
+emits exactly the characters the first instance would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from instance.engine import Tokenizer
+from migration.protocol import TextState
+
+CONTEXT_TOKENS = 5
+"""Prompt tokens decoded before the first output token, for context (leading
+spaces, merges), as vLLM's detokenizer starts."""
+
+
+@dataclass
+class TextStream:
+    tokenizer: Tokenizer
+    window: list[int]
+    """Tokens from the last emitted boundary's prefix on."""
+    read_offset: int
+    """Where the not-yet-emitted tokens start in ``window``."""
+
+    @classmethod
+    def start(cls, tokenizer: Tokenizer, prompt: Sequence[int]) -> TextStream:
+        tail = list(prompt[-CONTEXT_TOKENS:])
+        return cls(tokenizer, tail, len(tail))
+
+    @classmethod
+    def resumed(cls, tokenizer: Tokenizer, state: TextState) -> TextStream:
+        return cls(tokenizer, list(state.window), state.read_offset)
+
+    @classmethod
+    def replayed(
+        cls, tokenizer: Tokenizer, prompt: Sequence[int], output: Sequence[int]
+    ) -> tuple[TextStream, int]:
+        """The stream after ``output``, and the characters it emitted on the way."""
+        stream = cls.start(tokenizer, prompt)
+        return stream, len(stream.push(output))
+
+    @property
+    def state(self) -> TextState:
+        return TextState(window=list(self.window), read_offset=self.read_offset)
+
+    def push(self, tokens: Iterable[int]) -> str:
+        """The text that ``tokens`` complete."""
+        out = []
+        for token in tokens:
+            self.window.append(token)
+            out.append(self._advance(final=False))
+        return "".join(out)
+
+    def flush(self) -> str:
+        """At the end of the output: everything still held back."""
+        return self._advance(final=True)
+
+    def _advance(self, *, final: bool) -> str:
+        decode = self.tokenizer.decode
+        prefix = decode(self.window[: self.read_offset])
+        text = decode(self.window)
+        if len(text) <= len(prefix) or (text.endswith("\ufffd") and not final):
+            return ""
+        del self.window[: self.read_offset]  # the new boundary's prefix starts here
+        self.read_offset = len(self.window)
+        return text[len(prefix) :]
