@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -78,10 +79,29 @@ _SERVERS: dict[str, tuple[type[CommonSettings], Callable[[CommonSettings], Any],
 }  # fmt: skip
 
 
+_POLICY_FLAGS = {
+    "dispatch_policy": ("gateway.policies", "DISPATCH"),
+    "scaling_policy": ("autoscaler.policies", "SCALING"),
+    "pairing_policy": ("autoscaler.policies", "PAIRING"),
+}
+"""Settings that name a registered policy: their flags offer the registry's
+names (the settings, on the ground floor, cannot import the registries)."""
+
+
+def _policy_choices(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if action.dest in _POLICY_FLAGS:
+            module, name = _POLICY_FLAGS[action.dest]
+            registry = getattr(importlib.import_module(module), name)
+            action.choices = registry.names()
+            action.help = registry.describe()
+
+
 def _add_server(sub: Subparsers, name: str) -> None:
     settings_cls, serve, help_text = _SERVERS[name]
     parser = sub.add_parser(name, help=help_text)
     add_settings_flags(parser, settings_cls)
+    _policy_choices(parser)
 
     def run(args: argparse.Namespace) -> int:
         settings = settings_cls(**given(args, settings_cls))

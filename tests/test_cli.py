@@ -49,3 +49,16 @@ def test_a_server_subcommand_loads_no_other_component() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_policy_flags_offer_the_registered_names() -> None:
+    from autoscaler.policies import PAIRING, SCALING
+    from gateway.policies import DISPATCH
+
+    for command, dest, registry in (("gateway", "dispatch_policy", DISPATCH),
+                                    ("autoscaler", "scaling_policy", SCALING),
+                                    ("autoscaler", "pairing_policy", PAIRING)):  # fmt: skip
+        (sub,) = [a for a in build_parser(command)._actions if a.dest == "command"]
+        server = sub.choices[command]  # type: ignore[index]
+        (flag,) = [a for a in server._actions if a.dest == dest]
+        assert flag.choices == registry.names() and "(default)" in (flag.help or "")
