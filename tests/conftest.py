@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from infra import procs
 from infra.embedded_redis import EmbeddedRedis
 from tests.helpers import (
     GREEDY_TOKENS,
@@ -70,28 +71,29 @@ def vllm_stack(
     tmp = tmp_path_factory.mktemp("vllm")
     inputs, out = tmp / "inputs.json", tmp / "reference.json"
     inputs.write_text(json.dumps(INPUTS))
-    reference = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "instance" / "vllm_reference.py"),
-         str(tiny_model), str(inputs), str(out), str(GREEDY_TOKENS)],
-        env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "1", "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL, stderr=(tmp / "reference.log").open("wb"),
-        process_group=0,
-    )  # fmt: skip
-    worker = start_worker(
-        engine="vllm", redis_url=redis_url, namespace=VLLM_NAMESPACE, log_dir=tmp,
-        instance_id="vllm-a",
-        args=["--model", str(tiny_model), "--served-model-name", "tiny-llama",
-              "--cpu-threads-bind", "0", "--max-num-seqs", "4", "--block-size", "32",
-              "--kv-cache-bytes", str(256 * 1024 * 1024), "--max-model-len", "16384"],
-        env={"SHOAL_DTYPE": "float32", "SHOAL_HEARTBEAT_TTL_S": "2"},
-    )  # fmt: skip
-    try:
+    with (tmp / "reference.log").open("wb") as err:
+        reference = procs.spawn(
+            [sys.executable, str(Path(__file__).parent / "instance" / "vllm_reference.py"),
+             str(tiny_model), str(inputs), str(out), str(GREEDY_TOKENS)],
+            env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "1", "HF_HUB_OFFLINE": "1"},
+            stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    worker = None
+    try:  # (the reference process is stopped even if the worker fails to start)
+        worker = start_worker(
+            engine="vllm", redis_url=redis_url, namespace=VLLM_NAMESPACE, log_dir=tmp,
+            instance_id="vllm-a",
+            args=["--model", str(tiny_model), "--served-model-name", "tiny-llama",
+                  "--cpu-threads-bind", "0", "--max-num-seqs", "4", "--block-size", "32",
+                  "--kv-cache-bytes", str(256 * 1024 * 1024), "--max-model-len", "16384"],
+            env={"SHOAL_DTYPE": "float32", "SHOAL_HEARTBEAT_TTL_S": "2"},
+        )  # fmt: skip
         assert reference.wait(600) == 0, (tmp / "reference.log").read_text()[-3000:]
         yield worker, json.loads(out.read_text())
     finally:
-        worker.stop()
-        if reference.poll() is None:
-            os.killpg(reference.pid, 9)
+        if worker is not None:
+            worker.stop()
+        procs.stop_all([reference], grace_s=5)
 
 
 @pytest.fixture(scope="session")
