@@ -42,8 +42,8 @@ class WorkerMigrationHost:
         return f"instance is {w.status.value if w.healthy else 'unhealthy'}"
 
     def movable(self) -> list[MovableRequest]:
-        return [g for g in self._worker.generations
-                if g.migratable and not g.frozen and not g.finished]  # fmt: skip
+        return [g for g in self._worker.generations if g.migratable and not g.frozen
+                and not g.finished and g.num_remaining > 0]  # fmt: skip
 
     def running(self) -> list[RunningRequest]:
         return [

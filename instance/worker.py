@@ -244,6 +244,10 @@ class InstanceWorker:
         finish: str | None = None
         try:
             while finish is None:
+                if gen.num_remaining <= 0:  # every token is out, only its end was not
+                    finish = "length"
+                    yield self._last_chunk(gen)
+                    break
                 async with contextlib.aclosing(self._segment(gen, latency)) as chunks:
                     async for chunk in chunks:
                         finish = chunk.finish_reason
@@ -287,6 +291,12 @@ class InstanceWorker:
         if chars != gen.emitted_chars:
             log.warning("%s: the client has %d characters, its tokens make %d: the text may "
                         "not line up", gen.request_id, gen.emitted_chars, chars)  # fmt: skip
+
+    def _last_chunk(self, gen: Generation) -> GenerateChunk:
+        """The end of a request whose tokens are all out (its engine request
+        was stopped for a migration that rolled back after the last token)."""
+        return self._chunk(gen, TokenDelta((), "", gen.num_prompt_tokens, gen.num_output,
+                                           finish_reason="length"))  # fmt: skip
 
     def _chunk(self, gen: Generation, delta: TokenDelta) -> GenerateChunk:
         assert gen.text is not None

@@ -92,11 +92,6 @@ class MovableRequest(Outgoing, Protocol):
     @property
     def arrival_time(self) -> float: ...
 
-    @property
-    def num_remaining(self) -> int:
-        """Tokens it may still generate."""
-        ...
-
 
 class MigrationHost(Adopter, SourceEngine, Protocol):
     """What an instance offers migration: its address and KV, the requests

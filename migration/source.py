@@ -71,6 +71,11 @@ class Outgoing(Protocol):
         ...
 
     @property
+    def num_remaining(self) -> int:
+        """Tokens it may still generate."""
+        ...
+
+    @property
     def holds_kv(self) -> bool:
         """Whether its engine request has computed KV to move (it has produced
         a token): a waiting request has none, and moves by recompute."""
@@ -145,7 +150,8 @@ class _Move:
         self.key = f"{self.gen.request_id}/{uuid.uuid4().hex[:8]}"
 
     def _gone(self) -> bool:
-        return self.gen.finished or self.gen.frozen
+        """It ended here (or is ending: every token is out) or another move froze it."""
+        return self.gen.finished or self.gen.frozen or self.gen.num_remaining <= 0
 
     async def _copy_up_to(self, full: int, engine_request_id: str) -> None:
         assert self.kv is not None

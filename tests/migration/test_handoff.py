@@ -11,6 +11,7 @@ import asyncio
 
 from infra.contract import GenerateChunk
 from instance.generation import Generation
+from instance.migration_host import WorkerMigrationHost
 from migration.protocol import Mode, Outcome
 from migration.source import migrate_out
 from tests.migration.test_sim_migration import (
@@ -112,4 +113,20 @@ async def test_an_unclaimed_request_is_aborted_counted_and_leaves_nothing() -> N
         assert dst.worker.parked == ["orphan"]
         await _until(lambda: not dst.worker.parked and dst.worker.generation("orphan") is None)
         assert _unclaimed(dst) == 1
+        await _until(lambda: _idle(src) and _idle(dst))
+
+
+async def test_a_request_whose_tokens_are_all_out_is_not_moved_and_ends_where_it_is() -> None:
+    """Every token is out but its end is not (the engine request was stopped
+    for a move that rolled back): nothing is left to move, and a new engine
+    request of no tokens would be refused; it ends here with its usage."""
+    async with _sim("src", speedup=50) as src, _sim("dst", speedup=50) as dst:
+        request, gen = _source_gen("done", PROMPT, 3)
+        gen.continue_after([97, 98, 99], emitted_chars=0)  # all three tokens already out
+        chunks = await _drain(src.worker.run(request, gen, migratable=True))
+        assert chunks[-1].finish_reason == "length" and chunks[-1].token_ids == []
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+        assert gen.num_remaining == 0
+        host = WorkerMigrationHost(src.worker)
+        assert host.movable() == []
         await _until(lambda: _idle(src) and _idle(dst))
