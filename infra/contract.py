@@ -69,7 +69,8 @@ class Message(BaseModel):
 class Continuation(BaseModel):
     """A request taken up again after the instance serving it failed: the
     output its client already has. The instance generates only the rest,
-    realigning the text at the seam, and counts it all in ``usage``."""
+    its text going on from the characters the client has, and counts it all
+    in ``usage``."""
 
     model_config = ConfigDict(extra="forbid")
 
