@@ -59,7 +59,9 @@ def _same_names(config: type[Any], s: AutoscalerSettings) -> dict[str, Any]:
 
 
 def worker_launch(s: AutoscalerSettings, redis_url: str) -> WorkerLaunch:
-    args = [*shlex.split(s.instance_args)]
+    """How the provider starts each instance: the extra arguments, the model,
+    and the tensor-parallel size its GPUs are requested for."""
+    args = [*shlex.split(s.instance_args), "--tensor-parallel-size", str(s.tensor_parallel_size)]
     if s.model:
         args += ["--model", s.model]
     if s.served_model_name:
@@ -73,7 +75,7 @@ async def build_provider(s: AutoscalerSettings, launch: WorkerLaunch) -> Provide
         from autoscaler.providers.ray import RayProvider
 
         ray: Provider = await RayProvider.connect(
-            launch, address=s.ray_address, namespace=s.namespace, num_gpus=s.ray_num_gpus,
+            launch, address=s.ray_address, namespace=s.namespace, num_gpus=s.gpus_per_instance,
             num_cpus=s.ray_num_cpus,
         )  # fmt: skip
         return ray
@@ -111,8 +113,10 @@ async def serve(settings: AutoscalerSettings) -> None:
     )  # fmt: skip
     stop = asyncio.Event()
     loop_task = asyncio.create_task(controller.run(stop), name="autoscaler")
-    log.info("autoscaler %s: %s provider, %s engine, model %s", me, settings.provider,
-             settings.engine, settings.model_name)  # fmt: skip
+    log.info("autoscaler %s: %s provider, %s engine, model %s, tensor parallel %d "
+             "(%g GPUs per instance on ray)", me, settings.provider, settings.engine,
+             settings.model_name, settings.tensor_parallel_size,
+             settings.gpus_per_instance)  # fmt: skip
     try:
         await run_server(create_app(controller, metrics), settings.host, settings.port)
     finally:

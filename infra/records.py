@@ -59,6 +59,15 @@ class InstanceInfo(Record):
     num_blocks_total: int
     max_num_seqs: int
     max_model_len: int
+    kv_capacity_tokens: int = Field(
+        default=0, description="KV-cache capacity in tokens (num_blocks_total x block_size)"
+    )
+    platform: str = Field(default="", description="Where the engine runs: cpu, cuda, ..., sim")
+    devices: tuple[str, ...] = Field(default=(), description="Devices the engine uses")
+    engine_args: dict[str, str | int | float | bool | None] = Field(
+        default_factory=dict,
+        description="Engine arguments Shoal chose (None: left to the engine), docs/ENGINE.md",
+    )
 
 
 class PriorityCounts(Record):

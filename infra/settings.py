@@ -81,14 +81,29 @@ class InstanceSettings(CommonSettings):
     """Tokens per KV-cache block; unset means the engine's default (vLLM picks one
     its kernels accept, a multiple of 32 on CPU; the sim engine uses 16)."""
 
-    max_num_seqs: int = Field(default=16, ge=1)
-    """Largest batch (running requests) the engine schedules."""
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    """Largest batch (running requests) the engine schedules; unset: 16 on CPU
+    and in the sim engine, vLLM's default on GPUs (see docs/ENGINE.md)."""
 
-    max_model_len: int = Field(default=2048, ge=16)
-    """Longest sequence (prompt + output) a request may reach."""
+    max_model_len: int | None = Field(default=None, ge=16)
+    """Longest sequence (prompt + output) a request may reach; unset: 2048 on
+    CPU and in the sim engine, the model's own context length on GPUs."""
 
-    kv_cache_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
-    """KV-cache memory for the vLLM CPU engine, in bytes."""
+    kv_cache_bytes: int | None = Field(default=None, ge=1024 * 1024)
+    """KV-cache memory per device, in bytes (vLLM's ``kv_cache_memory_bytes``);
+    set, it wins on every platform. Unset: 64 MiB on CPU; on GPUs vLLM sizes the
+    cache from ``gpu_memory_utilization`` (what the weights and activations
+    leave of that share of each device's memory)."""
+
+    gpu_memory_utilization: float = Field(default=0.92, gt=0.0, le=1.0)
+    """Share of each GPU's memory vLLM may use (weights, activations and the KV
+    cache, which gets the rest) when ``kv_cache_bytes`` is unset; the default is
+    vLLM's. Not used on CPU."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    """GPUs one instance spans (vLLM's tensor parallelism): every layer is
+    split over this many ranks, one per device. Its KV connector runs on each
+    rank, rank ``r`` on ``kv_port + r``."""
 
     num_sim_blocks: int = Field(default=1024, ge=1)
     """KV-cache capacity of the sim engine, in blocks."""
@@ -120,8 +135,9 @@ class InstanceSettings(CommonSettings):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     """Largest request body accepted; larger ones get a 413."""
 
-    enforce_eager: bool = True
-    """Disable graph capture in vLLM (faster start-up; the CPU build needs it)."""
+    enforce_eager: bool | None = None
+    """Disable graph capture in vLLM (faster start-up, slower decoding); unset:
+    on for CPU (the CPU build needs it), off on GPUs (CUDA graphs captured)."""
 
     kv_transfer: bool = True
     """Live migration by KV transfer (vLLM engine): loads Shoal's KV connector,
@@ -131,6 +147,18 @@ class InstanceSettings(CommonSettings):
     kv_port: int = Field(default=0, ge=0, le=65535)
     """TCP port of the KV connector (0 = a free port); reachable by the other
     instances at ``advertise_host``."""
+
+    kv_transport: Literal["tcp", "shm"] = "tcp"
+    """How KV blocks move between instances' connectors: ``tcp`` (one framed
+    message per stage, any two hosts) or ``shm`` (same host only: the source
+    gathers into a shared-memory segment the destination maps, so no socket
+    copies). See docs/MIGRATION.md for NIXL."""
+
+    kv_pace_mib_s: float = Field(default=0.0, ge=0.0)
+    """Bound on the rate a source serves KV blocks at, in MiB/s (0 = as fast
+    as the link). The copy competes with the source's own decoding for memory
+    bandwidth (and on CPU for cores): a bound trades migration time for a
+    smaller decode slowdown (measured in docs/BENCHMARKS.md)."""
 
     sim_kv_bandwidth_gbps: float = Field(default=10.0, gt=0.0)
     """Sim engine: modelled bandwidth of a KV transfer between instances, in
@@ -152,7 +180,11 @@ class InstanceSettings(CommonSettings):
 
     @model_validator(mode="after")
     def _check(self) -> InstanceSettings:
-        if self.block_size is not None and self.max_model_len < self.block_size:
+        if (
+            self.block_size is not None
+            and self.max_model_len is not None
+            and self.max_model_len < self.block_size
+        ):
             raise ValueError(
                 f"max_model_len ({self.max_model_len}) must be >= block_size ({self.block_size})"
             )
@@ -246,11 +278,18 @@ class AutoscalerSettings(CommonSettings):
     ray_address: str | None = None
     """Ray cluster to join (``auto``, ``ray://head:10001``); unset starts a local one."""
 
-    ray_num_gpus: float = Field(default=0.0, ge=0.0)
-    """GPUs each instance actor asks Ray for (1 on GPU hosts)."""
+    ray_num_gpus: float | None = Field(default=None, ge=0.0)
+    """GPUs each instance actor asks Ray for; unset: ``tensor_parallel_size``
+    (one per rank) for the vllm engine, none for the sim engine. 0 runs vLLM
+    instances on CPU nodes; a fraction below 1 packs several one-GPU instances
+    on a GPU. Anything else must equal ``tensor_parallel_size``."""
 
     ray_num_cpus: float = Field(default=1.0, ge=0.0)
     """CPUs each instance actor asks Ray for."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    """GPUs each instance spans (vLLM tensor parallelism), passed to every
+    instance it starts (``--tensor-parallel-size``)."""
 
     engine: EngineKind = "vllm"
     """Engine of the instances it starts."""
@@ -310,7 +349,26 @@ class AutoscalerSettings(CommonSettings):
     def _check_autoscaler(self) -> AutoscalerSettings:
         if self.lease_ttl_s <= self.tick_s:
             raise ValueError(f"lease_ttl_s ({self.lease_ttl_s}) must exceed tick_s ({self.tick_s})")
+        gpus, tp = self.ray_num_gpus, self.tensor_parallel_size
+        if gpus is not None and gpus > 0 and not (gpus == tp or (tp == 1 and gpus < 1)):
+            raise ValueError(
+                f"ray_num_gpus ({gpus}) does not fit tensor_parallel_size ({tp}): an "
+                f"instance uses one GPU per rank, so ask for {tp} (or leave ray_num_gpus unset)"
+            )
+        if "--tensor-parallel-size" in self.instance_args:
+            raise ValueError(
+                "instance_args sets --tensor-parallel-size: set tensor_parallel_size instead "
+                "(the autoscaler asks Ray for the GPUs it needs)"
+            )
         return self
+
+    @property
+    def gpus_per_instance(self) -> float:
+        """GPUs each instance asks its provider for (``ray_num_gpus``, or one
+        per tensor-parallel rank of a vLLM instance)."""
+        if self.ray_num_gpus is not None:
+            return self.ray_num_gpus
+        return float(self.tensor_parallel_size) if self.engine == "vllm" else 0.0
 
     @property
     def model_name(self) -> str:

@@ -90,22 +90,33 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}"
 
 
+def _tokens(n: int) -> str:
+    """A token count, short: ``4096``, ``262k``, ``1.5M``."""
+    if n >= 10_000_000:
+        return f"{n / 1e6:.0f}M"
+    if n >= 1_000_000:
+        return f"{n / 1e6:.1f}M"
+    return f"{n // 1000}k" if n >= 100_000 else str(n)
+
+
 def render_table(status: ClusterStatus) -> str:
     header = ("INSTANCE", "STATUS", "ENGINE", "MODEL", "ADDRESS", "RUN", "WAIT",
-              "BLOCKS", "FREENESS", "TOK/S", "MIGRATING")  # fmt: skip
+              "BLOCKS", "KV TOKENS", "FREENESS", "TOK/S", "MIGRATING")  # fmt: skip
     migrating = set(status.autoscaler.migrating if status.autoscaler else [])
     rows = [header]
     for view in status.instances:
         info, load = view.info, view.load
         moving = "yes" if info.instance_id in migrating else "-"
+        engine = f"{info.engine}/{info.platform}" if info.platform else info.engine
+        capacity = _tokens(info.kv_capacity_tokens or info.num_blocks_total * info.block_size)
         if load is None:
-            rows.append((info.instance_id, info.status.value, info.engine, info.model,
-                         info.address, "-", "-", "-", "-", "-", moving))  # fmt: skip
+            rows.append((info.instance_id, info.status.value, engine, info.model,
+                         info.address, "-", "-", "-", capacity, "-", "-", moving))  # fmt: skip
             continue
         rows.append((
-            info.instance_id, load.status.value, info.engine, info.model, info.address,
+            info.instance_id, load.status.value, engine, info.model, info.address,
             str(load.num_running), str(load.num_waiting),
-            f"{load.num_blocks_used}/{load.num_blocks_total}",
+            f"{load.num_blocks_used}/{load.num_blocks_total}", capacity,
             _fmt(load.freeness), f"{load.generation_tokens_per_s:.0f}", moving,
         ))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

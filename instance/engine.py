@@ -93,6 +93,18 @@ class EngineLimits:
     max_num_seqs: int
     max_model_len: int
     extra: dict[str, str] = field(default_factory=dict)
+    platform: str = ""
+    """Where it runs: ``cpu``, ``cuda``, ... (``sim`` for the sim engine)."""
+    devices: tuple[str, ...] = ()
+    """Names of the devices it uses (none on CPU)."""
+    engine_args: dict[str, str | int | float | bool | None] = field(default_factory=dict)
+    """The engine arguments chosen for it (``instance.engine_args``; None:
+    the engine's own choice)."""
+
+    @property
+    def capacity_tokens(self) -> int:
+        """KV-cache capacity in tokens."""
+        return self.num_blocks_total * self.block_size
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ from infra.settings import InstanceSettings
 from infra.store import StateStore
 from infra.telemetry import make_tracer, new_registry
 from instance.engine import Engine
+from instance.engine_args import CPU, detect_platform, engine_args
 from instance.metrics import InstanceMetrics
 from instance.reporter import ReporterConfig
 from instance.server import create_app
@@ -37,23 +39,19 @@ def build_engine(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
     if settings.cpu_threads_bind:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
     model = resolve_model(settings.model, settings.cache_dir)
-    dtype = settings.dtype
-    if settings.model is None and dtype == "auto":
-        dtype = "float32"
+    args = engine_args(settings, detect_platform(), model)
+    log.info("vLLM engine arguments\n%s", args.describe())
+    ranks = args.tensor_parallel_size
     engine = VllmEngine(
         VllmOptions(
-            model=model,
-            dtype=dtype,
-            block_size=settings.block_size,
-            max_num_seqs=settings.max_num_seqs,
-            max_model_len=settings.max_model_len,
-            kv_cache_bytes=settings.kv_cache_bytes,
-            enforce_eager=settings.enforce_eager,
+            args=args,
             kv_endpoint=(
-                f"{settings.public_host}:{_pick_port(settings.host, settings.kv_port)}"
+                f"{settings.public_host}:{pick_ports(settings.host, settings.kv_port, ranks)}"
                 if settings.kv_transfer
                 else None
             ),
+            kv_transport=settings.kv_transport,
+            kv_pace_bytes_per_s=settings.kv_pace_mib_s * 1024 * 1024,
         )
     )
     name = settings.served_model_name or settings.model or TINY_MODEL_NAME
@@ -68,10 +66,13 @@ def _build_sim(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
     from instance.sim.kv import KvTransferModel, SimKvOptions
     from instance.sim.latency import LatencyModel
 
+    # The sim takes the CPU defaults for the limits left unset.
+    limits = engine_args(settings, CPU, "sim-model")
+    assert limits.max_num_seqs is not None and limits.max_model_len is not None
     config = SimConfig(
         num_blocks=settings.num_sim_blocks,
         block_size=settings.block_size or SIM_DEFAULT_BLOCK_SIZE,
-        max_num_seqs=settings.max_num_seqs,
+        max_num_seqs=limits.max_num_seqs,
         latency=LatencyModel().scaled(settings.sim_speedup),
     )
     kv = None
@@ -87,17 +88,40 @@ def _build_sim(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
             listen_host=settings.host,
         )
     name = settings.served_model_name or settings.model or "sim-model"
-    engine = SimEngine(config, max_model_len=settings.max_model_len, kv=kv,
+    engine = SimEngine(config, max_model_len=limits.max_model_len, kv=kv,
                        startup_s=settings.sim_startup_s)  # fmt: skip
     return engine, name, 256
 
 
 def _pick_port(host: str, port: int) -> int:
+    return pick_ports(host, port, 1)
+
+
+def pick_ports(host: str, port: int, count: int, *, attempts: int = 50) -> int:
+    """The first of ``count`` consecutive ports on ``host``: ``port`` itself if
+    given (the caller owns ``port`` .. ``port + count - 1``), else a run of
+    free ones (one KV connector per tensor-parallel rank listens on each)."""
     if port:
         return port
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    for _ in range(attempts):
+        with contextlib.ExitStack() as held:
+            first = _bind(held, host, 0)
+            if first + count - 1 > 65535:
+                continue
+            try:
+                for p in range(first + 1, first + count):
+                    _bind(held, host, p)
+            except OSError:
+                continue
+            return first
+    raise OSError(f"no {count} consecutive free ports on {host} after {attempts} attempts")
+
+
+def _bind(held: contextlib.ExitStack, host: str, port: int) -> int:
+    """Bind a socket to ``host:port`` (0: any free one) for as long as ``held``."""
+    sock = held.enter_context(socket.socket())
+    sock.bind((host, port))
+    return int(sock.getsockname()[1])
 
 
 async def serve(settings: InstanceSettings) -> None:

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
+from instance.connector_port import ConnectorPort
 from instance.engine import (
     ChatMessage,
     EngineLimits,
@@ -29,47 +28,26 @@ from instance.engine import (
     TokenDelta,
     blocks_for,
 )
-from migration.ports import KvPort, KvStatus
-from migration.wire import (
-    TRANSFER_KEY,
-    BlocksStaged,
-    Drop,
-    Endpoint,
-    GetStatus,
-    Pin,
-    R,
-    Reply,
-    StageBlocks,
-    StatusReply,
-    Unpin,
-    call,
-)
+from instance.engine_args import EngineArgsChoice
+from migration.ports import KvPort
+from migration.wire import TRANSFER_KEY, Endpoint
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class VllmOptions:
-    """The engine arguments Shoal chooses for vLLM (from the instance's settings)."""
+    """How Shoal runs vLLM (from the instance's settings, ``instance.main``)."""
 
-    model: str
-    """Hugging Face model id or local path."""
-    dtype: str = "auto"
-    """Weights and activations dtype (``float32`` for the tiny model on CPU)."""
-    block_size: int | None = None
-    """None lets vLLM choose (the CPU attention kernels need a multiple of 32)."""
-    max_num_seqs: int = 16
-    """Largest batch the scheduler runs."""
-    max_model_len: int = 2048
-    """Longest sequence (prompt + output)."""
-    kv_cache_bytes: int = 64 * 1024 * 1024
-    """KV-cache memory (``kv_cache_memory_bytes``)."""
-    enforce_eager: bool = True
-    """No graph capture (faster start-up; the CPU build needs it)."""
-    seed: int = 0
-    """vLLM's global seed."""
+    args: EngineArgsChoice
+    """The engine arguments chosen for the platform (``instance.engine_args``)."""
     kv_endpoint: str | None = None
-    """``host:port`` for Shoal's KV connector (live migration); None = off."""
+    """``host:port`` for Shoal's KV connector (live migration); None = off.
+    With tensor parallelism, rank ``r`` listens on ``port + r``."""
+    kv_transport: str = "tcp"
+    """How KV blocks move between instances (``migration.transport``)."""
+    kv_pace_bytes_per_s: float = 0.0
+    """Bound on the rate a source serves KV blocks at (0 = unbounded)."""
 
 
 class HfTokenizer:
@@ -153,51 +131,46 @@ class VllmEngine:
 
     def __init__(self, options: VllmOptions) -> None:
         self.options = options
-        self.tokenizer = HfTokenizer(options.model)
+        chosen = options.args
+        self.tokenizer = HfTokenizer(chosen.model)
+        # What vLLM leaves to itself (None) is known once it has started.
         self.limits = EngineLimits(
-            block_size=options.block_size or 0,
+            block_size=chosen.block_size or 0,
             num_blocks_total=0,
-            max_num_seqs=options.max_num_seqs,
-            max_model_len=options.max_model_len,
+            max_num_seqs=chosen.max_num_seqs or 0,
+            max_model_len=chosen.max_model_len or 0,
+            platform=chosen.platform.kind,
+            devices=chosen.platform.devices,
+            engine_args=chosen.values(),
         )
         self._llm: Any = None
         self._view = _SchedulerView()
         self._tracked: dict[str, _Tracked] = {}
         self.kv_port: KvPort | None = (
-            ConnectorPort(Endpoint.parse(options.kv_endpoint)) if options.kv_endpoint else None
+            ConnectorPort(Endpoint.parse(options.kv_endpoint), ranks=chosen.tensor_parallel_size)
+            if options.kv_endpoint
+            else None
         )
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        o = self.options
         args = AsyncEngineArgs(
-            model=o.model,
-            dtype=o.dtype,  # type: ignore[arg-type]
-            block_size=o.block_size,  # type: ignore[arg-type]
-            max_num_seqs=o.max_num_seqs,
-            max_model_len=o.max_model_len,
-            kv_cache_memory_bytes=o.kv_cache_bytes,
-            enforce_eager=o.enforce_eager,
+            **self.options.args.kwargs(),
             enable_prefix_caching=True,
             enable_chunked_prefill=True,
             scheduling_policy="priority",
-            seed=o.seed,
             disable_log_stats=False,
             kv_transfer_config=self._kv_transfer_config(),
         )
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._view.logger_factory()])
-        cache = self._llm.vllm_config.cache_config
-        self.limits.num_blocks_total = int(cache.num_gpu_blocks or 0)
-        self.limits.block_size = int(cache.block_size)
-        self.limits.max_model_len = int(self._llm.vllm_config.model_config.max_model_len)
-        log.info(
-            "vLLM engine ready: %d blocks of %d tokens, max_model_len %d",
-            self.limits.num_blocks_total,
-            self.limits.block_size,
-            self.limits.max_model_len,
-        )
+        config = self._llm.vllm_config
+        self.limits.num_blocks_total = int(config.cache_config.num_gpu_blocks or 0)
+        self.limits.block_size = int(config.cache_config.block_size)
+        self.limits.max_model_len = int(config.model_config.max_model_len)
+        self.limits.max_num_seqs = int(config.scheduler_config.max_num_seqs)
+        log.info("vLLM engine ready: %s", ready_summary(self.limits))
 
     def _kv_transfer_config(self) -> Any:
         if self.options.kv_endpoint is None:
@@ -209,7 +182,12 @@ class VllmEngine:
             kv_connector="ShoalKVConnector",
             kv_connector_module_path="migration.kv_connector",
             kv_role="kv_both",
-            kv_connector_extra_config={"host": endpoint.host, "port": endpoint.port},
+            kv_connector_extra_config={
+                "host": endpoint.host,
+                "port": endpoint.port,
+                "transport": self.options.kv_transport,
+                "pace_bytes_per_s": self.options.kv_pace_bytes_per_s,
+            },
             kv_load_failure_policy="recompute",
         )
 
@@ -320,44 +298,15 @@ class VllmEngine:
         )
 
 
-class ConnectorPort:
-    """:class:`KvPort` over the wire to Shoal's KV connector, which lives in
-    vLLM's worker process beside the KV cache."""
-
-    def __init__(self, endpoint: Endpoint) -> None:
-        self._endpoint = endpoint
-        self._block_bytes = 0
-
-    @property
-    def endpoint(self) -> str:
-        return str(self._endpoint)
-
-    @property
-    def block_bytes(self) -> int:
-        return self._block_bytes
-
-    async def _call(self, request: BaseModel, reply: type[R]) -> R:
-        answer, _ = await asyncio.to_thread(call, self._endpoint, request, reply)
-        return answer
-
-    async def stage(self, key: str, source: str, request_id: str, first: int, count: int) -> int:
-        stage = StageBlocks(key=key, source=source, request_id=request_id, first=first,
-                            count=count)  # fmt: skip
-        return (await self._call(stage, BlocksStaged)).bytes
-
-    async def drop(self, key: str) -> None:
-        await self._call(Drop(key=key), Reply)
-
-    async def pin(self, request_id: str) -> None:
-        await self._call(Pin(request_id=request_id), Reply)
-
-    async def unpin(self, request_id: str) -> None:
-        await self._call(Unpin(request_id=request_id), Reply)
-
-    async def status(self) -> KvStatus:
-        status = await self._call(GetStatus(), StatusReply)
-        self._block_bytes = status.block_bytes
-        return KvStatus.model_validate(status.model_dump())
+def ready_summary(limits: EngineLimits) -> str:
+    """The engine's shape once started, for the start-up log: platform,
+    devices, KV capacity (blocks and tokens) and limits."""
+    devices = f" ({', '.join(limits.devices)})" if limits.devices else ""
+    return (
+        f"{limits.platform}{devices}; KV cache {limits.num_blocks_total} blocks of "
+        f"{limits.block_size} tokens = {limits.capacity_tokens} tokens; "
+        f"max_model_len {limits.max_model_len}, max_num_seqs {limits.max_num_seqs}"
+    )
 
 
 def _request_load(t: _Tracked, block_size: int) -> RequestLoad:

@@ -104,6 +104,10 @@ class InstanceWorker:
             num_blocks_total=limits.num_blocks_total,
             max_num_seqs=limits.max_num_seqs,
             max_model_len=limits.max_model_len,
+            kv_capacity_tokens=limits.capacity_tokens,
+            platform=limits.platform,
+            devices=limits.devices,
+            engine_args=limits.engine_args,
         )
 
     async def start(self) -> None:

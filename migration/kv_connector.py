@@ -33,6 +33,7 @@ them while the source keeps decoding is safe.
 
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import socketserver
@@ -49,6 +50,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.request import RequestStatus
 
+from migration.kv_blocks import BlockMover, distinct_layers
+from migration.pacing import Pacer
+from migration.transport import AfterLayer, Staged, Transport, make_transport
 from migration.wire import (
     TRANSFER_KEY,
     BlocksRead,
@@ -64,9 +68,10 @@ from migration.wire import (
     Unpin,
     WireError,
     WireRequest,
-    call,
+    parse_reply,
     parse_request,
     recv_frame,
+    recv_header,
     refusal,
     send_frame,
 )
@@ -83,9 +88,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PIN_TTL_S = 60.0
+"""A pin not released within this long is dropped (the peer is gone)."""
 # Pins and reads name requests by the engine client's id; tables and delayed
 # frees use vLLM's internal id (the client's id plus "-" and 8 characters).
-"""A pin not released within this long is dropped (the peer is gone)."""
+
+RECENT_LOADS = 64
+"""Loads whose duration the connector's status reports."""
 
 
 @dataclass
@@ -122,10 +130,16 @@ class ShoalKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
         # Worker side.
         self._worker: _WorkerState | None = None
         if role == KVConnectorRole.WORKER:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            # Every tensor-parallel rank holds its slice of every layer and
+            # serves it on its own port; equal ranks exchange their slices.
             self._worker = _WorkerState(
                 host=str(extra.get("host", "127.0.0.1")),
-                port=int(extra["port"]),
+                port=int(extra["port"]) + get_tensor_model_parallel_rank(),
                 num_blocks=int(kv_cache_config.num_blocks),
+                transport=str(extra.get("transport", "tcp")),
+                pace_bytes_per_s=float(extra.get("pace_bytes_per_s", 0.0)),
             )
 
     # -- scheduler side ----------------------------------------------------
@@ -241,56 +255,49 @@ class ShoalKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
 
 class _WorkerState:
-    """Block tables, pins and staging inside vLLM's worker process, and the
-    TCP server that exposes them."""
+    """Block tables, pins and staging inside vLLM's worker process (one per
+    tensor-parallel rank), and the TCP server that exposes them."""
 
-    def __init__(self, host: str, port: int, num_blocks: int) -> None:
+    def __init__(self, host: str, port: int, num_blocks: int, transport: str = "tcp",
+                 pace_bytes_per_s: float = 0.0) -> None:  # fmt: skip
         self._lock = threading.Lock()
         self._num_blocks = num_blocks
-        self._layers: list[torch.Tensor] = []
-        self._block_dim = 0
+        self._transport_name = transport
+        self._pacer = Pacer(pace_bytes_per_s)
+        self._mover: BlockMover | None = None
+        self._transport: Transport | None = None
         self._tables: dict[str, list[int]] = {}
         self._versions: dict[str, int] = {}
         self._pins: dict[str, float] = {}
         self._delayed: set[str] = set()
         self._release: set[str] = set()
-        self._staging: dict[str, dict[int, bytes]] = {}
+        self._staging: dict[str, list[Staged]] = {}
+        self._loads: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._load_errors: set[int] = set()
         self.loaded_blocks = 0
         self._server = _Server((host, port), self)
         threading.Thread(target=self._server.serve_forever, name="shoal-kv", daemon=True).start()
-        log.info("Shoal KV connector serving on %s:%d", host, port)
+        log.info("Shoal KV connector serving on %s:%d (%s transport)", host, port, transport)
 
     # KV cache layout -------------------------------------------------------
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self._layers = [kv_caches[name] for name in sorted(kv_caches)]
-        shape = tuple(self._layers[0].shape)
-        dims = [d for d, size in enumerate(shape) if size == self._num_blocks]
-        if not dims:
-            raise RuntimeError(f"no block dimension of size {self._num_blocks} in {shape}")
-        self._block_dim = dims[0]
-        log.info("KV cache: %d layers of %s, block dim %d, %d bytes per block",
-                 len(self._layers), shape, self._block_dim, self.block_bytes)  # fmt: skip
+        layers = distinct_layers([kv_caches[name] for name in sorted(kv_caches)])
+        self._mover = BlockMover(layers, self._num_blocks)
+        self._transport = make_transport(self._transport_name, self._mover.device, self._pacer)
+        first = self._mover.layout.layers[0]
+        log.info("KV cache on %s: %d layers of %s (block dim %d, %s), %d bytes per block",
+                 self._mover.device, len(layers), tuple(layers[0].shape), first.block_dim,
+                 first.dtype, self.block_bytes)  # fmt: skip
 
     @property
     def block_bytes(self) -> int:
-        return sum(layer.select(self._block_dim, 0).numel() * layer.element_size()
-                   for layer in self._layers)  # fmt: skip
+        return self._mover.block_bytes if self._mover is not None else 0
 
-    def _read_block(self, block_id: int) -> bytes:
-        return b"".join(
-            layer.select(self._block_dim, block_id).contiguous().view(torch.uint8).numpy().tobytes()
-            for layer in self._layers
-        )
-
-    def _write_block(self, block_id: int, data: bytes) -> None:
-        offset = 0
-        for layer in self._layers:
-            dst = layer.select(self._block_dim, block_id)
-            n = dst.numel() * dst.element_size()
-            src = torch.frombuffer(bytearray(data[offset : offset + n]), dtype=torch.uint8)
-            dst.copy_(src.view(dst.dtype).view(dst.shape))
-            offset += n
+    @property
+    def mover(self) -> BlockMover:
+        if self._mover is None:
+            raise RuntimeError("the KV caches are not registered yet")
+        return self._mover
 
     # Scheduler updates (model thread) -------------------------------------
     def apply(self, meta: ShoalMetadata) -> None:
@@ -325,19 +332,35 @@ class _WorkerState:
         self._versions[req_id] = self._versions.get(req_id, 0) + 1
 
     def load(self, op: LoadOp) -> None:
-        """Fill the request's blocks from staging. Blocks that were never
-        staged are reported to vLLM, which recomputes them."""
+        """Fill the request's blocks from staging, before the step that
+        first runs it. Blocks that were never staged are reported to vLLM,
+        which recomputes them."""
+        t0 = time.perf_counter()
         with self._lock:
-            staged = self._staging.pop(op.key, {})
-        for index, block_id in zip(op.staged, op.local, strict=True):
-            if index in staged:
-                self._write_block(block_id, staged[index])
-            else:
-                self._load_errors.add(block_id)
-        if self._load_errors:
+            staged = self._staging.pop(op.key, [])
+        local = dict(zip(op.staged, op.local, strict=True))
+        for part in staged:
+            indices = [i for i in range(part.first, part.first + part.count) if i in local]
+            if not indices:
+                continue
+            # Staged parts are runs of consecutive logical blocks, and so is the plan.
+            start = indices[0] - part.first
+            self.mover.scatter(part.buffer, part.count, [local.pop(i) for i in indices], start)
+        for part in staged:
+            self._free_staged(part)
+        if local:
+            self._load_errors.update(local.values())
             log.warning("migration %s: %d blocks were not staged; vLLM recomputes them",
-                        op.key, len(self._load_errors))  # fmt: skip
-        self.loaded_blocks += len(op.local)
+                        op.key, len(local))  # fmt: skip
+        self.loaded_blocks += len(op.local) - len(local)
+        with self._lock:
+            self._loads[op.key] = time.perf_counter() - t0
+            while len(self._loads) > RECENT_LOADS:
+                self._loads.popitem(last=False)
+
+    def _free_staged(self, part: Staged) -> None:
+        assert self._transport is not None
+        self._transport.release(part)
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -363,12 +386,12 @@ class _WorkerState:
             return done
 
     # Requests from the wire (server threads) ------------------------------
-    def handle(self, request: WireRequest) -> tuple[Reply, bytes]:
+    def handle(self, request: WireRequest) -> Reply:
         match request:
             case ReadBlocks():
-                return self._serve_read(request)
+                raise AssertionError("reads are served by serve_read")
             case StageBlocks():
-                return self._stage(request), b""
+                return self._stage(request)
             case Pin():
                 with self._lock:
                     self._pins[request.request_id] = time.monotonic()
@@ -379,46 +402,75 @@ class _WorkerState:
                                          if self._external(d) == request.request_id)  # fmt: skip
             case Drop():
                 with self._lock:
-                    self._staging.pop(request.key, None)
+                    dropped = self._staging.pop(request.key, [])
+                for part in dropped:
+                    self._free_staged(part)
             case GetStatus():
                 with self._lock:
                     return StatusReply(
                         pinned=sorted(self._pins), delayed=sorted(self._delayed),
-                        staging={k: len(v) for k, v in self._staging.items()},
+                        staging={k: sum(p.count for p in v) for k, v in self._staging.items()},
                         block_bytes=self.block_bytes, tables=len(self._tables),
-                        loaded_blocks=self.loaded_blocks,
-                    ), b""  # fmt: skip
-        return Reply(), b""
+                        loaded_blocks=self.loaded_blocks, load_s=dict(self._loads),
+                    )  # fmt: skip
+        return Reply()
 
-    def _serve_read(self, request: ReadBlocks) -> tuple[Reply, bytes]:
+    def serve_read(self, sock: socket.socket, request: ReadBlocks) -> None:
+        """Gather the blocks and send them with the transport, or refuse."""
         first, count = request.first, request.count
         with self._lock:
             req_id = self._internal(request.request_id)
             table = list(self._tables.get(req_id, ()))
             version = self._versions.get(req_id, 0)
         if first + count > len(table):
-            return refusal(f"{req_id} holds {len(table)} blocks, asked for {first}+{count}"), b""
-        data = b"".join(self._read_block(b) for b in table[first : first + count])
-        with self._lock:  # a preemption or finish meanwhile makes the copy void
-            if self._versions.get(req_id, 0) != version or req_id not in self._tables:
-                return refusal(f"{req_id} lost its blocks during the read"), b""
-        return BlocksRead(count=count, bytes=len(data)), data
+            send_frame(sock, refusal(f"{req_id} holds {len(table)} blocks, asked for "
+                                     f"{first}+{count}"))  # fmt: skip
+            return
+        ids = table[first : first + count]
+        mover = self.mover
+        reply = BlocksRead(count=count, bytes=count * mover.block_bytes, request_id=req_id,
+                           first=first, block_ids=ids, layout=mover.layout)  # fmt: skip
+
+        def fill(buffer: torch.Tensor, after_layer: AfterLayer) -> str | None:
+            mover.gather(ids, buffer, after_layer)
+            with self._lock:  # a preemption or finish meanwhile makes the copy void
+                if self._versions.get(req_id, 0) != version or req_id not in self._tables:
+                    return f"{req_id} lost its blocks during the read"
+            return None
+
+        assert self._transport is not None
+        self._transport.send(sock, reply, fill)
 
     def _stage(self, request: StageBlocks) -> Reply:
-        first, count = request.first, request.count
-        read = ReadBlocks(request_id=request.request_id, first=first, count=count)
+        """Pull blocks from the source into staging (they load at the first step)."""
+        read = ReadBlocks(request_id=request.request_id, first=request.first, count=request.count)
+        source = Endpoint.parse(request.source)
         try:
-            _, data = call(Endpoint.parse(request.source), read, BlocksRead)
-        except WireError as exc:
+            with socket.create_connection((source.host, source.port), timeout=30.0) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                send_frame(sock, read)
+                header, _ = recv_header(sock)
+                reply = parse_reply(header, BlocksRead, f"read from {source}")
+                problem = self._check(reply, request.count)
+                if problem is not None:
+                    return refusal(problem)
+                assert self._transport is not None
+                part = self._transport.receive(sock, reply)
+        except (WireError, OSError) as exc:
             return refusal(str(exc))
-        size = self.block_bytes
-        if len(data) != size * count:
-            return refusal(f"got {len(data)} bytes for {count} blocks of {size}")
         with self._lock:
-            blocks = self._staging.setdefault(request.key, {})
-            for i in range(count):
-                blocks[first + i] = data[i * size : (i + 1) * size]
-        return BlocksStaged(blocks=count, bytes=len(data))
+            self._staging.setdefault(request.key, []).append(part)
+        return BlocksStaged(blocks=request.count, bytes=reply.bytes)
+
+    def _check(self, reply: BlocksRead, count: int) -> str | None:
+        if reply.layout is None:
+            return "the source sent no KV layout"
+        mismatch = self.mover.layout.mismatch(reply.layout)
+        if mismatch is not None:
+            return f"the source's KV cache is laid out differently: {mismatch}"
+        if reply.count != count or reply.bytes != count * self.block_bytes:
+            return f"got {reply.bytes} bytes for {reply.count} blocks, asked for {count}"
+        return None
 
     def close(self) -> None:
         self._server.shutdown()
@@ -434,11 +486,17 @@ class _Handler(socketserver.BaseRequestHandler):
         try:
             header, _ = recv_frame(sock)
             try:
-                reply, data = self.server.state.handle(parse_request(header))
+                request = parse_request(header)
+                if isinstance(request, ReadBlocks):
+                    self.server.state.serve_read(sock, request)
+                    return
+                reply = self.server.state.handle(request)
+            except (ConnectionError, OSError):
+                raise
             except Exception as exc:  # a bad request must not kill the server
                 log.exception("KV connector request failed")
-                reply, data = refusal(f"{type(exc).__name__}: {exc}"), b""
-            send_frame(sock, reply, data)
+                reply = refusal(f"{type(exc).__name__}: {exc}")
+            send_frame(sock, reply)
         except (ConnectionError, OSError) as exc:
             log.debug("KV connector connection dropped: %s", exc)
 

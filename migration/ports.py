@@ -21,6 +21,9 @@ class KvStatus(BaseModel):
     block_bytes: int = 0
     loaded_blocks: int = 0
     """Blocks loaded from staging into the engine, in total."""
+    load_s: dict[str, float] = Field(default_factory=dict)
+    """Seconds each recent incoming migration (by key) took to load its
+    staged blocks into the cache (part of its first step)."""
 
 
 class KvPort(Protocol):

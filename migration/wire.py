@@ -2,7 +2,9 @@
 of two instances, and between an instance worker and its own connector.
 
 A frame is a 4-byte big-endian header length, a JSON header, then
-``nbytes`` bytes of payload (raw KV blocks) if any. The header is a typed
+``nbytes`` bytes of payload (raw KV blocks) if any. A payload is sent from
+memoryviews of the sender's buffer and received with ``recv_into`` into the
+receiver's, so KV bytes are never copied into Python objects. The header is a typed
 message: a request (one of :data:`WireRequest`, told apart by ``op``) or a
 reply (:class:`Reply` and its kinds); every request gets exactly one reply
 frame, ``ok: false`` with an ``error`` on failure. Blocking sockets on
@@ -20,6 +22,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, TypeAdapter
 
+from migration.kv_layout import KvLayout
 from migration.ports import KvStatus
 
 TRANSFER_KEY = "shoal_migration"
@@ -91,9 +94,22 @@ class Reply(BaseModel):
 
 
 class BlocksRead(Reply):
+    """The header of a stage's blocks: ``count`` blocks from logical block
+    ``first`` of ``request_id``, every layer's in one payload laid out as
+    ``layout`` says (:mod:`migration.kv_blocks`)."""
+
     count: int
     bytes: int
-    """Bytes of KV that follow (the sim engine's carry none: its blocks are modelled)."""
+    """Bytes of KV (the sim engine's carry none: its blocks are modelled)."""
+    request_id: str = ""
+    first: int = 0
+    block_ids: list[int] = Field(default_factory=list)
+    """The source's block ids the payload was gathered from."""
+    layout: KvLayout | None = None
+    """Every layer's block shape, block dimension and dtype (None: sim)."""
+    segment: str | None = None
+    """The payload is in this shared-memory segment instead of the frame
+    (``shm`` transport, same host): the receiver maps it, then unlinks it."""
 
 
 class BlocksStaged(Reply):
@@ -149,17 +165,35 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def send_frame(sock: socket.socket, message: BaseModel, payload: bytes = b"") -> None:
-    sock.sendall(encode(message, len(payload)))
+def recv_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from the socket (the payload lands in the caller's buffer)."""
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError("peer closed the connection")
+        got += k
+
+
+def send_frame(sock: socket.socket, message: BaseModel, payload: bytes | memoryview = b"",
+               nbytes: int | None = None) -> None:  # fmt: skip
+    """Send a frame; ``nbytes`` announces a payload the caller sends itself."""
+    size = len(payload) if nbytes is None else nbytes
+    sock.sendall(encode(message, size))
     if payload:
         sock.sendall(payload)
 
 
-def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
+def recv_header(sock: socket.socket) -> tuple[dict[str, Any], int]:
+    """A frame's header and the size of the payload that follows it."""
     (length,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
     if length > MAX_HEADER_BYTES:
         raise ConnectionError(f"frame header of {length} bytes")
-    header, nbytes = decode_header(_recv_exact(sock, length))
+    return decode_header(_recv_exact(sock, length))
+
+
+def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
+    header, nbytes = recv_header(sock)
     return header, _recv_exact(sock, nbytes) if nbytes else b""
 
 

@@ -92,8 +92,12 @@ resource "terraform_data" "checks" {
 
   lifecycle {
     precondition {
-      condition     = var.max_instances <= var.gpu_nodes_max * var.gpus_per_node
-      error_message = "max_instances (${var.max_instances}) must be <= gpu_nodes_max * gpus_per_node (${var.gpu_nodes_max * var.gpus_per_node})."
+      condition     = var.max_instances * var.tensor_parallel_size <= var.gpu_nodes_max * var.gpus_per_node
+      error_message = "max_instances (${var.max_instances}) x tensor_parallel_size (${var.tensor_parallel_size}) must be <= gpu_nodes_max * gpus_per_node (${var.gpu_nodes_max * var.gpus_per_node})."
+    }
+    precondition {
+      condition     = var.gpus_per_node % var.tensor_parallel_size == 0
+      error_message = "tensor_parallel_size (${var.tensor_parallel_size}) must divide gpus_per_node (${var.gpus_per_node}): an instance runs on the GPUs of one node."
     }
     precondition {
       condition     = var.min_instances <= var.max_instances
@@ -258,8 +262,8 @@ module "shoal" {
   served_model_name    = var.served_model_name
   min_instances        = var.min_instances
   max_instances        = var.max_instances
-  ray_num_gpus         = 1
-  instance_port        = var.gpus_per_node == 1 ? 8100 : null
+  tensor_parallel_size = var.tensor_parallel_size
+  instance_port        = var.gpus_per_node == var.tensor_parallel_size ? 8100 : null
   instance_extra_args  = var.instance_extra_args
   gateway_replicas_min = var.gateway_replicas_min
   gateway_replicas_max = var.gateway_replicas_max
@@ -287,5 +291,8 @@ module "ray" {
   gpus_per_worker        = var.gpus_per_node
   max_model_len          = var.max_model_len
   max_num_seqs           = var.max_num_seqs
+  tensor_parallel_size   = var.tensor_parallel_size
+  gpu_memory_utilization = var.gpu_memory_utilization
+  kv_cache_bytes         = var.kv_cache_bytes
   prerequisites          = [module.addons.ready, module.shoal.ready]
 }

@@ -157,6 +157,37 @@ variable "max_num_seqs" {
   default     = 128
 }
 
+# The GPU settings of the instances, in one place: both the autoscaler (GPUs
+# per instance actor) and the instances (vLLM's arguments) get them from here.
+
+variable "tensor_parallel_size" {
+  description = "GPUs one instance spans (vLLM tensor parallelism, SHOAL_TENSOR_PARALLEL_SIZE); each instance actor asks Ray for this many. Must divide gpus_per_node."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.tensor_parallel_size >= 1 && floor(var.tensor_parallel_size) == var.tensor_parallel_size
+    error_message = "tensor_parallel_size must be a whole number >= 1."
+  }
+}
+
+variable "gpu_memory_utilization" {
+  description = "Share of each GPU's memory vLLM may use (SHOAL_GPU_MEMORY_UTILIZATION); the KV cache gets what the weights and activations leave of it. vLLM's default."
+  type        = number
+  default     = 0.92
+
+  validation {
+    condition     = var.gpu_memory_utilization > 0 && var.gpu_memory_utilization <= 1
+    error_message = "gpu_memory_utilization must be in (0, 1]."
+  }
+}
+
+variable "kv_cache_bytes" {
+  description = "KV-cache bytes per GPU (SHOAL_KV_CACHE_BYTES), overriding gpu_memory_utilization; null lets vLLM size the cache."
+  type        = number
+  default     = null
+}
+
 variable "min_instances" {
   description = "Fewest instances the autoscaler keeps. 0 scales to zero when idle (the first request then waits for a GPU node: several minutes)."
   type        = number
@@ -164,7 +195,7 @@ variable "min_instances" {
 }
 
 variable "max_instances" {
-  description = "Most instances (at most gpu_nodes_max * gpus_per_node)."
+  description = "Most instances (at most gpu_nodes_max * gpus_per_node / tensor_parallel_size)."
   type        = number
   default     = 4
 }

@@ -17,7 +17,10 @@ instances on other nodes reach it. Stopping is graceful: the actor SIGTERMs
 the worker (which finishes, deregisters and exits), SIGKILLs its process
 group after ``stop_timeout_s``, and is then killed itself. The worker inherits
 the actor's environment, so the devices Ray assigned (``CUDA_VISIBLE_DEVICES``)
-are the engine's.
+are the engine's. One instance may span several GPUs: with tensor parallelism
+the autoscaler asks for one GPU per rank (``AutoscalerSettings.gpus_per_instance``)
+and passes ``--tensor-parallel-size`` to the worker, whose vLLM then runs one
+rank per assigned device on that node.
 
 Actors are detached so they outlive the autoscaler that started them: a
 standby autoscaler connected to the same cluster finds them by name to stop
@@ -155,10 +158,11 @@ class RayProvider:
     """Instances as detached Ray actors (see the module docstring).
 
     ``namespace``: Ray namespace of the actors (every autoscaler of one
-    deployment must use the same). ``num_cpus`` (1), ``num_gpus`` (0; 1 on GPU
-    hosts) and ``resources`` (custom Ray resources, none): what each actor
-    reserves. ``host``: interface workers listen on (None: the node's IP, which
-    they advertise either way; both set over the launch's ``env``).
+    deployment must use the same). ``num_cpus`` (1), ``num_gpus`` (0; on GPU
+    hosts one per tensor-parallel rank of an instance) and ``resources``
+    (custom Ray resources, none): what each actor reserves. ``host``:
+    interface workers listen on (None: the node's IP, which they advertise
+    either way; both set over the launch's ``env``).
     ``log_dir``: workers' logs on their node (None: ``$TMPDIR/shoal-ray``).
     ``stop_timeout_s`` (60): SIGTERM to SIGKILL.
     ``check_interval_s`` (5): period of the liveness check behind

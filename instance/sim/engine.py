@@ -44,6 +44,7 @@ class SimEngine:
             num_blocks_total=config.num_blocks,
             max_num_seqs=config.max_num_seqs,
             max_model_len=max_model_len,
+            platform="sim",
         )
         self._sleep = sleep
         self._queues: dict[str, asyncio.Queue[SimOutput | None]] = {}

@@ -17,7 +17,7 @@ import autoscaler.policies.scaling
 import autoscaler.policies.tick
 import bench.simulator.config
 from autoscaler.controller import ControllerConfig
-from autoscaler.main import controller_config
+from autoscaler.main import controller_config, worker_launch
 from autoscaler.policies import PairingConfig, ScalingConfig
 from infra.settings import AutoscalerSettings
 
@@ -73,3 +73,34 @@ def test_every_config_field_is_documented(module: ModuleType) -> None:
                 nxt = cls.body[i + 1] if i + 1 < len(cls.body) else None
                 documented = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                 assert documented, f"{cls.name}.{ast.unparse(node.target)} has no docstring"
+
+
+# ------------------------------------------------ GPUs per instance ---
+
+
+@pytest.mark.parametrize(
+    ("engine", "tp", "gpus", "expected"),
+    [("vllm", 1, None, 1.0), ("vllm", 4, None, 4.0), ("sim", 2, None, 0.0),
+     ("vllm", 1, 0.0, 0.0), ("vllm", 1, 0.5, 0.5), ("vllm", 2, 2.0, 2.0),
+     ("vllm", 2, 0.0, 0.0)],
+)  # fmt: skip
+def test_each_instance_asks_for_one_gpu_per_rank(
+    no_env: None, engine: str, tp: int, gpus: float | None, expected: float
+) -> None:
+    s = AutoscalerSettings(engine=engine, tensor_parallel_size=tp, ray_num_gpus=gpus)
+    assert s.gpus_per_instance == expected
+
+
+@pytest.mark.parametrize(("tp", "gpus"), [(2, 1.0), (1, 2.0), (4, 2.0), (2, 0.5)])
+def test_gpus_that_do_not_fit_the_ranks_are_refused(no_env: None, tp: int, gpus: float) -> None:
+    with pytest.raises(ValueError, match=rf"ray_num_gpus \({gpus}\) does not fit "
+                                         rf"tensor_parallel_size \({tp}\)"):  # fmt: skip
+        AutoscalerSettings(tensor_parallel_size=tp, ray_num_gpus=gpus)
+
+
+def test_instances_get_the_tensor_parallel_size(no_env: None) -> None:
+    s = AutoscalerSettings(tensor_parallel_size=2, model="m", instance_args="--port 8100")
+    launch = worker_launch(s, "redis://r:6379/0")
+    assert launch.args == ("--port", "8100", "--tensor-parallel-size", "2", "--model", "m")
+    with pytest.raises(ValueError, match="set tensor_parallel_size instead"):
+        AutoscalerSettings(instance_args="--tensor-parallel-size 2")

@@ -17,10 +17,12 @@ import psutil
 import pytest
 from redis.asyncio import Redis
 
+from autoscaler.main import worker_launch
 from autoscaler.providers.base import WorkerLaunch
 from autoscaler.providers.ray import RayProvider, actor_name
 from infra.keys import KeySchema
 from infra.records import InstanceInfo
+from infra.settings import AutoscalerSettings
 from infra.store import StateStore
 
 ray = pytest.importorskip("ray")
@@ -57,8 +59,9 @@ def ray_cluster(redis_url: str) -> Iterator[None]:
     the session's Valkey server is no leftover.)"""
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             namespace=NAMESPACE)  # fmt: skip
+    # Two GPUs declared (none needed): Ray assigns them to actors all the same.
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
+             log_to_driver=False, namespace=NAMESPACE)  # fmt: skip
     try:
         yield
     finally:
@@ -97,10 +100,13 @@ async def _actor_gone() -> bool:
 async def test_launch_serve_and_stop_from_a_standby(
     ray_cluster: None, redis_url: str, tmp_path: Path
 ) -> None:
-    launch = WorkerLaunch(
-        engine="sim", env={"SHOAL_REDIS_URL": redis_url, "SHOAL_NAMESPACE": NAMESPACE}
-    )
-    leader = RayProvider(launch, namespace=NAMESPACE, num_cpus=0.5, log_dir=str(tmp_path),
+    # An instance spanning two GPUs, as the autoscaler launches it.
+    settings = AutoscalerSettings(engine="sim", tensor_parallel_size=2, ray_num_gpus=2)
+    launch = worker_launch(settings, redis_url)
+    launch = WorkerLaunch(engine="sim", args=launch.args,
+                          env={**launch.env, "SHOAL_NAMESPACE": NAMESPACE})  # fmt: skip
+    leader = RayProvider(launch, namespace=NAMESPACE, num_cpus=0.5,
+                         num_gpus=settings.gpus_per_instance, log_dir=str(tmp_path),
                          check_interval_s=0.2, stop_timeout_s=30)  # fmt: skip
     standby = RayProvider(launch, namespace=NAMESPACE, num_cpus=0.5, stop_timeout_s=30)
     redis = Redis.from_url(redis_url)
@@ -122,6 +128,9 @@ async def test_launch_serve_and_stop_from_a_standby(
         info = await registered()
         assert info is not None and info.engine == "sim"
         assert f"instance {INSTANCE_ID} serving" in await leader.log_tail(INSTANCE_ID)
+        (proc,) = _worker_processes()  # on the two GPUs Ray gave its actor
+        assert len(proc.environ()["CUDA_VISIBLE_DEVICES"].split(",")) == 2
+        assert "--tensor-parallel-size 2" in " ".join(proc.cmdline())
         async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
             resp = await client.post(f"{info.address}/generate",
                                      json={"prompt": "hi", "max_tokens": 4})  # fmt: skip

@@ -22,9 +22,13 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from autoscaler.main import worker_launch
 from autoscaler.metrics import AutoscalerMetrics
 from gateway.metrics import GatewayMetrics
+from infra.flags import given
 from infra.procs import shoal_command
+from infra.settings import AutoscalerSettings, InstanceSettings
+from instance.engine_args import Platform, engine_args
 from instance.metrics import InstanceMetrics
 from shoal.cli import build_parser
 from tests.deploy import DEPLOY, REPO, SETTINGS, setting_field
@@ -257,11 +261,68 @@ def test_autoscaler_uses_the_ray_cluster() -> None:
     (cluster,) = [doc for _, doc in manifests() if doc["kind"] == "RayCluster"]
     head_service = f"{cluster['metadata']['name']}-head-svc"  # KubeRay's naming
     assert _flag(argv, "--ray-address") == f"ray://{head_service}:10001"
-    env = container_env(c)
-    assert env.get("SHOAL_RAY_NUM_GPUS") == "1"
+    settings = autoscaler_settings(c)
     (worker,) = cluster["spec"]["workerGroupSpecs"]
     gpus = worker["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
-    assert float(env["SHOAL_RAY_NUM_GPUS"] or 0) <= float(gpus)
+    assert 1 <= settings.gpus_per_instance <= float(gpus)
+
+
+def autoscaler_settings(c: Container) -> AutoscalerSettings:
+    """The autoscaler container's settings, from its literal SHOAL_* values."""
+    env = container_env(c)
+    values = {setting_field(AutoscalerSettings, k): v for k, v in env.items() if v is not None}
+    return AutoscalerSettings.model_validate({k: v for k, v in values.items() if k})
+
+
+def _gpu_instances() -> list[Container]:
+    """Containers that host GPU instance workers (the Ray GPU worker pods)."""
+    return [c for c in containers() if c.component == "instance"
+            and "nvidia.com/gpu" in c.spec.get("resources", {}).get("limits", {})]  # fmt: skip
+
+
+GPU_SETTINGS = {
+    "kv sizing": ("SHOAL_GPU_MEMORY_UTILIZATION", "SHOAL_KV_CACHE_BYTES"),
+    "tensor parallelism": ("SHOAL_TENSOR_PARALLEL_SIZE",),
+}
+"""What a GPU instance definition sets explicitly (one of each group)."""
+
+
+def test_the_gpu_settings_checked_exist() -> None:
+    for names in GPU_SETTINGS.values():
+        for name in names:
+            assert setting_field(InstanceSettings, name), f"{name} is no InstanceSettings field"
+    assert setting_field(AutoscalerSettings, "SHOAL_TENSOR_PARALLEL_SIZE")
+
+
+@pytest.mark.parametrize("where", [c.where for c in _gpu_instances()])
+def test_gpu_instances_set_kv_sizing_and_tensor_parallelism(where: str) -> None:
+    """Every GPU instance definition sets how its KV cache is sized and how
+    many GPUs it spans; with the autoscaler's launch arguments they choose
+    vLLM's own sizing and graphs on a GPU node of the pod's size, and the
+    autoscaler asks Ray for as many GPUs per instance as one spans."""
+    c = _container(where)
+    env = container_env(c)
+    for what, names in GPU_SETTINGS.items():
+        assert any(env.get(n) for n in names), f"{where}: sets none of {names} ({what})"
+    (autoscaler,) = [a for a in containers() if a.component == "autoscaler"]
+    scaler = autoscaler_settings(autoscaler)
+    launch = worker_launch(scaler, "redis://unused:6379/0")
+    args = build_parser().parse_args(["instance", *launch.args])
+    values = {setting_field(InstanceSettings, k): v for k, v in env.items() if v is not None}
+    explicit = {k: v for k, v in values.items() if k} | given(args, InstanceSettings)
+    settings = InstanceSettings(**explicit)  # the launch arguments win, as in `shoal instance`
+    tp = int(env["SHOAL_TENSOR_PARALLEL_SIZE"] or 0)
+    assert settings.tensor_parallel_size == tp == scaler.tensor_parallel_size, (
+        f"{where}: the instances' tensor_parallel_size ({tp}) is not the autoscaler's "
+        f"({scaler.tensor_parallel_size})"
+    )
+    pod_gpus = int(c.spec["resources"]["limits"]["nvidia.com/gpu"])
+    assert scaler.gpus_per_instance == tp <= pod_gpus, f"{where}: GPUs per instance"
+    chosen = engine_args(settings, Platform("cuda", ("GPU",) * pod_gpus), scaler.model or "m")
+    assert chosen.enforce_eager is False
+    if settings.kv_cache_bytes is None:
+        assert chosen.gpu_memory_utilization == float(env["SHOAL_GPU_MEMORY_UTILIZATION"] or 0)
+    assert chosen.kv_cache_memory_bytes == settings.kv_cache_bytes  # never the CPU default
 
 
 def container_env(c: Container) -> dict[str, str | None]:

@@ -279,6 +279,59 @@ def test_settings_set_by_terraform_exist(name: str, components: tuple[str, ...])
         assert owners, f"{name}: {env} is no field of {components} settings"
 
 
+GPU_VARIABLES = {
+    "tensor_parallel_size": {"modules/ray": ["SHOAL_TENSOR_PARALLEL_SIZE"],
+                             "modules/shoal": ["SHOAL_TENSOR_PARALLEL_SIZE", "SHOAL_RAY_NUM_GPUS"]},
+    "gpu_memory_utilization": {"modules/ray": ["SHOAL_GPU_MEMORY_UTILIZATION"]},
+    "kv_cache_bytes": {"modules/ray": ["SHOAL_KV_CACHE_BYTES"]},
+}  # fmt: skip
+"""The instances' GPU settings: root variable -> module -> the SHOAL_* literals
+it sets from that variable (and nothing else)."""
+
+
+def _literals(ray_or_shoal: str) -> dict[str, str]:
+    """The kustomize literals of the ConfigMap a module merges into."""
+    path = {"modules/ray": DEPLOY / "ray", "modules/shoal": DEPLOY / "kubernetes"}[ray_or_shoal]
+    k = yaml.safe_load((path / "kustomization.yaml").read_text())
+    name = {"modules/ray": "shoal-instance", "modules/shoal": "shoal-autoscaler"}[ray_or_shoal]
+    (gen,) = [g for g in k["configMapGenerator"] if g["name"] == name]
+    return dict(lit.split("=", 1) for lit in gen["literals"])
+
+
+@pytest.mark.parametrize("variable", sorted(GPU_VARIABLES))
+def test_gpu_settings_have_one_default_and_reach_every_instance_definition(variable: str) -> None:
+    """Each GPU setting of the instances is one root variable with the one
+    default; every module that sets it takes it from there (no default of
+    its own) and writes it into its SHOAL_* literals, which are fields of the
+    settings; the manifests applied without Terraform use the same default."""
+    root = _module("root")
+    default = root.variables[variable].get("default")
+    for name, envs in GPU_VARIABLES[variable].items():
+        module = _module(name)
+        assert "default" not in module.variables[variable], f"{name}: {variable} has a default"
+        (call,) = [c for c, b in root.calls.items() if _unquote(b["source"]) == f"./{name}"]
+        assert root.calls[call].get(variable) == f"${{var.{variable}}}", (
+            f"root: module {call} does not get var.{variable}"
+        )
+        for env in envs:
+            component = "instance" if name == "modules/ray" else "autoscaler"
+            assert setting_field(SETTINGS[component], env), f"{env}: no {component} setting"
+            assert re.search(rf"{env}\s*=\s*tostring\(var\.{variable}\)", module.text), (
+                f"{name}: {env} is not set from var.{variable}"
+            )
+            literal = _literals(name).get(env)
+            if default is None:
+                assert literal is None, (
+                    f"{name}: the manifests set {env}, Terraform leaves it unset"
+                )
+            else:
+                assert literal is not None and float(literal) == float(default), (
+                    f"{env}: the manifests' {literal} is not the root default {default}"
+                )
+    settings_default = SETTINGS["instance"].model_fields[variable].default
+    assert settings_default == default, f"{variable}: the settings' default is {settings_default}"
+
+
 def test_ray_versions_agree() -> None:
     """Ray client, head and workers refuse each other across versions."""
     default = _unquote(_module("root").variables["ray_version"]["default"])

@@ -257,12 +257,15 @@ def test_shoal_status_json_lists_the_worker(redis_url: str, worker: WorkerProces
     assert status["schema_version"] == 1 and status["namespace"] == NAMESPACE
     (entry,) = [i for i in status["instances"] if i["info"]["instance_id"] == "sim-a"]
     assert entry["info"]["address"] == worker.base_url
+    assert entry["info"]["kv_capacity_tokens"] == 256 * 16  # --num-sim-blocks x block size
+    assert entry["info"]["platform"] == "sim"
     assert entry["load"]["freeness"] in ("Infinity",) or isinstance(
         entry["load"]["freeness"], float
     )
     table = subprocess.run([*SHOAL, "status"], env=env, cwd=REPO, check=True,
                            capture_output=True, text=True).stdout  # fmt: skip
-    assert "sim-a" in table and "FREENESS" in table
+    assert "sim-a" in table and "FREENESS" in table and "KV TOKENS" in table
+    assert "4096" in table
 
 
 def test_shoal_status_without_redis_fails_clearly(tmp_path: Path) -> None:

@@ -14,11 +14,18 @@ locals {
     shoal-instance = regex(local.image_pattern, var.worker_image)
   }
 
-  # InstanceSettings (infra/settings.py) of the `shoal instance` processes.
-  instance_settings = {
-    SHOAL_MAX_MODEL_LEN = tostring(var.max_model_len)
-    SHOAL_MAX_NUM_SEQS  = tostring(var.max_num_seqs)
-  }
+  # InstanceSettings (infra/settings.py) of the `shoal instance` processes:
+  # the GPU settings explicit (docs/ENGINE.md); the KV cache in bytes only
+  # when given, else vLLM fills gpu_memory_utilization of each GPU.
+  instance_settings = merge(
+    {
+      SHOAL_MAX_MODEL_LEN          = tostring(var.max_model_len)
+      SHOAL_MAX_NUM_SEQS           = tostring(var.max_num_seqs)
+      SHOAL_TENSOR_PARALLEL_SIZE   = tostring(var.tensor_parallel_size)
+      SHOAL_GPU_MEMORY_UTILIZATION = tostring(var.gpu_memory_utilization)
+    },
+    var.kv_cache_bytes == null ? {} : { SHOAL_KV_CACHE_BYTES = tostring(var.kv_cache_bytes) },
+  )
 
   # The worker group: one pod per GPU node, all of its GPUs.
   cluster_patch = [

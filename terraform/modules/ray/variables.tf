@@ -44,6 +44,21 @@ variable "max_num_seqs" {
   type        = number
 }
 
+variable "tensor_parallel_size" {
+  description = "SHOAL_TENSOR_PARALLEL_SIZE of the instances: GPUs one instance spans (at most gpus_per_worker)."
+  type        = number
+}
+
+variable "gpu_memory_utilization" {
+  description = "SHOAL_GPU_MEMORY_UTILIZATION of the instances: the share of each GPU vLLM sizes the KV cache into."
+  type        = number
+}
+
+variable "kv_cache_bytes" {
+  description = "SHOAL_KV_CACHE_BYTES of the instances (per GPU); null leaves it unset, so vLLM sizes the cache from gpu_memory_utilization."
+  type        = number
+}
+
 variable "prerequisites" {
   description = "Values whose resources must exist first (add-ons, the Shoal secrets)."
   type        = list(string)

@@ -23,7 +23,9 @@ locals {
       SHOAL_MODEL         = var.model
       SHOAL_MIN_INSTANCES = tostring(var.min_instances)
       SHOAL_MAX_INSTANCES = tostring(var.max_instances)
-      SHOAL_RAY_NUM_GPUS  = tostring(var.ray_num_gpus)
+      # One GPU per tensor-parallel rank of each instance.
+      SHOAL_TENSOR_PARALLEL_SIZE = tostring(var.tensor_parallel_size)
+      SHOAL_RAY_NUM_GPUS         = tostring(var.tensor_parallel_size)
       SHOAL_INSTANCE_ARGS = trimspace(join(" ", [local.port_args, var.instance_extra_args]))
     },
     var.served_model_name == null ? {} : { SHOAL_SERVED_MODEL_NAME = var.served_model_name },

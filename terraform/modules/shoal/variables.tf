@@ -60,10 +60,9 @@ variable "max_instances" {
   type        = number
 }
 
-variable "ray_num_gpus" {
-  description = "GPUs per instance actor (SHOAL_RAY_NUM_GPUS)."
+variable "tensor_parallel_size" {
+  description = "SHOAL_TENSOR_PARALLEL_SIZE: GPUs per instance, passed to every instance; each instance actor asks Ray for this many (SHOAL_RAY_NUM_GPUS)."
   type        = number
-  default     = 1
 }
 
 variable "instance_port" {

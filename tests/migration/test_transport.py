@@ -1,0 +1,176 @@
+"""The KV connector's data path without an engine: two connectors' worker
+states on loopback, over CPU caches, for each transport; and the pacing
+rule on an injected clock."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from migration.kv_connector import LoadOp, ShoalMetadata, _WorkerState
+from migration.pacing import Pacer
+from migration.transport import TRANSPORTS, ShmTransport
+from migration.wire import (
+    BlocksStaged,
+    Drop,
+    Endpoint,
+    GetStatus,
+    Reply,
+    StageBlocks,
+    StatusReply,
+    WireError,
+    call,
+)
+from tests.helpers import free_port
+
+NUM_BLOCKS = 16
+REQUEST = "req-1"
+ENGINE_ID = REQUEST + "-0123abcd"  # vLLM's internal id of the request
+SOURCE_TABLE = [9, 3, 14, 1, 7, 12]
+
+
+def _caches(dtype: torch.dtype = torch.float16, fill: bool = True) -> dict[str, torch.Tensor]:
+    make = torch.randn if fill else torch.zeros
+    return {f"model.layers.{i}.attn": make(NUM_BLOCKS, 2, 32, 64).to(dtype) for i in range(3)}
+
+
+class Pair:
+    def __init__(self, transport: str, dest_dtype: torch.dtype = torch.float16) -> None:
+        self.source_caches = _caches()
+        self.dest_caches = _caches(dest_dtype, fill=False)
+        self.source = _WorkerState("127.0.0.1", free_port(), NUM_BLOCKS, transport=transport)
+        self.dest = _WorkerState("127.0.0.1", free_port(), NUM_BLOCKS, transport=transport)
+        self.source.register(self.source_caches)
+        self.dest.register(self.dest_caches)
+        self.source.apply(ShoalMetadata(tables_set={ENGINE_ID: list(SOURCE_TABLE)}))
+        self.source_port = self.source._server.server_address[1]
+        self.dest_port = self.dest._server.server_address[1]
+
+    def stage(self, key: str, first: int, count: int) -> BlocksStaged:
+        request = StageBlocks(key=key, source=f"127.0.0.1:{self.source_port}",
+                              request_id=REQUEST, first=first, count=count)  # fmt: skip
+        reply, _ = call(Endpoint("127.0.0.1", self.dest_port), request, BlocksStaged)
+        return reply
+
+    def status(self) -> StatusReply:
+        return call(Endpoint("127.0.0.1", self.dest_port), GetStatus(), StatusReply)[0]
+
+    def close(self) -> None:
+        self.source.close()
+        self.dest.close()
+
+
+@pytest.fixture(params=sorted(TRANSPORTS))
+def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
+    p = Pair(request.param)
+    yield p
+    p.close()
+
+
+def _same(a: dict[str, torch.Tensor], a_id: int, b: dict[str, torch.Tensor], b_id: int) -> bool:
+    return all(torch.equal(a[name][a_id], b[name][b_id]) for name in a)
+
+
+def test_stages_then_loads_byte_exact_into_the_allocated_blocks(pair: Pair) -> None:
+    assert pair.stage("m1", 0, 4).bytes == 4 * pair.source.block_bytes
+    assert pair.stage("m1", 4, 2).bytes == 2 * pair.source.block_bytes
+    assert pair.status().staging == {"m1": 6}
+    local = [2, 5, 11, 0, 15, 8]
+    pair.dest.load(LoadOp(ENGINE_ID, "m1", list(range(6)), local))
+    assert not pair.dest.take_load_errors()
+    for src, dst in zip(SOURCE_TABLE, local, strict=True):
+        assert _same(pair.source_caches, src, pair.dest_caches, dst)
+    others = set(range(NUM_BLOCKS)) - set(local)
+    assert not any(pair.dest_caches[n][b].any() for n in pair.dest_caches for b in others)
+    status = pair.status()
+    assert status.staging == {} and status.loaded_blocks == 6 and "m1" in status.load_s
+
+
+def test_a_destination_with_cached_leading_blocks_loads_the_rest(pair: Pair) -> None:
+    """vLLM may find the first blocks in the prefix cache: the plan starts later."""
+    pair.stage("m2", 0, 6)
+    pair.dest.load(LoadOp(ENGINE_ID, "m2", [2, 3, 4, 5], [6, 7, 8, 9]))
+    assert not pair.dest.take_load_errors()
+    for src, dst in zip(SOURCE_TABLE[2:], [6, 7, 8, 9], strict=True):
+        assert _same(pair.source_caches, src, pair.dest_caches, dst)
+
+
+def test_blocks_never_staged_are_reported_for_recompute(pair: Pair) -> None:
+    pair.stage("m3", 0, 2)
+    pair.dest.load(LoadOp(ENGINE_ID, "m3", [0, 1, 2, 3], [4, 5, 6, 7]))
+    assert pair.dest.take_load_errors() == {6, 7}
+
+
+def test_a_read_beyond_the_table_is_refused(pair: Pair) -> None:
+    with pytest.raises(WireError, match="holds 6 blocks, asked for 4\\+3"):
+        pair.stage("m4", 4, 3)
+    assert pair.status().staging == {}
+
+
+def test_drop_forgets_the_staged_blocks(pair: Pair) -> None:
+    pair.stage("m5", 0, 3)
+    call(Endpoint("127.0.0.1", pair.dest_port), Drop(key="m5"), Reply)
+    assert pair.status().staging == {}
+
+
+def test_a_source_laid_out_otherwise_is_refused() -> None:
+    p = Pair("tcp", dest_dtype=torch.bfloat16)
+    try:
+        with pytest.raises(WireError, match="laid out differently"):
+            p.stage("m6", 0, 2)
+    finally:
+        p.close()
+
+
+def test_shm_leaves_no_segment_behind() -> None:
+    p = Pair("shm")
+    try:
+        before = set(os.listdir("/dev/shm"))
+        p.stage("m7", 0, 6)
+        p.dest.load(LoadOp(ENGINE_ID, "m7", list(range(6)), list(range(6))))
+        assert _same(p.source_caches, SOURCE_TABLE[5], p.dest_caches, 5)
+        assert not {f for f in set(os.listdir("/dev/shm")) - before if f.startswith("shoal-kv-")}
+    finally:
+        p.close()
+
+
+def test_shm_without_a_segment_sends_in_the_frame(tmp_path: Path) -> None:
+    p = Pair("shm")
+    try:
+        assert isinstance(p.source._transport, ShmTransport)
+        p.source._transport._dir = tmp_path / "missing"  # no segment can be made
+        assert p.stage("m8", 0, 3).bytes == 3 * p.source.block_bytes
+        p.dest.load(LoadOp(ENGINE_ID, "m8", [0, 1, 2], [0, 1, 2]))
+        assert _same(p.source_caches, SOURCE_TABLE[2], p.dest_caches, 2)
+    finally:
+        p.close()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_pacer_spaces_chunks_at_the_bound() -> None:
+    clock = FakeClock()
+    pacer = Pacer(1000.0, clock=clock)
+    assert pacer.delay(500) == 0.0  # the first chunk goes at once
+    assert pacer.delay(500) == pytest.approx(0.5)  # then the link is busy
+    assert pacer.delay(1000) == pytest.approx(1.0)
+    clock.now += 5.0  # idle time is not saved up as a burst
+    assert pacer.delay(100) == 0.0
+    assert pacer.delay(100) == pytest.approx(0.1)
+
+
+def test_an_unbounded_pacer_never_waits() -> None:
+    pacer = Pacer(0.0, clock=FakeClock())
+    assert not pacer.bounded and pacer.delay(10**9) == 0.0
+    with pytest.raises(ValueError, match=">= 0"):
+        Pacer(-1.0)
