@@ -3,8 +3,13 @@ Figure 10): downtime (the request makes no progress, from the freeze on the
 source to the first token on the destination), total migration time, and the
 source's decode slowdown while the live stages copy, for KV transfer and for
 recompute. Two real vLLM CPU instances with the tiny model, one core each.
+A KV migration's downtime is split into its parts: the source's stop (the
+engine's abort), the final copy (the destination pulls the blocks left),
+the commit's round trip, the destination's admission, the load of the staged
+blocks into the cache and the rest of the first step.
 
     .venv/bin/python -m bench.migration_downtime [--lengths 256,1024,4096,8192,15000]
+        [--pace-mib-s 0] [--transport tcp]
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ LOGS = REPO / "bench" / "out"
 BLOCK = 32
 
 
-def _instance(name: str, core: int, redis_url: str) -> Server:
+def _instance(name: str, core: int, redis_url: str, pace_mib_s: float,
+              transport: str) -> Server:  # fmt: skip
     port = free_port()
     cmd = [*shoal_command(), "instance", "--engine", "vllm", "--port", str(port),
            "--instance-id", name, "--cpu-threads-bind", str(core), "--block-size", str(BLOCK),
            "--max-model-len", "16384", "--max-num-seqs", "4",
-           "--kv-cache-bytes", str(512 * 1024 * 1024)]  # fmt: skip
+           "--kv-cache-bytes", str(512 * 1024 * 1024), "--kv-pace-mib-s", str(pace_mib_s),
+           "--kv-transport", transport]  # fmt: skip
     env = {"SHOAL_REDIS_URL": redis_url, "SHOAL_DTYPE": "float32", "SHOAL_NAMESPACE": "bench"}
     return Server(cmd, f"http://127.0.0.1:{port}/ready", env, LOGS / f"mig-{name}.log")
 
@@ -120,11 +127,34 @@ def _one(src: str, dst: str, length: int, mode: str, rid: str) -> dict[str, Any]
     during = _mean_gap(seen, t_call, frozen)
     slowdown = during / base - 1 if base and during else None
     return {"length": length, "mode": mode, "outcome": record.get("outcome"),
-            "downtime_ms": 1000 * _stall(arrivals, frozen),
+            "downtime_ms": 1000 * _stall(arrivals, frozen), "step_ms": 1000 * (base or 0.0),
+            **_parts(record, dst),
             "total_ms": 1000 * record.get("duration_s", float("nan")),
             "stages": record.get("stages"), "blocks": record.get("blocks"),
             "slowdown_pct": None if slowdown is None else 100 * slowdown,
             "tokens": len(arrivals)}  # fmt: skip
+
+
+PARTS = ("stop", "final_copy", "commit", "admit", "load", "first_step")
+
+
+def _parts(record: dict[str, Any], dst: str) -> dict[str, float]:
+    """The downtime's parts in ms: the source's (its record) and the
+    destination's (its arrival record of the same key)."""
+    src_parts = record.get("downtime") or {}
+    arrival: dict[str, Any] = {}
+    deadline = time.monotonic() + 5
+    while not arrival and time.monotonic() < deadline:  # completed at the first token there
+        arrivals = httpx.get(dst + "/migrations", timeout=30).json().get("arrivals", [])
+        arrival = next((a for a in arrivals if a["key"] == record.get("key")), {})
+        time.sleep(0.05)
+    load = arrival.get("load_s") or 0.0
+    first_step = arrival.get("first_step_s")
+    rest = None if first_step is None else first_step - load
+    ms = {"stop": src_parts.get("stop_s"), "final_copy": src_parts.get("final_copy_s"),
+          "commit": src_parts.get("commit_s"), "admit": src_parts.get("admit_s"),
+          "load": load, "first_step": rest}  # fmt: skip
+    return {f"{k}_ms": float("nan") if v is None else 1000 * v for k, v in ms.items()}
 
 
 def main() -> None:
@@ -132,13 +162,18 @@ def main() -> None:
     parser.add_argument("--lengths", default="256,1024,4096,8192,15000")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default="kv,recompute")
+    parser.add_argument(
+        "--pace-mib-s", type=float, default=0.0, help="the instances' kv_pace_mib_s (0: unbounded)"
+    )
+    parser.add_argument("--transport", default="tcp", help="the instances' kv_transport")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     LOGS.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         redis = EmbeddedRedis.start(Path(tmp) / "valkey")
-        a, b = _instance("mig-a", 0, redis.url), _instance("mig-b", 1, redis.url)
+        a = _instance("mig-a", 0, redis.url, args.pace_mib_s, args.transport)
+        b = _instance("mig-b", 1, redis.url, args.pace_mib_s, args.transport)
         try:
             a.wait_ready()
             b.wait_ready()
@@ -156,6 +191,27 @@ def main() -> None:
             b.stop()
             redis.stop()
     _report(rows, lengths)
+    _report_parts(rows, lengths)
+
+
+def _report_parts(rows: list[dict[str, Any]], lengths: list[int]) -> None:
+    """The KV migrations' downtime in its parts (medians, ms), against the
+    source's decode step before the migration."""
+    print(f"\n{'tokens':>7} {'decode step':>11} " + " ".join(f"{p:>10}" for p in PARTS)
+          + f" {'client gap':>10}")  # fmt: skip
+    for length in lengths:
+        ok = [r for r in rows if r["length"] == length and r["mode"] == "kv"
+              and r["outcome"] == "migrated"]  # fmt: skip
+        if not ok:
+            continue
+
+        def med(name: str, rs: list[dict[str, Any]] = ok) -> float:
+            values = [r[name] for r in rs if r[name] == r[name]]  # not nan
+            return statistics.median(values) if values else float("nan")
+
+        print(f"{length:>7} {med('step_ms'):>11.1f} "
+              + " ".join(f"{med(p + '_ms'):>10.1f}" for p in PARTS)
+              + f" {med('downtime_ms'):>10.1f}")  # fmt: skip
 
 
 def _report(rows: list[dict[str, Any]], lengths: list[int]) -> None:

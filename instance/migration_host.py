@@ -60,7 +60,7 @@ class WorkerMigrationHost:
     def resume(self, request_id: str) -> AsyncGenerator[GenerateChunk, None]:
         return self._worker.resume(request_id)
 
-    async def adopt(self, spec: ResumeSpec) -> asyncio.Future[None]:
+    async def adopt(self, spec: ResumeSpec) -> asyncio.Future[bool]:
         return await self._worker.adopt(spec)
 
     async def abort(self, request_id: str) -> bool:

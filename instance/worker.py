@@ -317,7 +317,7 @@ class InstanceWorker:
                              text=text, finish_reason=delta.finish_reason, usage=usage)  # fmt: skip
 
     # -- migrated-in requests ------------------------------------------------
-    async def adopt(self, spec: ResumeSpec) -> asyncio.Future[None]:
+    async def adopt(self, spec: ResumeSpec) -> asyncio.Future[bool]:
         """Run a migrated-in request and return once the engine has admitted
         it (the hand-off: raises if it could not). From then on its chunks are
         held for the client's gateway, which resumes it (``resume``); if none
@@ -327,7 +327,7 @@ class InstanceWorker:
         if spec.text is not None:
             gen.text = TextStream.resumed(self.engine.tokenizer, spec.text)
         loop = asyncio.get_running_loop()
-        first: asyncio.Future[None] = loop.create_future()
+        first: asyncio.Future[bool] = loop.create_future()
         queue: asyncio.Queue[GenerateChunk | None] = asyncio.Queue()
         t0 = self._clock()
         mode = "kv" if gen.kv_load is not None else "recompute"
@@ -337,7 +337,7 @@ class InstanceWorker:
                 async with contextlib.aclosing(self.run(gen.request, gen)) as chunks:
                     async for chunk in chunks:
                         if chunk.token_ids and not first.done():
-                            first.set_result(None)
+                            first.set_result(True)
                             downtime = frozen_for_s + self._clock() - t0
                             self.metrics.migration.downtime.labels(mode).observe(downtime)
                         queue.put_nowait(chunk)
@@ -349,7 +349,7 @@ class InstanceWorker:
                 ))  # fmt: skip
             finally:
                 if not first.done():
-                    first.set_result(None)
+                    first.set_result(False)
                 queue.put_nowait(None)
 
         task = asyncio.create_task(pump(), name=f"adopted-{gen.request_id}")

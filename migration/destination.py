@@ -6,6 +6,7 @@ returning its reservation and staging memory."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -16,7 +17,7 @@ from typing import Protocol
 from infra.errors import ShoalError
 from migration.plan import admits
 from migration.ports import KvPort
-from migration.protocol import ResumeSpec
+from migration.protocol import ArrivalRecord, CommitReply, ResumeSpec
 from migration.wire import WireError
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,10 @@ class StageFailed(ShoalError):
 class Adopter(Protocol):
     """The instance: runs a migrated-in request, holding its output for the client."""
 
-    async def adopt(self, spec: ResumeSpec) -> asyncio.Future[None]:
+    async def adopt(self, spec: ResumeSpec) -> asyncio.Future[bool]:
         """Start the request of ``spec`` and return once the engine has
         admitted it (raise if it could not); the future resolves at its first
-        token, or at its end."""
+        token (True), or at its end without one (False)."""
         ...
 
 
@@ -50,6 +51,10 @@ class Adopter(Protocol):
 class _Incoming:
     blocks: int = 0
     touched: float = field(default_factory=time.monotonic)
+
+
+ARRIVALS = 256
+"""Migrated-in requests the inbox remembers (``GET /migrations``)."""
 
 
 class Inbox:
@@ -61,14 +66,17 @@ class Inbox:
         watermark_blocks: int = 4,
         timeout_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        on_arrival: Callable[[ArrivalRecord], None] = lambda a: None,
     ) -> None:
         self._free_blocks = free_blocks
         self._port = port
         self._watermark = watermark_blocks
         self._timeout_s = timeout_s
         self._clock = clock
+        self._on_arrival = on_arrival
         self._incoming: dict[str, _Incoming] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
+        self.arrivals: collections.deque[ArrivalRecord] = collections.deque(maxlen=ARRIVALS)
 
     @property
     def reserved_blocks(self) -> int:
@@ -103,27 +111,53 @@ class Inbox:
         except WireError as exc:
             raise StageFailed(str(exc)) from exc
 
-    async def commit(self, spec: ResumeSpec, adopter: Adopter) -> float:
-        """Adopt the request; returns once the engine has admitted it (the
-        hand-off), with the seconds that took."""
-        self._incoming.pop(spec.key, None)  # its blocks now belong to the request
+    async def commit(self, spec: ResumeSpec, adopter: Adopter) -> CommitReply:
+        """Pull the final blocks if the spec names any, then adopt the
+        request; returns once the engine has admitted it (the hand-off)."""
         t0 = self._clock()
+        final_bytes = 0
+        if spec.final is not None:
+            f = spec.final
+            if f.key != spec.key:
+                raise StageFailed(f"final stage of {f.key!r} in the commit of {spec.key!r}")
+            self.reserve(spec.key, f.first + f.count)
+            final_bytes = await self.stage(spec.key, f.source, f.engine_request_id, f.first,
+                                           f.count)  # fmt: skip
+        t1 = self._clock()
+        self._incoming.pop(spec.key, None)  # its blocks now belong to the request
         try:
             first = await adopter.adopt(spec)
         except BaseException:
             await self._drop_staged(spec.key)
             raise
+        t2 = self._clock()
+        arrival = ArrivalRecord(key=spec.key, request_id=spec.request_id,
+                                mode="kv" if spec.num_kv_tokens else "recompute",
+                                frozen_for_s=spec.frozen_for_s, final_copy_s=t1 - t0,
+                                admit_s=t2 - t1)  # fmt: skip
         # The engine loads the staged KV when it schedules the request, which
         # may be after a queue: keep it until the request has run (or ended).
-        task = asyncio.create_task(self._drop_after(first, spec.key), name=f"drop-{spec.key}")
+        task = asyncio.create_task(self._after_first(first, arrival, t0),
+                                   name=f"arrival-{spec.key}")  # fmt: skip
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
-        return self._clock() - t0
+        return CommitReply(admitted_s=t2 - t1, final_copy_s=t1 - t0, final_bytes=final_bytes)
 
-    async def _drop_after(self, first: asyncio.Future[None], key: str) -> None:
+    async def _after_first(self, first: asyncio.Future[bool], arrival: ArrivalRecord,
+                           t0: float) -> None:  # fmt: skip
+        """At the request's first token here: complete its record (with the
+        load time its port reports), then drop what is left staged."""
         with contextlib.suppress(asyncio.CancelledError):
-            await first
-        await self._drop_staged(key)
+            if await first:
+                now = self._clock()
+                arrival.first_step_s = now - t0 - arrival.final_copy_s - arrival.admit_s
+                arrival.downtime_s = arrival.frozen_for_s + now - t0
+        if self._port is not None and arrival.mode == "kv":
+            with contextlib.suppress(Exception):
+                arrival.load_s = (await self._port.status()).load_s.get(arrival.key)
+        self.arrivals.append(arrival)
+        self._on_arrival(arrival)
+        await self._drop_staged(arrival.key)
 
     async def _drop_staged(self, key: str) -> None:
         if self._port is None:

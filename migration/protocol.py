@@ -104,6 +104,10 @@ class ResumeSpec(BaseModel):
     output so far too)."""
     priority: Priority = Priority.NORMAL
     arrival_time: float = 0.0
+    final: StageRequest | None = None
+    """The request's last full blocks, not yet staged: the destination pulls
+    them from the source before it admits the request, so the stop costs
+    one round trip (None: every full block is staged already)."""
     frozen_for_s: float = Field(
         default=0.0,
         ge=0.0,
@@ -120,12 +124,50 @@ class CommitReply(BaseModel):
     the client from now on."""
 
     admitted_s: float
-    """Seconds from the commit's arrival until the engine admitted the request."""
+    """Seconds from the commit's arrival until the engine admitted the request
+    (after the final copy)."""
+    final_copy_s: float = 0.0
+    """Seconds the destination spent pulling the final blocks."""
+    final_bytes: int = 0
 
 
 class AbortMigration(BaseModel):
     model_config = ConfigDict(extra="forbid")
     key: str = Field(min_length=1)
+
+
+class DowntimeParts(BaseModel):
+    """Where a KV migration's downtime goes, as the source sees it: from the
+    freeze to the hand-off. The destination reports the rest (the load of
+    the staged blocks and the first step) in its :class:`ArrivalRecord`."""
+
+    stop_s: float
+    """Freeze to the engine's abort of the request here."""
+    final_copy_s: float
+    """The destination's pull of the final blocks (0: none were left)."""
+    admit_s: float
+    """The destination's engine admitting the request."""
+    commit_s: float
+    """The rest of the commit's round trip (HTTP, serialisation)."""
+
+
+class ArrivalRecord(BaseModel):
+    """A migrated-in request, as the destination saw it up to its first token."""
+
+    key: str
+    request_id: str
+    mode: Literal["kv", "recompute"]
+    frozen_for_s: float
+    """Frozen on the source when the commit was sent."""
+    final_copy_s: float
+    admit_s: float
+    load_s: float | None = None
+    """Loading the staged blocks into the cache (None: not reported, as by
+    the sim engine's port), part of the first step."""
+    first_step_s: float | None = None
+    """Admission to the first token here (None: it ended without one)."""
+    downtime_s: float | None = None
+    """Freeze on the source to the first token here."""
 
 
 class MigrationRecord(BaseModel):
@@ -144,6 +186,10 @@ class MigrationRecord(BaseModel):
     the request): the source's share of the downtime. The destination records
     the whole of it, to its first token, in
     ``shoal_instance_migration_downtime_seconds``."""
+    downtime: DowntimeParts | None = None
+    """``downtime_s`` in its parts."""
+    key: str = ""
+    """The migration's key (its destination's :class:`ArrivalRecord` has it too)."""
     duration_s: float = 0.0
     started_at: float = 0.0
     error: str | None = None
@@ -155,6 +201,8 @@ class MigrationStatus(BaseModel):
     parked: list[str] = Field(default_factory=list)
     """Migrated-in requests whose client has not yet resumed them here."""
     history: list[MigrationRecord]
+    arrivals: list[ArrivalRecord] = Field(default_factory=list)
+    """Recent migrations into this instance."""
 
 
 class RunningRequest(BaseModel):

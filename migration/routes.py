@@ -134,8 +134,8 @@ class MigrationService:
     def __init__(self, host: MigrationHost, *, watermark_blocks: int = 4,
                  timeout_s: float = 30.0) -> None:  # fmt: skip
         self.host = host
-        self.inbox = Inbox(host.free_blocks, host.kv_port,
-                           watermark_blocks=watermark_blocks, timeout_s=timeout_s)  # fmt: skip
+        self.inbox = Inbox(host.free_blocks, host.kv_port, watermark_blocks=watermark_blocks,
+                           timeout_s=timeout_s, on_arrival=host.metrics.arrived)  # fmt: skip
         self.history: collections.deque[MigrationRecord] = collections.deque(maxlen=HISTORY)
         self.outgoing: set[str] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -224,7 +224,8 @@ def add_migration_routes(app: FastAPI, service: MigrationService) -> None:
     async def migrations() -> MigrationStatus:
         return MigrationStatus(in_flight=sorted(service.outgoing) + inbox.in_flight,
                                reserved_blocks=inbox.reserved_blocks,
-                               parked=host.parked, history=list(service.history))  # fmt: skip
+                               parked=host.parked, history=list(service.history),
+                               arrivals=list(inbox.arrivals))  # fmt: skip
 
     @app.get("/migrations/kv", response_model=KvPortStatus)
     async def kv_status() -> KvPortStatus:
@@ -248,7 +249,7 @@ def add_migration_routes(app: FastAPI, service: MigrationService) -> None:
     @app.post("/migration/commit", response_model=CommitReply)
     async def commit(body: ResumeSpec) -> CommitReply:
         _check_serving(host)
-        return CommitReply(admitted_s=await inbox.commit(body, host))
+        return await inbox.commit(body, host)
 
     @app.post("/migration/abort", response_model=AbortReply)
     async def abort(body: AbortMigration) -> AbortReply:

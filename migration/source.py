@@ -5,10 +5,11 @@ destination. The request keeps running here whenever the migration fails.
     stage 1: copy all full blocks          (request decoding here)
     stage k: copy blocks filled meanwhile  (request decoding here)
     stop:    pin blocks, freeze, abort     (downtime starts)
-    final:   copy the remaining blocks, commit on the destination, which
-             answers once its engine has admitted the request (the hand-off;
-             it loads the staged blocks and recomputes the tail when the
-             request is scheduled there)
+    commit:  one round trip: the destination pulls the remaining full blocks
+             (at most ``final_blocks``, as the live stages ran until then),
+             and answers once its engine has admitted the request (the
+             hand-off; it loads the staged blocks into the request's cache
+             before its first step there and recomputes the tail with it)
     done:    unpin (blocks freed), stream points the client to the destination
 
 No step waits for the destination's first token: on a busy destination that
@@ -30,10 +31,12 @@ from migration.policies import choose_mode
 from migration.ports import KvPort
 from migration.protocol import (
     CommitReply,
+    DowntimeParts,
     MigrationRecord,
     Mode,
     Outcome,
     ResumeSpec,
+    StageRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -121,6 +124,7 @@ async def migrate_out(
                  MigrationRecord(request_id=gen.request_id, source=source,
                                  destination=destination.address, mode=chosen,
                                  outcome=Outcome.FAILED, started_at=time.time()))  # fmt: skip
+    move.record.key = move.key
     t0 = clock()
     try:
         if await move.live_stages(plan) and await move.stop(engine):
@@ -144,6 +148,7 @@ class _Move:
     key: str = ""
     copied: int = 0
     stopped_at: float = 0.0
+    stop_s: float = 0.0
     tokens: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -205,6 +210,7 @@ class _Move:
         self.stopped_at = self.clock()
         try:
             await engine.abort(engine_id)
+            self.stop_s = self.clock() - self.stopped_at
         except Exception as exc:  # the engine is failing: let the request carry on here
             await self._end(Outcome.ROLLED_BACK, f"{type(exc).__name__}: {exc}")
             self.gen.resume_here()
@@ -213,22 +219,39 @@ class _Move:
             return False
         return True
 
+    def _final_stage(self) -> StageRequest | None:
+        """The full blocks the live stages left: the commit carries them."""
+        if self.kv is None:
+            return None
+        full = full_blocks(len(self.tokens), self.block_size)
+        if full <= self.copied:
+            return None
+        return StageRequest(key=self.key, source=self.kv.endpoint,
+                            engine_request_id=self.gen.engine_request_id,
+                            first=self.copied, count=full - self.copied)  # fmt: skip
+
     async def hand_off(self) -> None:
-        """Copy the last full blocks and commit; the request carries on here
-        if the destination fails now."""
-        engine_id = self.gen.engine_request_id
+        """Commit, with the last full blocks for the destination to pull; the
+        request carries on here if the destination fails now."""
         try:
-            num_kv_tokens = 0
-            if self.kv is not None:
-                full = full_blocks(len(self.tokens), self.block_size)
-                if full > self.copied:
-                    await self._copy_up_to(full, engine_id)
-                    self.record.stages += 1
-                num_kv_tokens = self.copied * self.block_size
-            frozen_for_s = self.clock() - self.stopped_at
-            await self.destination.commit(self.gen.resume_spec(
-                self.key, self.tokens, num_kv_tokens, frozen_for_s=frozen_for_s))  # fmt: skip
-            self.record.downtime_s = self.clock() - self.stopped_at
+            final = self._final_stage()
+            num_kv_blocks = final.first + final.count if final else self.copied
+            spec = self.gen.resume_spec(
+                self.key, self.tokens, num_kv_blocks * self.block_size if self.kv else 0,
+                frozen_for_s=self.clock() - self.stopped_at,
+            ).model_copy(update={"final": final})  # fmt: skip
+            sent = self.clock()
+            reply = await self.destination.commit(spec)
+            done = self.clock()
+            if final is not None:
+                self.record.stages += 1
+                self.record.blocks += final.count
+                self.record.bytes += reply.final_bytes
+            self.record.downtime_s = done - self.stopped_at
+            self.record.downtime = DowntimeParts(
+                stop_s=self.stop_s, final_copy_s=reply.final_copy_s, admit_s=reply.admitted_s,
+                commit_s=max(0.0, done - sent - reply.final_copy_s - reply.admitted_s),
+            )  # fmt: skip
             self.record.outcome = Outcome.MIGRATED
             self.gen.moved_to(self.destination.address)
         except Exception as exc:
@@ -237,7 +260,7 @@ class _Move:
             self.gen.resume_here()
         finally:
             if self.kv is not None:
-                await _quietly(self.kv.unpin(engine_id))
+                await _quietly(self.kv.unpin(self.gen.engine_request_id))
 
 
 async def _quietly(coro: object) -> None:

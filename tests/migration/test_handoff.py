@@ -130,3 +130,35 @@ async def test_a_request_whose_tokens_are_all_out_is_not_moved_and_ends_where_it
         host = WorkerMigrationHost(src.worker)
         assert host.movable() == []
         await _until(lambda: _idle(src) and _idle(dst))
+
+
+async def test_a_kv_migration_reports_its_downtime_in_parts_on_both_sides() -> None:
+    """The final blocks travel with the commit; the source's record splits
+    its share of the downtime, the destination's arrival the rest."""
+    async with (
+        _sim("ref", speedup=1000) as ref,
+        _sim("src", speedup=50) as src,
+        _sim("dst", speedup=50) as dst,
+    ):
+        reference = await _reference(ref)
+        request, gen = _source_gen("parts", PROMPT, MAX_TOKENS)
+        stream = asyncio.ensure_future(_drain(src.worker.run(request, gen, migratable=True)))
+        await _until(lambda: len(gen.delivered) >= 3 * BS)
+        destination = InboxDestination(dst.worker)
+        record = await migrate_out(gen, source=src.worker.config.address,
+                                   destination=destination, engine=src.engine, port=src.port,
+                                   block_size=BS, mode="kv")  # fmt: skip
+        assert record.outcome is Outcome.MIGRATED and record.mode == "kv", record
+        rest = await _drain(dst.worker.resume("parts"))
+        assert _tokens(await stream) + _tokens(rest) == reference
+        parts = record.downtime
+        assert parts is not None and record.downtime_s is not None
+        assert min(parts.stop_s, parts.final_copy_s, parts.admit_s, parts.commit_s) >= 0
+        assert parts.stop_s + parts.final_copy_s + parts.admit_s <= record.downtime_s
+        await _until(lambda: len(destination.inbox.arrivals) == 1)
+        arrival = destination.inbox.arrivals[0]
+        assert arrival.key == record.key and arrival.mode == "kv"
+        assert arrival.first_step_s is not None and arrival.first_step_s >= 0
+        assert arrival.downtime_s is not None and arrival.downtime_s >= arrival.frozen_for_s
+        assert arrival.load_s is None  # the sim's port models no load time
+        await _until(lambda: _idle(src) and _idle(dst))

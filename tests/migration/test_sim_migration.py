@@ -210,7 +210,7 @@ class InboxDestination:
         return await self.inbox.stage(key, source, engine_request_id, first, count)
 
     async def commit(self, spec: ResumeSpec) -> CommitReply:
-        return CommitReply(admitted_s=await self.inbox.commit(spec, self.host))
+        return await self.inbox.commit(spec, self.host)
 
     async def abort(self, key: str) -> None:
         await self.inbox.abort(key)

@@ -41,7 +41,10 @@ class Destination:
         if self.fail_commit:
             raise ConnectionError("destination died")
         self.committed = spec
-        return CommitReply(admitted_s=0.01)
+        if spec.final is None:
+            return CommitReply(admitted_s=0.01)
+        self.staged.append((spec.final.first, spec.final.count))  # it pulls the final blocks
+        return CommitReply(admitted_s=0.01, final_copy_s=0.002, final_bytes=spec.final.count * 100)
 
     async def abort(self, key: str) -> None:
         self.aborted.append(key)
@@ -113,6 +116,12 @@ async def test_kv_migration_copies_in_stages_then_commits() -> None:
     assert record.outcome is Outcome.MIGRATED and record.mode == "kv"
     assert dest.staged[0] == (0, 7)  # stage 1: everything full so far
     assert sum(c for _, c in dest.staged) == record.blocks == (35 - 1) // BS
+    # The block filled meanwhile travels with the commit: the stop is one round trip.
+    assert dest.committed is not None and dest.committed.final is not None
+    assert (dest.committed.final.first, dest.committed.final.count) == (7, 1)
+    assert record.bytes == record.blocks * 100
+    assert record.downtime is not None and record.downtime.final_copy_s == 0.002
+    assert record.downtime.admit_s == 0.01
     assert dest.committed is not None and dest.committed.num_kv_tokens == record.blocks * BS
     assert dest.committed.output_token_ids == list(gen.tokens[10:])
     assert port.log == ["pin", "unpin"] and not port.pinned
