@@ -7,7 +7,7 @@ EXTRAS ?= cpu,dev
 # Builds that break `transformers` beside the CPU torch; text models need none.
 BROKEN_TORCH_ADDONS := torchvision torchaudio torchcodec
 
-.PHONY: setup lint format test test-fast up status bench deploy-check clean
+.PHONY: setup lint format test test-fast up status bench deploy-check gpu-check clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ bench: $(STAMP)
 # manifests against the code, checkov from its own venv in .venv-tools/).
 deploy-check: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider tests/deploy
+
+# On a host with a CUDA GPU (EXTRAS=gpu,dev make setup): the KV data path on
+# CUDA caches and the engine arguments chosen there; fails clearly without one.
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) .venv-tools .shoal .mypy_cache .ruff_cache .pytest_cache

@@ -5,8 +5,9 @@ source's decode slowdown while the live stages copy, for KV transfer and for
 recompute. Two real vLLM CPU instances with the tiny model, one core each.
 A KV migration's downtime is split into its parts: the source's stop (the
 engine's abort), the final copy (the destination pulls the blocks left),
-the commit's round trip, the destination's admission, the load of the staged
-blocks into the cache and the rest of the first step.
+the commit's round trip, the destination's admission, its wait for the
+engine to schedule the request, the load of the staged blocks into the cache
+and the rest of the first step (the tail's forward and the output's way back).
 
     .venv/bin/python -m bench.migration_downtime [--lengths 256,1024,4096,8192,15000]
         [--pace-mib-s 0] [--transport tcp]
@@ -118,6 +119,7 @@ def _one(src: str, dst: str, length: int, mode: str, rid: str) -> dict[str, Any]
     mover.join()
     stop.set()
     bystander.join()
+    cached_ttft = _ttft(dst, prompt)
     t_call, t_done = call
     # The record's downtime_s is the source's share (freeze to hand-off); the
     # client sees the gap from its last token before the freeze to its first
@@ -128,14 +130,30 @@ def _one(src: str, dst: str, length: int, mode: str, rid: str) -> dict[str, Any]
     slowdown = during / base - 1 if base and during else None
     return {"length": length, "mode": mode, "outcome": record.get("outcome"),
             "downtime_ms": 1000 * _stall(arrivals, frozen), "step_ms": 1000 * (base or 0.0),
-            **_parts(record, dst),
+            **_parts(record, dst), "cached_ttft_ms": 1000 * cached_ttft,
             "total_ms": 1000 * record.get("duration_s", float("nan")),
             "stages": record.get("stages"), "blocks": record.get("blocks"),
             "slowdown_pct": None if slowdown is None else 100 * slowdown,
             "tokens": len(arrivals)}  # fmt: skip
 
 
-PARTS = ("stop", "final_copy", "commit", "admit", "load", "first_step")
+def _ttft(url: str, prompt: list[int]) -> float:
+    """Time to the first token of a new request for ``prompt`` on ``url``,
+    where the migration left its blocks in the prefix cache: what vLLM takes
+    to start any request whose KV is already there (the floor of the part of
+    the downtime on the destination)."""
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0.0, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    t0 = time.monotonic()
+    with httpx.Client(timeout=300) as client, client.stream("POST", url + "/generate",
+                                                             json=body) as resp:  # fmt: skip
+        for line in resp.iter_lines():
+            if line and json.loads(line).get("token_ids"):
+                return time.monotonic() - t0
+    return float("nan")
+
+
+PARTS = ("stop", "final_copy", "commit", "admit", "wait", "load", "first_step")
 
 
 def _parts(record: dict[str, Any], dst: str) -> dict[str, float]:
@@ -149,11 +167,13 @@ def _parts(record: dict[str, Any], dst: str) -> dict[str, float]:
         arrival = next((a for a in arrivals if a["key"] == record.get("key")), {})
         time.sleep(0.05)
     load = arrival.get("load_s") or 0.0
+    wait = arrival.get("wait_s") or 0.0
     first_step = arrival.get("first_step_s")
-    rest = None if first_step is None else first_step - load
+    rest = None if first_step is None else first_step - load - wait
     ms = {"stop": src_parts.get("stop_s"), "final_copy": src_parts.get("final_copy_s"),
           "commit": src_parts.get("commit_s"), "admit": src_parts.get("admit_s"),
-          "load": load, "first_step": rest}  # fmt: skip
+          "wait": wait, "load": load, "first_step": rest}  # fmt: skip
+    ms["freeze_to_first"] = arrival.get("downtime_s")
     return {f"{k}_ms": float("nan") if v is None else 1000 * v for k, v in ms.items()}
 
 
@@ -196,9 +216,14 @@ def main() -> None:
 
 def _report_parts(rows: list[dict[str, Any]], lengths: list[int]) -> None:
     """The KV migrations' downtime in its parts (medians, ms), against the
-    source's decode step before the migration."""
+    source's decode step before the migration: the downtime (freeze on the
+    source to the first token on the destination, as the destination records
+    it), the destination's time to first token for a new request of the same
+    prompt with its KV cached (vLLM's floor for starting a request), and the
+    gap in the client's tokens (which adds up to one decode step before the
+    freeze and the client's reconnection to the destination)."""
     print(f"\n{'tokens':>7} {'decode step':>11} " + " ".join(f"{p:>10}" for p in PARTS)
-          + f" {'client gap':>10}")  # fmt: skip
+          + f" {'downtime':>9} {'cached TTFT':>11} {'client gap':>10}")  # fmt: skip
     for length in lengths:
         ok = [r for r in rows if r["length"] == length and r["mode"] == "kv"
               and r["outcome"] == "migrated"]  # fmt: skip
@@ -211,7 +236,8 @@ def _report_parts(rows: list[dict[str, Any]], lengths: list[int]) -> None:
 
         print(f"{length:>7} {med('step_ms'):>11.1f} "
               + " ".join(f"{med(p + '_ms'):>10.1f}" for p in PARTS)
-              + f" {med('downtime_ms'):>10.1f}")  # fmt: skip
+              + f" {med('freeze_to_first_ms'):>9.1f} {med('cached_ttft_ms'):>11.1f}"
+              f" {med('downtime_ms'):>10.1f}")  # fmt: skip
 
 
 def _report(rows: list[dict[str, Any]], lengths: list[int]) -> None:

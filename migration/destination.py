@@ -154,7 +154,12 @@ class Inbox:
                 arrival.downtime_s = arrival.frozen_for_s + now - t0
         if self._port is not None and arrival.mode == "kv":
             with contextlib.suppress(Exception):
-                arrival.load_s = (await self._port.status()).load_s.get(arrival.key)
+                status = await self._port.status()
+                arrival.load_s = status.load_s.get(arrival.key)
+                started = status.load_at.get(arrival.key)
+                if started is not None and self._clock is time.monotonic:
+                    arrival.wait_s = max(0.0, started - (t0 + arrival.final_copy_s
+                                                         + arrival.admit_s))  # fmt: skip
         self.arrivals.append(arrival)
         self._on_arrival(arrival)
         await self._drop_staged(arrival.key)

@@ -54,10 +54,9 @@ class BufferPool:
 
     def take(self, nbytes: int) -> torch.Tensor:
         with self._lock:
-            fits = [b for b in self._free if b.numel() >= nbytes]
-            if fits:
-                best = min(fits, key=lambda b: b.numel())
-                self._free.remove(best)
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            if fits:  # by position: tensors compare element-wise
+                best = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
                 return best[:nbytes]
         return host_buffer(nbytes, self._device)
 

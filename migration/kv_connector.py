@@ -272,7 +272,7 @@ class _WorkerState:
         self._delayed: set[str] = set()
         self._release: set[str] = set()
         self._staging: dict[str, list[Staged]] = {}
-        self._loads: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._loads: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
         self._load_errors: set[int] = set()
         self.loaded_blocks = 0
         self._server = _Server((host, port), self)
@@ -335,7 +335,7 @@ class _WorkerState:
         """Fill the request's blocks from staging, before the step that
         first runs it. Blocks that were never staged are reported to vLLM,
         which recomputes them."""
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         with self._lock:
             staged = self._staging.pop(op.key, [])
         local = dict(zip(op.staged, op.local, strict=True))
@@ -354,7 +354,7 @@ class _WorkerState:
                         op.key, len(local))  # fmt: skip
         self.loaded_blocks += len(op.local) - len(local)
         with self._lock:
-            self._loads[op.key] = time.perf_counter() - t0
+            self._loads[op.key] = (t0, time.monotonic() - t0)
             while len(self._loads) > RECENT_LOADS:
                 self._loads.popitem(last=False)
 
@@ -411,7 +411,9 @@ class _WorkerState:
                         pinned=sorted(self._pins), delayed=sorted(self._delayed),
                         staging={k: sum(p.count for p in v) for k, v in self._staging.items()},
                         block_bytes=self.block_bytes, tables=len(self._tables),
-                        loaded_blocks=self.loaded_blocks, load_s=dict(self._loads),
+                        loaded_blocks=self.loaded_blocks,
+                        load_s={k: v[1] for k, v in self._loads.items()},
+                        load_at={k: v[0] for k, v in self._loads.items()},
                     )  # fmt: skip
         return Reply()
 

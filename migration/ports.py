@@ -24,6 +24,9 @@ class KvStatus(BaseModel):
     load_s: dict[str, float] = Field(default_factory=dict)
     """Seconds each recent incoming migration (by key) took to load its
     staged blocks into the cache (part of its first step)."""
+    load_at: dict[str, float] = Field(default_factory=dict)
+    """When each of those loads started (``time.monotonic()``: the host's
+    clock, shared by the engine's processes and the worker)."""
 
 
 class KvPort(Protocol):

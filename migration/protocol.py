@@ -164,6 +164,9 @@ class ArrivalRecord(BaseModel):
     load_s: float | None = None
     """Loading the staged blocks into the cache (None: not reported, as by
     the sim engine's port), part of the first step."""
+    wait_s: float | None = None
+    """Admission to the start of that load: the engine finishing the step it
+    was in and scheduling the request (part of the first step)."""
     first_step_s: float | None = None
     """Admission to the first token here (None: it ended without one)."""
     downtime_s: float | None = None

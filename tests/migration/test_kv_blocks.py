@@ -8,32 +8,33 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from migration.kv_blocks import BlockMover, as_memoryview, distinct_layers, host_buffer
+from migration.kv_blocks import BlockMover, BufferPool, as_memoryview, distinct_layers, host_buffer
 from migration.kv_layout import KvLayout, LayoutError, block_dim
+from tests.migration.device import DEVICE
 
 NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD = 12, 16, 2, 8
 
 
 def _cpu(dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(NUM_BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD).to(dtype)
+    return torch.randn(NUM_BLOCKS, HEADS, BLOCK_SIZE, 2 * HEAD).to(DEVICE, dtype)
 
 
 def _flash_attn(dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD).to(dtype)
+    return torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, HEADS, HEAD).to(DEVICE, dtype)
 
 
 def _flashinfer(dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(NUM_BLOCKS, 2, BLOCK_SIZE, HEADS, HEAD).to(dtype)
+    return torch.randn(NUM_BLOCKS, 2, BLOCK_SIZE, HEADS, HEAD).to(DEVICE, dtype)
 
 
 def _flashinfer_hnd(dtype: torch.dtype) -> torch.Tensor:
     """Logical ``[B, 2, N, H, D]`` over memory laid out ``[B, 2, H, N, D]``."""
-    physical = torch.randn(NUM_BLOCKS, 2, HEADS, BLOCK_SIZE, HEAD).to(dtype)
+    physical = torch.randn(NUM_BLOCKS, 2, HEADS, BLOCK_SIZE, HEAD).to(DEVICE, dtype)
     return physical.permute(0, 1, 3, 2, 4)
 
 
 def _mla(dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(NUM_BLOCKS, BLOCK_SIZE, 40).to(dtype)
+    return torch.randn(NUM_BLOCKS, BLOCK_SIZE, 40).to(DEVICE, dtype)
 
 
 LAYOUTS: dict[str, Callable[[torch.dtype], torch.Tensor]] = {
@@ -45,7 +46,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _bytes(t: torch.Tensor) -> bytes:
-    return bytes(t.contiguous().view(torch.uint8).numpy())
+    return bytes(t.cpu().contiguous().view(torch.uint8).numpy())
 
 
 def _block(layer: torch.Tensor, dim: int, block_id: int) -> bytes:
@@ -125,3 +126,17 @@ def test_block_dim_detection() -> None:
 def test_shared_caches_move_once() -> None:
     a, b = _cpu(torch.float32), _cpu(torch.float32)
     assert len(distinct_layers([a, b, a])) == 2
+
+
+def test_buffer_pool_reuses_the_smallest_fit_within_its_budget() -> None:
+    pool = BufferPool(torch.device("cpu"), budget_bytes=3000)
+    small, large = pool.take(500), pool.take(2000)
+    pool.give(small)
+    pool.give(large)
+    assert pool.free_bytes == 2500
+    again = pool.take(400)  # the 500-byte buffer, sliced
+    assert again.numel() == 400 and again.data_ptr() == small.data_ptr()
+    assert pool.take(1500).data_ptr() == large.data_ptr()
+    assert pool.free_bytes == 0
+    pool.give(host_buffer(4000, torch.device("cpu")))  # beyond the budget: not kept
+    assert pool.free_bytes == 0

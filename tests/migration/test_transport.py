@@ -26,6 +26,7 @@ from migration.wire import (
     call,
 )
 from tests.helpers import free_port
+from tests.migration.device import DEVICE
 
 NUM_BLOCKS = 16
 REQUEST = "req-1"
@@ -35,7 +36,8 @@ SOURCE_TABLE = [9, 3, 14, 1, 7, 12]
 
 def _caches(dtype: torch.dtype = torch.float16, fill: bool = True) -> dict[str, torch.Tensor]:
     make = torch.randn if fill else torch.zeros
-    return {f"model.layers.{i}.attn": make(NUM_BLOCKS, 2, 32, 64).to(dtype) for i in range(3)}
+    shape = (NUM_BLOCKS, 2, 32, 64)
+    return {f"model.layers.{i}.attn": make(shape).to(DEVICE, dtype) for i in range(3)}
 
 
 class Pair:
