@@ -83,7 +83,8 @@ def _one(src: str, dst: str, length: int, mode: str, rid: str) -> dict[str, Any]
     to ``dst`` after 64 output tokens, and time it. A bystander request
     decoding on ``src`` in the same batch measures the source's decode
     slowdown while the live stages copy (its token gaps during the copy
-    against the second before)."""
+    against those while both decoded before it, from the migrated request's
+    32nd token on)."""
     rng = random.Random(rid)  # a prompt of its own: no instance has it cached
     prompt = [rng.randrange(3, 320) for _ in range(length)]
     body = {"prompt": prompt, "max_tokens": 400, "temperature": 0.0, "ignore_eos": True,
@@ -125,7 +126,9 @@ def _one(src: str, dst: str, length: int, mode: str, rid: str) -> dict[str, Any]
     # client sees the gap from its last token before the freeze to its first
     # token from the destination.
     frozen = t_done - (record.get("downtime_s") or 0.0)
-    base = _mean_gap(seen, t_call - 1.0, t_call)
+    # Baseline: both requests decoding, before any copy (from the migrated
+    # request's 32nd token on, so its prefill is not in the window).
+    base = _mean_gap(seen, arrivals[31], t_call)
     during = _mean_gap(seen, t_call, frozen)
     slowdown = during / base - 1 if base and during else None
     return {"length": length, "mode": mode, "outcome": record.get("outcome"),
