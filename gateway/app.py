@@ -18,7 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from gateway.auth import ApiKey, KeyRing
 from gateway.dispatcher import Dispatcher, clamp_priority
 from gateway.metrics import GatewayMetrics
-from gateway.upstream import UpstreamRefused
+from gateway.probes import add_probe_routes
+from gateway.upstream import InstanceClient, UpstreamRefused
 from gateway.view import ClusterView
 from infra.contract import ChunkBatch, GenerateChunk
 from infra.errors import ShoalError, install_error_handlers
@@ -57,6 +58,8 @@ class GatewayState:
     """Makes the ``gateway.*`` spans (a no-op tracer without an OTLP endpoint)."""
     keys: KeyRing
     """The API keys (none: authentication is off) and their rate limits."""
+    client: InstanceClient | None = None
+    """Calls to instances outside dispatch (``/tokenize``, ``/detokenize``)."""
 
 
 def _priority(header: str | None, maximum: Priority) -> Priority:
@@ -95,6 +98,8 @@ class _Call:
     keys: KeyRing | None = None
     """The key ring that charges the caller's tokens."""
     span: trace.Span = trace.INVALID_SPAN
+    continuous_usage: bool = False
+    """Every chunk carries the usage so far (``continuous_usage_stats``)."""
     """The ``gateway.request`` span, ended by :meth:`done`."""
     first_at: float | None = None
     """``time.perf_counter()`` when the first token came (None: not yet)."""
@@ -133,6 +138,7 @@ def create_app(make_state: Callable[[], contextlib.AbstractAsyncContextManager[G
     add_completion_routes(app, serve)  # POST /v1/chat/completions, POST /v1/completions
     app.add_api_route("/v1/models", models, methods=["GET"], response_model=ModelList)
     app.add_api_route("/healthz", healthz, methods=["GET"])
+    add_probe_routes(app)  # /health, /version, /tokenize, /detokenize
     app.add_api_route("/readyz", readyz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
     return app
@@ -220,7 +226,8 @@ async def _open_call(st: GatewayState, request: Request,
     span.set_attribute("shoal.request_id", rid)
     span.set_attribute("shoal.priority", priority.value)
     return _Call(rid, int(time.time()), body.model, chat, body.include_usage, priority,
-                 time.perf_counter(), st.metrics, key, st.keys, span)  # fmt: skip
+                 time.perf_counter(), st.metrics, key, st.keys, span,
+                 continuous_usage=body.continuous_usage)  # fmt: skip
 
 
 async def _first_batch(call: _Call, chunks: AsyncGenerator[ChunkBatch, None]) -> ChunkBatch:

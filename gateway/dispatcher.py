@@ -407,6 +407,16 @@ class Dispatcher:
             candidates = await self._wait_for_instance(model, exclude, request_id)
         return self._policy.rank(DispatchContext(request, candidates, self._tick, self._rng))[0]
 
+    def any_instance(self, model: str) -> str:
+        """The address of a ready instance of ``model``, for a call that needs
+        no load balancing (``/tokenize``): 404 for a model nobody serves, 503
+        (with ``Retry-After``) while none is ready."""
+        candidates = self._candidates(model, set())
+        if not candidates:
+            raise ServiceUnavailableError(f"no instance of {model!r} is available",
+                                          retry_after_s=2)  # fmt: skip
+        return self._rng.choice(candidates).info.address
+
     def _candidates(self, model: str, exclude: set[str]) -> list[Candidate]:
         if not self._view.usable:
             raise ServiceUnavailableError("the gateway has no recent view of the cluster")

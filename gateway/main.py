@@ -76,12 +76,13 @@ def _assemble(settings: GatewaySettings, policy: DispatchPolicy, max_priority: P
     retry = RetryPolicy(settings.max_attempts, settings.retry_backoff_s, settings.max_replays)
     tracer = make_tracer("shoal-gateway", settings.otlp_endpoint)
     hold = HoldPolicy(settings.max_held_requests, settings.hold_timeout_s)
-    dispatcher = Dispatcher(view, policy, reservations, InstanceClient(session), metrics, retry,
+    client = InstanceClient(session)
+    dispatcher = Dispatcher(view, policy, reservations, client, metrics, retry,
                             tracer, hold=hold, demand=demand,
                             reservation_timeout_s=settings.reservation_timeout_s)  # fmt: skip
     file_keys = load_keys_file(settings.keys_file) if settings.keys_file else {}
     keys = KeyRing(redis, keys_schema, file_keys)
-    return GatewayState(view, dispatcher, metrics, max_priority, tracer, keys)
+    return GatewayState(view, dispatcher, metrics, max_priority, tracer, keys, client)
 
 
 @contextlib.asynccontextmanager

@@ -10,6 +10,7 @@ import json
 from collections.abc import AsyncGenerator
 
 import aiohttp
+from pydantic import BaseModel
 
 from infra.contract import ChunkBatch, GenerateChunk, GenerateRequest
 from infra.errors import ErrorDetail
@@ -51,6 +52,16 @@ class InstanceClient:
                 async for batch in _ndjson_batches(resp):
                     yield batch
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            raise UpstreamError(f"{address}: {type(exc).__name__}: {exc}") from exc
+
+    async def call(self, address: str, path: str, body: BaseModel) -> tuple[int, bytes]:
+        """POST ``body`` to ``address + path``: its status and body."""
+        headers = {"content-type": "application/json"}
+        try:
+            async with self._session.post(address + path, data=body.model_dump_json(),
+                                          headers=headers) as resp:  # fmt: skip
+                return resp.status, await resp.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamError(f"{address}: {type(exc).__name__}: {exc}") from exc
 
     async def stream(

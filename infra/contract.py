@@ -19,6 +19,9 @@ from infra.errors import ErrorDetail
 from infra.records import Priority
 
 MAX_STOP_SEQUENCES = 8
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300
+"""At most this many biased tokens (OpenAI's limit)."""
 MAX_ID_LENGTH = 128
 
 
@@ -38,6 +41,11 @@ class SamplingSpec(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    stop_token_ids: tuple[int, ...] = ()
+    """Generation ends (``stop``) after any of these tokens."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias added to its logit) pairs."""
 
     def after(self, num_done: int) -> SamplingSpec:
         """The same sampling for the rest of a request that has ``num_done`` tokens."""
@@ -98,6 +106,10 @@ class GenerateRequest(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+    logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)
+    """Token id to a bias in [-100, 100] added to its logit."""
     n: int = Field(default=1, ge=1, le=1, description="Only n = 1 is supported")
     priority: Priority = Priority.NORMAL
     stream: bool = False
@@ -119,6 +131,8 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError("'min_tokens' must not exceed 'max_tokens'")
+        if any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
+            raise ValueError("'logit_bias' values must be in [-100, 100]")
         done = len(self.continuation.output_token_ids) if self.continuation else 0
         if self.max_tokens is not None and done >= self.max_tokens:
             raise ValueError("a continuation must leave tokens to generate within 'max_tokens'")
@@ -131,7 +145,9 @@ class GenerateRequest(BaseModel):
             top_k=self.top_k, min_tokens=self.min_tokens, seed=self.seed,
             stop=self.stop_sequences, ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
+            repetition_penalty=self.repetition_penalty, min_p=self.min_p,
+            stop_token_ids=tuple(self.stop_token_ids),
+            logit_bias=tuple(sorted(self.logit_bias.items())),
         )  # fmt: skip
 
     @property
@@ -156,6 +172,11 @@ class GenerateChunk(BaseModel):
     text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    """The request's whole usage, on its last chunk."""
+    num_prompt_tokens: int | None = None
+    num_output_tokens: int | None = None
+    """The request's output so far, migrations and replays included (on
+    chunks with tokens): the running usage of ``continuous_usage_stats``."""
     error: ErrorDetail | None = None
     migrated_to: str | None = None
     """Last chunk of a request that moved: continue at this instance's

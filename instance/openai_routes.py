@@ -1,5 +1,7 @@
 """The worker's own OpenAI-compatible endpoints, as ``vllm serve`` offers:
-``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models``.
+``/v1/completions``, ``/v1/chat/completions`` and ``/v1/models``, and the
+ones clients probe: ``/version``, ``/tokenize``, ``/detokenize`` (``/health``
+is the worker's own, in ``instance.server``).
 
 They let any OpenAI client or third-party router talk to one instance
 directly (the gateway uses ``/generate``). ``X-Request-Priority`` is honoured
@@ -7,6 +9,8 @@ as sent: an instance trusts its callers."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -22,14 +26,22 @@ from infra.openai_protocol.models import (
     PRIORITY_HEADER,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
+    VersionResponse,
     priority_from_header,
+    shoal_version,
 )
 from infra.openai_protocol.render import sse_events, whole_response
 from infra.openai_protocol.routes import add_completion_routes
 from infra.openai_protocol.translate import to_generate
+from instance.engine import ChatMessage
 from instance.worker import InstanceWorker
 
 
@@ -42,6 +54,7 @@ class _DirectCall:
     model: str
     chat: bool
     include_usage: bool
+    continuous_usage: bool = False
 
     def observe(self, chunk: GenerateChunk) -> None:
         pass
@@ -73,7 +86,8 @@ def add_openai_routes(app: FastAPI, worker: InstanceWorker) -> None:
         chat = isinstance(body, ChatCompletionRequest)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         ereq = worker.prepare(to_generate(body, rid, priority))
-        call = _DirectCall(rid, int(time.time()), body.model, chat, body.include_usage)
+        call = _DirectCall(rid, int(time.time()), body.model, chat, body.include_usage,
+                           body.continuous_usage)  # fmt: skip
         chunks = _batches(worker.run(ereq))
         first = await anext(chunks, None)
         if first is None:
@@ -91,7 +105,40 @@ def add_openai_routes(app: FastAPI, worker: InstanceWorker) -> None:
 
     add_completion_routes(app, serve)
 
+    add_probe_routes(app, worker)
+
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
         info = worker.info()
         return ModelList(data=[ModelCard(id=info.model, created=int(info.started_at))])
+
+
+def add_probe_routes(app: FastAPI, worker: InstanceWorker) -> None:
+    """``/version``, ``/tokenize`` and ``/detokenize``, as ``vllm serve`` answers them."""
+
+    @app.get("/version", response_model=VersionResponse)
+    async def version() -> VersionResponse:
+        kind = worker.engine.kind
+        engine_version = getattr(sys.modules.get(kind), "__version__", None)
+        return VersionResponse(
+            version=shoal_version(), engine=f"{kind} {engine_version}" if engine_version else kind
+        )
+
+    @app.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        worker.check_model(body.model)
+        tok = worker.engine.tokenizer
+        if isinstance(body, TokenizeChatRequest):
+            messages = [ChatMessage(m.role, m.text()) for m in body.messages]
+            tokens = await asyncio.to_thread(tok.apply_chat_template, messages)
+        else:
+            tokens = await asyncio.to_thread(tok.encode, body.prompt, body.add_special_tokens)
+        return TokenizeResponse(count=len(tokens), tokens=tokens,
+                                max_model_len=worker.engine.limits.max_model_len)  # fmt: skip
+
+    @app.post("/detokenize", response_model=DetokenizeResponse)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        worker.check_model(body.model)
+        worker.check_token_ids(body.tokens, "tokens")
+        return DetokenizeResponse(prompt=await asyncio.to_thread(worker.engine.tokenizer.decode,
+                                                                 body.tokens))  # fmt: skip

@@ -59,8 +59,8 @@ class HfTokenizer:
         self._tok = AutoTokenizer.from_pretrained(model)
         self.vocab_size = len(self._tok)
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False))
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]:
         rendered = self._tok.apply_chat_template(
@@ -225,6 +225,9 @@ class VllmEngine:
             presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty,
             repetition_penalty=s.repetition_penalty,
+            min_p=s.min_p,
+            stop_token_ids=list(s.stop_token_ids) or None,
+            logit_bias=dict(s.logit_bias) or None,
             output_kind=RequestOutputKind.DELTA,
             # The worker makes the text from the token ids (instance.text), so
             # vLLM detokenizes only to find stop strings.

@@ -12,7 +12,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 from infra.contract import Continuation, GenerateChunk, GenerateRequest, Usage
@@ -88,6 +88,14 @@ class InstanceWorker:
     def set_status(self, status: InstanceStatus) -> None:
         log.info("instance %s: %s -> %s", self.config.instance_id, self._status, status)
         self._status = status
+
+    def check_model(self, model: str | None) -> None:
+        """A 404 unless ``model`` (when given) is the one served here."""
+        if model is not None and model != self.config.served_model_name:
+            raise NotFoundError(
+                f"model {model!r} is not served here (serving "
+                f"{self.config.served_model_name!r})", param="model", code="model_not_found",
+            )  # fmt: skip
 
     def info(self) -> InstanceInfo:
         limits = self.engine.limits
@@ -167,11 +175,9 @@ class InstanceWorker:
             and self._status is not InstanceStatus.DRAINING
         ):
             raise ServiceUnavailableError(f"instance is {self._status.value}")
-        if req.model is not None and req.model != self.config.served_model_name:
-            raise NotFoundError(
-                f"model {req.model!r} is not served here (serving "
-                f"{self.config.served_model_name!r})", param="model", code="model_not_found",
-            )  # fmt: skip
+        self.check_model(req.model)
+        self.check_token_ids(req.stop_token_ids, "stop_token_ids")
+        self.check_token_ids(list(req.logit_bias), "logit_bias")
         prompt_ids = self._tokenize(req)
         max_len = self.engine.limits.max_model_len
         if len(prompt_ids) >= max_len:
@@ -220,10 +226,14 @@ class InstanceWorker:
                 raise BadRequestError("'prompt' encodes to no tokens", param="prompt")
             return ids
         assert req.prompt is not None
-        vocab = self.config.vocab_size
-        if any(t < 0 or (vocab is not None and t >= vocab) for t in req.prompt):
-            raise BadRequestError(f"token ids must be in [0, {vocab})", param="prompt")
+        self.check_token_ids(req.prompt, "prompt")
         return list(req.prompt)
+
+    def check_token_ids(self, token_ids: Sequence[int], param: str) -> None:
+        """A 400 unless every id is in the model's vocabulary."""
+        vocab = self.config.vocab_size
+        if any(t < 0 or (vocab is not None and t >= vocab) for t in token_ids):
+            raise BadRequestError(f"token ids must be in [0, {vocab})", param=param)
 
     async def run(
         self, request: EngineRequest, generation: Generation | None = None, *,
@@ -314,7 +324,9 @@ class InstanceWorker:
                           total_tokens=gen.num_prompt_tokens + gen.num_output)  # fmt: skip
         gen.emitted_chars += len(text)
         return GenerateChunk(request_id=gen.request_id, token_ids=list(delta.token_ids),
-                             text=text, finish_reason=delta.finish_reason, usage=usage)  # fmt: skip
+                             text=text, finish_reason=delta.finish_reason, usage=usage,
+                             num_prompt_tokens=gen.num_prompt_tokens,
+                             num_output_tokens=gen.num_output)  # fmt: skip
 
     # -- migrated-in requests ------------------------------------------------
     async def adopt(self, spec: ResumeSpec) -> asyncio.Future[bool]:

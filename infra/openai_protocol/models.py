@@ -20,6 +20,8 @@ MAX_STOP = 8
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """vLLM's extension: every chunk carries the usage so far."""
 
 
 class _Sampling(BaseModel):
@@ -38,10 +40,17 @@ class _Sampling(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    # Accepted and ignored, as OpenAI does without stored completions.
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
     # vLLM extensions, accepted as `vllm serve` does.
     top_k: int | None = Field(default=None, ge=-1)
     min_tokens: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    stop_token_ids: list[int] | None = None
+    logit_bias: dict[str, float] | None = None
+    """OpenAI's form: token ids as strings, biases in [-100, 100]."""
     ignore_eos: bool = False
     skip_special_tokens: Literal[True] = True
     # Sent by routers (vLLM's router, SGLang) with values that ask for what
@@ -65,9 +74,22 @@ class _Sampling(BaseModel):
         """The most output tokens asked for (None: up to the context)."""
         raise NotImplementedError
 
+    def logit_bias_ids(self) -> dict[int, float]:
+        """``logit_bias`` keyed by token id (a 400 for a key that is not one)."""
+        try:
+            return {int(k): v for k, v in (self.logit_bias or {}).items()}
+        except ValueError:
+            raise BadRequestError(
+                "'logit_bias' keys must be token ids", param="logit_bias"
+            ) from None
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
 
 class ChatCompletionRequest(_Sampling):
@@ -173,6 +195,15 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+def shoal_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("shoal")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "unknown"
+
+
 PRIORITY_HEADER = "X-Request-Priority"
 """Shoal's per-request priority header: ``high``, ``normal`` (default) or ``low``."""
 
@@ -188,3 +219,51 @@ def priority_from_header(header: str | None) -> Priority:
             f"{PRIORITY_HEADER} must be one of high, normal, low (got {header!r})",
             param=PRIORITY_HEADER,
         ) from None
+
+
+class TokenizeCompletionRequest(BaseModel):
+    """``POST /tokenize`` with a prompt (vLLM's form)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1)
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: Literal[False] = False
+
+
+class TokenizeChatRequest(BaseModel):
+    """``POST /tokenize`` with chat messages, rendered by the model's template."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    add_generation_prompt: Literal[True] = True
+    add_special_tokens: Literal[False] = False
+    return_token_strs: Literal[False] = False
+
+
+TokenizeRequest = TokenizeChatRequest | TokenizeCompletionRequest
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1)
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str
+    """Shoal's version."""
+    engine: str | None = None
+    """The engine's kind and version on an instance (``vllm 0.32.0``)."""

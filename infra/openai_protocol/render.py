@@ -22,6 +22,7 @@ from infra.openai_protocol.translate import (
     completion_chunk,
     completion_usage_chunk,
     completion_whole,
+    running_usage,
     usage_of,
 )
 
@@ -40,6 +41,8 @@ class Call(Protocol):
     model: str
     chat: bool
     include_usage: bool
+    continuous_usage: bool
+    """Every chunk carries the usage so far (vLLM's ``continuous_usage_stats``)."""
 
     def observe(self, chunk: GenerateChunk) -> None:
         """Called for every chunk, before it is rendered."""
@@ -80,6 +83,8 @@ async def sse_events(
                     if call.chat
                     else completion_chunk(call.rid, call.created, call.model, chunk)
                 )
+                if call.continuous_usage:
+                    body.usage = running_usage(chunk)
                 events.append(_sse(body.model_dump_json()))
                 is_first = False
             if events:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 from infra.contract import GenerateChunk, GenerateRequest
+from infra.errors import BadRequestError
 from infra.openai_protocol.models import (
     ChatChoice,
     ChatChunkChoice,
@@ -37,19 +40,37 @@ def to_generate(
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty,
+        min_p=req.min_p,
+        stop_token_ids=req.stop_token_ids or [],
+        logit_bias=req.logit_bias_ids(),
         priority=priority,
         stream=True,
         migratable=migratable,
     )
-    if isinstance(req, ChatCompletionRequest):
-        return GenerateRequest(messages=req.messages, **common)  # type: ignore[arg-type]
-    return GenerateRequest(prompt=req.prompt, **common)  # type: ignore[arg-type]
+    try:
+        if isinstance(req, ChatCompletionRequest):
+            return GenerateRequest(messages=req.messages, **common)  # type: ignore[arg-type]
+        return GenerateRequest(prompt=req.prompt, **common)  # type: ignore[arg-type]
+    except ValidationError as exc:  # a rule of the instance's contract: still the client's 400
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise BadRequestError(first["msg"], param=param) from None
 
 
 def usage_of(chunk: GenerateChunk) -> Usage | None:
     if chunk.usage is None:
         return None
     return Usage(**chunk.usage.model_dump())
+
+
+def running_usage(chunk: GenerateChunk) -> Usage | None:
+    """The usage so far at ``chunk``: its final usage, or its running counts."""
+    if chunk.usage is not None:
+        return usage_of(chunk)
+    if chunk.num_prompt_tokens is None or chunk.num_output_tokens is None:
+        return None
+    return Usage(prompt_tokens=chunk.num_prompt_tokens, completion_tokens=chunk.num_output_tokens,
+                 total_tokens=chunk.num_prompt_tokens + chunk.num_output_tokens)  # fmt: skip
 
 
 def chat_chunk(

@@ -12,8 +12,8 @@ class ByteTokenizer:
 
     vocab_size = 256
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))  # bytes: no special tokens
 
     def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]:
         rendered = "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"

@@ -242,7 +242,10 @@ class SimCore:
         token = _next_token(req.request.prompt_token_ids, req.output_ids)
         req.output_ids.append(token)
         self.num_generation_tokens_total += 1
-        finish = "length" if len(req.output_ids) >= req.request.sampling.max_tokens else None
+        sampling = req.request.sampling
+        finish = ("stop" if token in sampling.stop_token_ids and len(req.output_ids)
+                  > sampling.min_tokens else
+                  "length" if len(req.output_ids) >= sampling.max_tokens else None)  # fmt: skip
         if finish is not None:
             self._running.remove(req)
             del self._by_id[req.request_id]

@@ -174,14 +174,19 @@ def test_priority_is_clamped_and_returned(gateway: WorkerProcess) -> None:
 
 
 @settings(
-    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     body=st.dictionaries(
         st.sampled_from(["model", "messages", "prompt", "max_tokens", "temperature", "n", "stop",
-                         "stream", "seed", "top_p", "extra"]),
+                         "stream", "seed", "top_p", "extra", "min_p", "stop_token_ids",
+                         "logit_bias", "metadata", "stream_options"]),
         st.one_of(st.none(), st.booleans(), st.integers(-(2**66), 2**66), st.floats(),
-                  st.text(max_size=10), st.just(MODEL), st.just(MESSAGES)),
+                  st.text(max_size=10), st.just(MODEL), st.just(MESSAGES),
+                  st.lists(st.integers(-5, 2**40), max_size=3),
+                  st.dictionaries(st.text(max_size=4), st.floats(-200, 200), max_size=2),
+                  st.dictionaries(st.sampled_from(["12", "-1", "999999"]),
+                                  st.one_of(st.floats(), st.integers()), max_size=2)),
         max_size=6,
     ),
     path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
@@ -432,3 +437,84 @@ def _refused_resume_scenario(
             return await stream
 
     return asyncio.run(scenario())
+
+
+def test_the_endpoints_clients_probe(gateway: WorkerProcess) -> None:
+    """``/health``, ``/version``, ``/tokenize``, ``/detokenize`` as ``vllm serve``
+    answers them, through the gateway to an instance of the model."""
+    url = gateway.base_url
+    health = httpx.get(url + "/health")
+    assert health.status_code == 200 and health.content == b""
+    assert httpx.get(url + "/version").json()["version"]
+    tok = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": "shoal"}).json()
+    assert tok == {
+        "count": 5,
+        "max_model_len": 1024,
+        "tokens": list(b"shoal"),
+        "token_strs": None,
+    }  # fmt: skip (the sim's tokens are bytes)
+    chat = httpx.post(url + "/tokenize", json={"model": MODEL, "messages": MESSAGES}).json()
+    assert bytes(chat["tokens"]).decode().endswith("<assistant>")
+    back = httpx.post(url + "/detokenize", json={"model": MODEL, "tokens": tok["tokens"]})
+    assert back.json() == {"prompt": "shoal"}
+    for path, body, status, param in [
+        ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+        ("/detokenize", {"model": MODEL, "tokens": [999]}, 400, "tokens"),
+        ("/tokenize", {"model": MODEL}, 400, None),
+        ("/tokenize", {"model": MODEL, "prompt": "x", "return_token_strs": True}, 400, None),
+    ]:
+        resp = httpx.post(url + path, json=body)
+        assert resp.status_code == status, resp.text
+        assert param is None or resp.json()["error"]["param"] == param
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(
+    gateway: WorkerProcess,
+) -> None:
+    body = {"model": MODEL, "prompt": "abc", "max_tokens": 6, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
+    with httpx.stream("POST", gateway.base_url + "/v1/completions", json=body) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]  # fmt: skip
+    with_text = [e for e in events if e["choices"]]
+    counts = [e["usage"]["completion_tokens"] for e in with_text]
+    assert counts == sorted(counts) and counts[-1] == 6 and counts[0] >= 1
+    assert all(e["usage"]["prompt_tokens"] == 3 for e in with_text)
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] == 9
+
+
+def test_fields_openai_accepts_and_ignores_are_accepted(client: openai.OpenAI) -> None:
+    out = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=3,
+        metadata={"team": "a"},
+        store=False,
+        user="u1",
+    )
+    assert out.usage is not None and out.usage.completion_tokens == 3
+
+
+def test_stop_token_ids_end_the_output_after_the_token(
+    cluster: tuple[WorkerProcess, list[WorkerProcess]],
+) -> None:
+    gateway, workers = cluster
+    plain = direct(workers[0], {"prompt": "stop here", "max_tokens": 12})
+    ids = plain["token_ids"]
+    assert isinstance(ids, list)
+    stop = ids[3]
+    expected = ids[: ids.index(stop) + 1]
+    body = {"model": MODEL, "prompt": "stop here", "max_tokens": 12, "stop_token_ids": [stop]}
+    out = httpx.post(gateway.base_url + "/v1/completions", json=body, timeout=30).json()
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert out["usage"]["completion_tokens"] == len(expected)
+    bads: list[tuple[dict[str, Any], str | None]] = [
+        ({"stop_token_ids": [99999]}, "stop_token_ids"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, None),
+    ]
+    for bad, param in bads:
+        resp = httpx.post(gateway.base_url + "/v1/completions",
+                          json={"model": MODEL, "prompt": "x", **bad})  # fmt: skip
+        assert resp.status_code == 400, resp.text
+        assert param is None or resp.json()["error"]["param"] == param

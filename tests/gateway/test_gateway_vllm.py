@@ -127,6 +127,45 @@ async def _stream(client: httpx.AsyncClient, max_tokens: int) -> _Outcome:
     return out
 
 
+def test_vllm_sampling_extras_are_honoured(stack: tuple[WorkerProcess, WorkerProcess]) -> None:
+    """``logit_bias``, ``stop_token_ids`` and ``min_p`` reach vLLM and act."""
+    gateway, worker = stack
+    url = gateway.base_url + "/v1/completions"
+    base: Any = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 8,
+                 "temperature": 0.0, "ignore_eos": True}  # fmt: skip
+    _, plain = direct_text(worker, prompt="The quick brown fox")
+    favourite = 42 if plain[0] != 42 else 43
+    biased = httpx.post(url, json={**base, "logit_bias": {str(favourite): 100}}, timeout=60)
+    direct = httpx.post(worker.base_url + "/generate", timeout=60, json={
+        "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0.0,
+        "ignore_eos": True, "logit_bias": {str(favourite): 100}}).json()  # fmt: skip
+    assert direct["token_ids"] == [favourite] * 8  # every token is the biased one
+    assert biased.json()["choices"][0]["text"] == direct["text"]
+    stop = plain[2]
+    stopped = httpx.post(url, json={**base, "stop_token_ids": [stop]}, timeout=60).json()
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["usage"]["completion_tokens"] == plain.index(stop) + 1
+    # min_p keeps the greedy choice (the most likely token always passes).
+    greedy_min_p = httpx.post(url, json={**base, "min_p": 0.5}, timeout=60).json()
+    unbiased = httpx.post(url, json=base, timeout=60).json()
+    assert greedy_min_p["choices"][0]["text"] == unbiased["choices"][0]["text"]
+
+
+def test_tokenize_through_the_gateway_uses_the_model_tokenizer(
+    stack: tuple[WorkerProcess, WorkerProcess],
+) -> None:
+    gateway, worker = stack
+    _, tokens = direct_text(worker, prompt="The quick brown fox")
+    text = httpx.post(gateway.base_url + "/detokenize",
+                      json={"model": MODEL, "tokens": tokens}).json()["prompt"]  # fmt: skip
+    again = httpx.post(gateway.base_url + "/tokenize", json={"model": MODEL, "prompt": text,
+                       "add_special_tokens": False}).json()  # fmt: skip
+    assert again["count"] == len(again["tokens"]) and again["max_model_len"] > 0
+    back = httpx.post(worker.base_url + "/detokenize",
+                      json={"model": MODEL, "tokens": again["tokens"]}).json()  # fmt: skip
+    assert back["prompt"] == text
+
+
 def test_instance_sigkilled_during_a_burst(
     stack: tuple[WorkerProcess, WorkerProcess], tiny_model: Path, redis_url: str,
     tmp_path: Path,
