@@ -42,6 +42,7 @@ class SamplingSpec(BaseModel):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_p: float = 0.0
+    include_stop_str_in_output: bool = False
     stop_token_ids: tuple[int, ...] = ()
     """Generation ends (``stop``) after any of these tokens."""
     logit_bias: tuple[tuple[int, float], ...] = ()
@@ -107,6 +108,7 @@ class GenerateRequest(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    include_stop_str_in_output: bool = False
     stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)
     """Token id to a bias in [-100, 100] added to its logit."""
@@ -146,6 +148,7 @@ class GenerateRequest(BaseModel):
             stop=self.stop_sequences, ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, min_p=self.min_p,
+            include_stop_str_in_output=self.include_stop_str_in_output,
             stop_token_ids=tuple(self.stop_token_ids),
             logit_bias=tuple(sorted(self.logit_bias.items())),
         )  # fmt: skip

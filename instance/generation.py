@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from infra.records import Priority
 from instance.engine import EngineRequest, KvLoad
+from instance.stops import StopWindow
 from instance.text import TextStream
 from migration.protocol import ResumeSpec
 
@@ -42,11 +43,17 @@ class Generation:
     """Characters of text the client has received so far (all instances)."""
     text: TextStream | None = None
     """Its text so far (None until the worker starts it here)."""
+    stops: StopWindow = field(default_factory=lambda: StopWindow(()))
+    """Its stop strings over the text (set from its sampling)."""
     admitted: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once an engine here has taken the request (running or queued)."""
     _outcome: asyncio.Future[str | None] | None = None
     _segment_start: int = 0
     """``delivered`` when the current engine request started."""
+
+    def __post_init__(self) -> None:
+        s = self.request.sampling
+        self.stops = StopWindow(s.stop, s.include_stop_str_in_output, self.stops.held)
 
     @property
     def request_id(self) -> str:
@@ -105,7 +112,8 @@ class Generation:
             output_token_ids=tokens[num_prompt:], num_kv_tokens=num_kv_tokens,
             sampling=r.sampling, priority=r.priority, arrival_time=r.arrival_time,
             emitted_chars=self.emitted_chars, frozen_for_s=frozen_for_s,
-            text=self.text.state if self.text is not None else None,
+            text=self.text.state.model_copy(update={"held": self.stops.held})
+            if self.text is not None else None,
         )  # fmt: skip
 
     @classmethod
@@ -120,6 +128,7 @@ class Generation:
             migratable=True,
             kv_load=KvLoad(spec.key, spec.num_kv_tokens) if spec.num_kv_tokens else None,
             emitted_chars=spec.emitted_chars,
+            stops=StopWindow((), held=spec.text.held if spec.text is not None else ""),
         )  # fmt: skip
 
     def freeze(self) -> list[int]:

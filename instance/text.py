@@ -43,10 +43,10 @@ class TextStream:
     @classmethod
     def replayed(
         cls, tokenizer: Tokenizer, prompt: Sequence[int], output: Sequence[int]
-    ) -> tuple[TextStream, int]:
-        """The stream after ``output``, and the characters it emitted on the way."""
+    ) -> tuple[TextStream, str]:
+        """The stream after ``output``, and the text it emitted on the way."""
         stream = cls.start(tokenizer, prompt)
-        return stream, len(stream.push(output))
+        return stream, stream.push(output)
 
     @property
     def state(self) -> TextState:

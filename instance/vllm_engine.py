@@ -226,6 +226,7 @@ class VllmEngine:
             frequency_penalty=s.frequency_penalty,
             repetition_penalty=s.repetition_penalty,
             min_p=s.min_p,
+            include_stop_str_in_output=s.include_stop_str_in_output,
             stop_token_ids=list(s.stop_token_ids) or None,
             logit_bias=dict(s.logit_bias) or None,
             output_kind=RequestOutputKind.DELTA,

@@ -291,7 +291,10 @@ class InstanceWorker:
                     continue  # the destination produces these again
                 if delta.token_ids:
                     latency.tokens_at(self._clock())
-                yield self._chunk(gen, delta)
+                chunk = self._chunk(gen, delta)
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return  # a stop string in the text ends it (closing aborts the engine's)
 
     async def _start_text(self, gen: Generation) -> None:
         """Start the request's text; after output from elsewhere (a replay),
@@ -300,9 +303,13 @@ class InstanceWorker:
         if not gen.earlier_output:
             gen.text = TextStream.start(tok, prompt)
             return
-        gen.text, chars = await asyncio.to_thread(TextStream.replayed, tok, prompt,
-                                                  gen.earlier_output)  # fmt: skip
-        if chars != gen.emitted_chars:
+        gen.text, text = await asyncio.to_thread(TextStream.replayed, tok, prompt,
+                                                 gen.earlier_output)  # fmt: skip
+        chars = len(text)
+        held = text[gen.emitted_chars :]  # made, not yet sent: it may begin a stop string
+        if gen.emitted_chars <= chars and len(held) <= gen.stops.keep:
+            gen.stops.held = held
+        else:
             log.warning("%s: the client has %d characters, its tokens make %d: the text may "
                         "not line up", gen.request_id, gen.emitted_chars, chars)  # fmt: skip
 
@@ -315,16 +322,18 @@ class InstanceWorker:
     def _chunk(self, gen: Generation, delta: TokenDelta) -> GenerateChunk:
         assert gen.text is not None
         gen.delivered.extend(delta.token_ids)
-        text = gen.text.push(delta.token_ids)
+        text = gen.stops.push(gen.text.push(delta.token_ids))
+        finish = "stop" if gen.stops.hit is not None else delta.finish_reason
         usage = None
-        if delta.finish_reason is not None:
-            text += gen.text.flush()
+        if finish is not None:
+            text += gen.stops.push(gen.text.flush())
+            text += gen.stops.flush()
             gen.finished = True
             usage = Usage(prompt_tokens=gen.num_prompt_tokens, completion_tokens=gen.num_output,
                           total_tokens=gen.num_prompt_tokens + gen.num_output)  # fmt: skip
         gen.emitted_chars += len(text)
         return GenerateChunk(request_id=gen.request_id, token_ids=list(delta.token_ids),
-                             text=text, finish_reason=delta.finish_reason, usage=usage,
+                             text=text, finish_reason=finish, usage=usage,
                              num_prompt_tokens=gen.num_prompt_tokens,
                              num_output_tokens=gen.num_output)  # fmt: skip
 

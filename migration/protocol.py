@@ -84,6 +84,8 @@ class TextState(BaseModel):
 
     window: list[int]
     read_offset: int = Field(ge=0)
+    held: str = ""
+    """Text made but held back: it may begin a stop string."""
 
 
 class ResumeSpec(BaseModel):

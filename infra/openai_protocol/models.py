@@ -48,6 +48,7 @@ class _Sampling(BaseModel):
     min_tokens: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    include_stop_str_in_output: bool = False
     stop_token_ids: list[int] | None = None
     logit_bias: dict[str, float] | None = None
     """OpenAI's form: token ids as strings, biases in [-100, 100]."""

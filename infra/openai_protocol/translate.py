@@ -41,6 +41,7 @@ def to_generate(
         frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty,
         min_p=req.min_p,
+        include_stop_str_in_output=req.include_stop_str_in_output,
         stop_token_ids=req.stop_token_ids or [],
         logit_bias=req.logit_bias_ids(),
         priority=priority,

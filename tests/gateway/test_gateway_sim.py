@@ -518,3 +518,32 @@ def test_stop_token_ids_end_the_output_after_the_token(
                           json={"model": MODEL, "prompt": "x", **bad})  # fmt: skip
         assert resp.status_code == 400, resp.text
         assert param is None or resp.json()["error"]["param"] == param
+
+
+def test_stop_strings_cut_the_text_as_vllm_does(
+    cluster: tuple[WorkerProcess, list[WorkerProcess]],
+) -> None:
+    """The text ends where the first stop string starts (with it, when
+    ``include_stop_str_in_output``), and generation ends there."""
+    gateway, workers = cluster
+    plain = direct(workers[0], {"prompt": "cut here", "max_tokens": 24})
+    text = plain["text"]
+    assert isinstance(text, str) and len(text) > 12
+    stop = text[8:10]
+    before = text[: text.find(stop)]
+    url = gateway.base_url + "/v1/completions"
+    body: dict[str, Any] = {"model": MODEL, "prompt": "cut here", "max_tokens": 24, "stop": [stop]}
+    out = httpx.post(url, json=body, timeout=30).json()["choices"][0]
+    assert (out["text"], out["finish_reason"]) == (before, "stop")
+    kept = httpx.post(url, json={**body, "include_stop_str_in_output": True}, timeout=30).json()
+    assert kept["choices"][0]["text"] == before + stop
+    streamed = "".join(
+        c.choices[0].text
+        for c in openai.OpenAI(
+            base_url=gateway.base_url + "/v1", api_key="unused"
+        ).completions.create(
+            model=MODEL, prompt="cut here", max_tokens=24, stop=[stop], stream=True
+        )
+        if c.choices
+    )
+    assert streamed == before

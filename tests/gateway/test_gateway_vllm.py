@@ -151,6 +151,22 @@ def test_vllm_sampling_extras_are_honoured(stack: tuple[WorkerProcess, WorkerPro
     assert greedy_min_p["choices"][0]["text"] == unbiased["choices"][0]["text"]
 
 
+def test_stop_strings_cut_the_text_where_vllm_does(
+    stack: tuple[WorkerProcess, WorkerProcess],
+) -> None:
+    gateway, worker = stack
+    text, _ = direct_text(worker, prompt="The quick brown fox")
+    at = next(i for i in range(6, len(text) - 2) if text.find(text[i : i + 2]) == i)
+    stop = text[at : at + 2]
+    body: Any = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 16,
+                 "temperature": 0.0, "ignore_eos": True, "stop": [stop]}  # fmt: skip
+    url = gateway.base_url + "/v1/completions"
+    out = httpx.post(url, json=body, timeout=60).json()["choices"][0]
+    assert (out["text"], out["finish_reason"]) == (text[:at], "stop")
+    kept = httpx.post(url, json={**body, "include_stop_str_in_output": True}, timeout=60).json()
+    assert kept["choices"][0]["text"] == text[: at + 2]
+
+
 def test_tokenize_through_the_gateway_uses_the_model_tokenizer(
     stack: tuple[WorkerProcess, WorkerProcess],
 ) -> None:

@@ -49,6 +49,6 @@ def test_a_stream_carried_across_a_migration_emits_the_same_text(
 def test_a_stream_rebuilt_for_a_replay_emits_the_same_text(tokens: list[int], cut: int) -> None:
     cut = min(cut, len(tokens))
     sent = TextStream.start(TOK, PROMPT).push(tokens[:cut])
-    stream, chars = TextStream.replayed(TOK, PROMPT, tokens[:cut])
-    assert chars == len(sent)
+    stream, text = TextStream.replayed(TOK, PROMPT, tokens[:cut])
+    assert text == sent
     assert sent + stream.push(tokens[cut:]) + stream.flush() == _whole(tokens)

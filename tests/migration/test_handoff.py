@@ -8,6 +8,7 @@ every chunk from the first."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from infra.contract import GenerateChunk
 from instance.generation import Generation
@@ -161,4 +162,34 @@ async def test_a_kv_migration_reports_its_downtime_in_parts_on_both_sides() -> N
         assert arrival.first_step_s is not None and arrival.first_step_s >= 0
         assert arrival.downtime_s is not None and arrival.downtime_s >= arrival.frozen_for_s
         assert arrival.load_s is None  # the sim's port models no load time
+        await _until(lambda: _idle(src) and _idle(dst))
+
+
+async def test_stop_strings_hold_across_a_migration() -> None:
+    """Text held back because it may begin a stop string moves with the
+    request: the output is the unmigrated one, cut at the stop string."""
+    async with (
+        _sim("ref", speedup=1000) as ref,
+        _sim("src", speedup=50) as src,
+        _sim("dst", speedup=50) as dst,
+    ):
+        reference = await _drain(ref.worker.run(_source_gen("plain", PROMPT, MAX_TOKENS)[0]))
+        text = "".join(c.text for c in reference)
+        # A stop string first seen long after the migration point (3 blocks of output).
+        stop = next(text[i : i + 3] for i in range(300, len(text) - 3)
+                    if text.find(text[i : i + 3]) == i)  # fmt: skip
+        expected = text[: text.find(stop)]
+        request, gen = _source_gen("stops", PROMPT, MAX_TOKENS)
+        request = replace(request, sampling=request.sampling.model_copy(update={"stop": (stop,)}))
+        gen = Generation(request, num_prompt_tokens=len(request.prompt_token_ids))
+        stream = asyncio.ensure_future(_drain(src.worker.run(request, gen, migratable=True)))
+        await _until(lambda: len(gen.delivered) >= 3 * BS)
+        record = await migrate_out(gen, source=src.worker.config.address,
+                                   destination=InboxDestination(dst.worker), engine=src.engine,
+                                   port=src.port, block_size=BS, mode="kv")  # fmt: skip
+        assert record.outcome is Outcome.MIGRATED, record
+        here = await stream
+        rest = await _drain(dst.worker.resume("stops"))
+        assert "".join(c.text for c in here + rest) == expected
+        assert rest[-1].finish_reason == "stop"
         await _until(lambda: _idle(src) and _idle(dst))
