@@ -20,6 +20,8 @@ from infra.records import Priority
 
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20
+"""Most top alternatives per token (vLLM's default ``max_logprobs``)."""
 MAX_LOGIT_BIAS = 300
 """At most this many biased tokens (OpenAI's limit)."""
 MAX_ID_LENGTH = 128
@@ -47,6 +49,9 @@ class SamplingSpec(BaseModel):
     """Generation ends (``stop``) after any of these tokens."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias added to its logit) pairs."""
+    logprobs: int | None = None
+    """Return each sampled token's logprob and this many most likely
+    alternatives (None: no logprobs)."""
 
     def after(self, num_done: int) -> SamplingSpec:
         """The same sampling for the rest of a request that has ``num_done`` tokens."""
@@ -112,6 +117,8 @@ class GenerateRequest(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)
     """Token id to a bias in [-100, 100] added to its logit."""
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    """Each token's logprob with this many top alternatives (None: none)."""
     n: int = Field(default=1, ge=1, le=1, description="Only n = 1 is supported")
     priority: Priority = Priority.NORMAL
     stream: bool = False
@@ -150,7 +157,7 @@ class GenerateRequest(BaseModel):
             repetition_penalty=self.repetition_penalty, min_p=self.min_p,
             include_stop_str_in_output=self.include_stop_str_in_output,
             stop_token_ids=tuple(self.stop_token_ids),
-            logit_bias=tuple(sorted(self.logit_bias.items())),
+            logit_bias=tuple(sorted(self.logit_bias.items())), logprobs=self.logprobs,
         )  # fmt: skip
 
     @property
@@ -167,6 +174,19 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token_id: int
+    token: str
+    """The token's text, as the engine decodes it alone."""
+    logprob: float
+
+
+class TokenLogprob(TopLogprob):
+    """A sampled token's logprob and the most likely alternatives at its place."""
+
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
 class GenerateChunk(BaseModel):
     """One line of a streaming response."""
 
@@ -180,6 +200,8 @@ class GenerateChunk(BaseModel):
     num_output_tokens: int | None = None
     """The request's output so far, migrations and replays included (on
     chunks with tokens): the running usage of ``continuous_usage_stats``."""
+    logprobs: list[TokenLogprob] | None = None
+    """One per token of ``token_ids``, when the request asked for logprobs."""
     error: ErrorDetail | None = None
     migrated_to: str | None = None
     """Last chunk of a request that moved: continue at this instance's

@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from infra.contract import SamplingSpec
+from infra.contract import SamplingSpec, TokenLogprob
 from infra.records import Priority
 from migration.ports import KvPort
 
@@ -49,6 +49,8 @@ class TokenDelta:
     """Output tokens produced so far, this delta included."""
     finish_reason: str | None = None
     """``stop``, ``length`` or ``abort`` on the last delta, else ``None``."""
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """One per token, when the request asked for logprobs."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,11 @@ class Engine(Protocol):
 
     @property
     def kind(self) -> str: ...
+
+    @property
+    def has_logprobs(self) -> bool:
+        """Whether it can return token logprobs (a model's; the sim has none)."""
+        ...
 
     @property
     def limits(self) -> EngineLimits: ...

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from infra.contract import TokenLogprob, TopLogprob
 from instance.connector_port import ConnectorPort
 from instance.engine import (
     ChatMessage,
@@ -128,6 +129,7 @@ class VllmEngine:
     """``Engine`` implementation over vLLM's ``AsyncLLM``."""
 
     kind = "vllm"
+    has_logprobs = True
 
     def __init__(self, options: VllmOptions) -> None:
         self.options = options
@@ -230,9 +232,10 @@ class VllmEngine:
             stop_token_ids=list(s.stop_token_ids) or None,
             logit_bias=dict(s.logit_bias) or None,
             output_kind=RequestOutputKind.DELTA,
+            logprobs=s.logprobs,
             # The worker makes the text from the token ids (instance.text), so
-            # vLLM detokenizes only to find stop strings.
-            detokenize=bool(s.stop),
+            # vLLM detokenizes only to find stop strings and name logprob tokens.
+            detokenize=bool(s.stop) or s.logprobs is not None,
         )
         if request.kv_transfer is not None:
             load = request.kv_transfer
@@ -256,6 +259,7 @@ class VllmEngine:
                 finished = output.finished
                 yield TokenDelta(
                     token_ids=tuple(completion.token_ids),
+                    logprobs=_logprobs(completion, s.logprobs),
                     text=completion.text,
                     num_prompt_tokens=len(request.prompt_token_ids),
                     num_output_tokens=tracked.num_output,
@@ -331,3 +335,21 @@ def resolve_model(model: str | None, cache_dir: Path) -> str:
     from instance.tiny_model import default_tiny_model
 
     return str(default_tiny_model(cache_dir))
+
+
+def _logprobs(completion: Any, top: int | None) -> tuple[TokenLogprob, ...] | None:
+    """vLLM's logprobs of a delta's tokens: per position, the sampled token's
+    and the ``top`` most likely ones (by rank)."""
+    if top is None or completion.logprobs is None:
+        return None
+    out = []
+    for token_id, position in zip(completion.token_ids, completion.logprobs, strict=True):
+        chosen = position[token_id]
+        ranked = sorted((lp.rank, tid, lp) for tid, lp in position.items()
+                        if lp.rank is not None and lp.rank <= top)  # fmt: skip
+        out.append(TokenLogprob(
+            token_id=token_id, token=chosen.decoded_token or "", logprob=chosen.logprob,
+            top=[TopLogprob(token_id=tid, token=lp.decoded_token or "", logprob=lp.logprob)
+                 for _, tid, lp in ranked[:top]],
+        ))  # fmt: skip
+    return tuple(out)

@@ -178,6 +178,9 @@ class InstanceWorker:
         self.check_model(req.model)
         self.check_token_ids(req.stop_token_ids, "stop_token_ids")
         self.check_token_ids(list(req.logit_bias), "logit_bias")
+        if req.logprobs is not None and not self.engine.has_logprobs:
+            raise BadRequestError(f"the {self.engine.kind} engine has no token logprobs",
+                                  param="logprobs")  # fmt: skip
         prompt_ids = self._tokenize(req)
         max_len = self.engine.limits.max_model_len
         if len(prompt_ids) >= max_len:
@@ -335,7 +338,8 @@ class InstanceWorker:
         return GenerateChunk(request_id=gen.request_id, token_ids=list(delta.token_ids),
                              text=text, finish_reason=finish, usage=usage,
                              num_prompt_tokens=gen.num_prompt_tokens,
-                             num_output_tokens=gen.num_output)  # fmt: skip
+                             num_output_tokens=gen.num_output,
+                             logprobs=list(delta.logprobs) if delta.logprobs else None)  # fmt: skip
 
     # -- migrated-in requests ------------------------------------------------
     async def adopt(self, spec: ResumeSpec) -> asyncio.Future[bool]:

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from fastapi import Response
 
-from infra.contract import ChunkBatch, GenerateChunk
+from infra.contract import ChunkBatch, GenerateChunk, TokenLogprob
 from infra.errors import ErrorDetail, ServiceUnavailableError
 from infra.http import line_safe_json
 from infra.openai_protocol.models import Usage
@@ -69,6 +69,7 @@ async def sse_events(
     try:
         batch: ChunkBatch | None = first
         is_first = True
+        offset = 0  # of the next token's text, for completions' logprobs
         while batch is not None:
             events: list[bytes] = []
             broken: str | None = None
@@ -81,8 +82,9 @@ async def sse_events(
                 body = (
                     chat_chunk(call.rid, call.created, call.model, chunk, is_first)
                     if call.chat
-                    else completion_chunk(call.rid, call.created, call.model, chunk)
+                    else completion_chunk(call.rid, call.created, call.model, chunk, offset)
                 )
+                offset += sum(len(e.token) for e in chunk.logprobs or ())
                 if call.continuous_usage:
                     body.usage = running_usage(chunk)
                 events.append(_sse(body.model_dump_json()))
@@ -116,6 +118,7 @@ async def whole_response(
 ) -> Response:
     """One complete response body once the request has finished."""
     texts: list[str] = []
+    logprobs: list[TokenLogprob] | None = None
     finish: str | None = None
     usage: Usage | None = None
     try:
@@ -126,6 +129,8 @@ async def whole_response(
                 if chunk.error is not None:
                     raise StreamBroken(chunk.error.message)
                 texts.append(chunk.text)
+                if chunk.logprobs is not None:
+                    logprobs = [*(logprobs or []), *chunk.logprobs]
                 finish = chunk.finish_reason or finish
                 usage = usage_of(chunk) or usage
             batch = await anext(batches, None)
@@ -140,5 +145,5 @@ async def whole_response(
     await call.charge(usage)
     call.done("ok")
     make = chat_whole if call.chat else completion_whole
-    body = make(call.rid, call.created, call.model, "".join(texts), finish, usage)
+    body = make(call.rid, call.created, call.model, "".join(texts), finish, usage, logprobs)
     return Response(body.model_dump_json(), media_type="application/json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from infra.contract import GenerateChunk, GenerateRequest
+from infra.contract import GenerateChunk, GenerateRequest, TokenLogprob
 from infra.errors import BadRequestError
 from infra.openai_protocol.models import (
     ChatChoice,
@@ -13,9 +13,13 @@ from infra.openai_protocol.models import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
     ChatMessageOut,
+    ChatTokenLogprob,
+    ChatTopLogprob,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     Usage,
 )
@@ -44,6 +48,7 @@ def to_generate(
         include_stop_str_in_output=req.include_stop_str_in_output,
         stop_token_ids=req.stop_token_ids or [],
         logit_bias=req.logit_bias_ids(),
+        logprobs=req.num_logprobs,
         priority=priority,
         stream=True,
         migratable=migratable,
@@ -74,11 +79,40 @@ def running_usage(chunk: GenerateChunk) -> Usage | None:
                  total_tokens=chunk.num_prompt_tokens + chunk.num_output_tokens)  # fmt: skip
 
 
+def chat_logprobs(entries: list[TokenLogprob] | None) -> ChatLogprobs | None:
+    """OpenAI's chat form of token logprobs."""
+    if entries is None:
+        return None
+    return ChatLogprobs(content=[ChatTokenLogprob(
+        token=e.token, logprob=e.logprob, bytes=list(e.token.encode()),
+        top_logprobs=[ChatTopLogprob(token=t.token, logprob=t.logprob,
+                                     bytes=list(t.token.encode())) for t in e.top],
+    ) for e in entries])  # fmt: skip
+
+
+def completion_logprobs(entries: list[TokenLogprob] | None,
+                        offset: int) -> CompletionLogprobs | None:  # fmt: skip
+    """OpenAI's completions form of token logprobs; ``offset`` is where the
+    first token's text starts in the output."""
+    if entries is None:
+        return None
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return CompletionLogprobs(
+        text_offset=offsets, token_logprobs=[e.logprob for e in entries],
+        tokens=[e.token for e in entries],
+        top_logprobs=[{t.token: t.logprob for t in e.top} for e in entries],
+    )  # fmt: skip
+
+
 def chat_chunk(
     rid: str, created: int, model: str, chunk: GenerateChunk, first: bool
 ) -> ChatCompletionChunk:
     delta = ChatDelta(role="assistant" if first else None, content=chunk.text)
-    choice = ChatChunkChoice(delta=delta, finish_reason=chunk.finish_reason)
+    choice = ChatChunkChoice(delta=delta, finish_reason=chunk.finish_reason,
+                             logprobs=chat_logprobs(chunk.logprobs))  # fmt: skip
     return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
 
@@ -86,8 +120,10 @@ def chat_usage_chunk(rid: str, created: int, model: str, usage: Usage) -> ChatCo
     return ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
 
 
-def completion_chunk(rid: str, created: int, model: str, chunk: GenerateChunk) -> Completion:
-    choice = CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason)
+def completion_chunk(rid: str, created: int, model: str, chunk: GenerateChunk,
+                     offset: int = 0) -> Completion:  # fmt: skip
+    choice = CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason,
+                              logprobs=completion_logprobs(chunk.logprobs, offset))  # fmt: skip
     return Completion(id=rid, created=created, model=model, choices=[choice])
 
 
@@ -96,14 +132,18 @@ def completion_usage_chunk(rid: str, created: int, model: str, usage: Usage) -> 
 
 
 def chat_whole(
-    rid: str, created: int, model: str, text: str, finish: str | None, usage: Usage
-) -> ChatCompletion:
-    choice = ChatChoice(message=ChatMessageOut(content=text), finish_reason=finish)
+    rid: str, created: int, model: str, text: str, finish: str | None, usage: Usage,
+    logprobs: list[TokenLogprob] | None = None,
+) -> ChatCompletion:  # fmt: skip
+    choice = ChatChoice(message=ChatMessageOut(content=text), finish_reason=finish,
+                        logprobs=chat_logprobs(logprobs))  # fmt: skip
     return ChatCompletion(id=rid, created=created, model=model, choices=[choice], usage=usage)
 
 
 def completion_whole(
-    rid: str, created: int, model: str, text: str, finish: str | None, usage: Usage
-) -> Completion:
-    choice = CompletionChoice(text=text, finish_reason=finish)
+    rid: str, created: int, model: str, text: str, finish: str | None, usage: Usage,
+    logprobs: list[TokenLogprob] | None = None,
+) -> Completion:  # fmt: skip
+    choice = CompletionChoice(text=text, finish_reason=finish,
+                              logprobs=completion_logprobs(logprobs, 0))  # fmt: skip
     return Completion(id=rid, created=created, model=model, choices=[choice], usage=usage)

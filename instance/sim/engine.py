@@ -22,6 +22,8 @@ class SimEngine:
     """``Engine`` implementation over :class:`SimCore` (wall-clock driver)."""
 
     kind = "sim"
+    has_logprobs = False
+    """A modelled engine: its tokens come from no distribution."""
 
     def __init__(
         self,

@@ -167,6 +167,37 @@ def test_stop_strings_cut_the_text_where_vllm_does(
     assert kept["choices"][0]["text"] == text[: at + 2]
 
 
+def test_logprobs_come_from_vllm_in_openai_form(stack: tuple[WorkerProcess, WorkerProcess]) -> None:
+    """Greedy: every sampled token is its position's most likely one."""
+    gateway, worker = stack
+    client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="unused", max_retries=0)
+    expected, tokens = direct_text(worker, messages=MESSAGES)
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, logprobs=True,
+                                          top_logprobs=3, **GREEDY)  # fmt: skip
+    assert chat.choices[0].message.content == expected
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == len(tokens) == 16
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0.0
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert [t.logprob for t in entry.top_logprobs] == sorted(
+            (t.logprob for t in entry.top_logprobs), reverse=True
+        )
+    streamed = [c.choices[0].logprobs for c in client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, logprobs=True, stream=True, **GREEDY)
+        if c.choices and c.choices[0].logprobs is not None]  # fmt: skip
+    assert sum(len(lp.content or []) for lp in streamed) == 16
+    out = httpx.post(gateway.base_url + "/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0.0,
+        "ignore_eos": True, "logprobs": 2}).json()["choices"][0]["logprobs"]  # fmt: skip
+    assert len(out["tokens"]) == len(out["token_logprobs"]) == 8
+    assert out["text_offset"] == sorted(out["text_offset"]) and out["text_offset"][0] == 0
+    assert all(1 <= len(top) <= 2 for top in out["top_logprobs"])
+    bad = httpx.post(gateway.base_url + "/v1/chat/completions",
+                     json={"model": MODEL, "messages": MESSAGES, "top_logprobs": 2})  # fmt: skip
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
+
+
 def test_tokenize_through_the_gateway_uses_the_model_tokenizer(
     stack: tuple[WorkerProcess, WorkerProcess],
 ) -> None:
