@@ -36,11 +36,14 @@ class StopWindow:
         if self.hit is not None:
             return ""
         buf = self.held + text
-        found = [(i, s) for s in self.stops if (i := buf.find(s)) >= 0]
-        if found:
-            at, stop = min(found)
-            self.hit, self.held = stop, ""
-            return buf[: at + (len(stop) if self.include else 0)]
+        # As vLLM checks after each step: the first stop string, in the
+        # request's order, that the new text completes (one wholly in the
+        # held text would have been found before).
+        for stop in self.stops:
+            at = buf.find(stop)
+            if at >= 0:
+                self.hit, self.held = stop, ""
+                return buf[: at + (len(stop) if self.include else 0)]
         cut = max(0, len(buf) - self.keep)
         self.held = buf[cut:]
         return buf[:cut]
