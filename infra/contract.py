@@ -119,6 +119,8 @@ class GenerateRequest(BaseModel):
     """Token id to a bias in [-100, 100] added to its logit."""
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     """Each token's logprob with this many top alternatives (None: none)."""
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
+    """Keep only the prompt's last this many tokens (vLLM's extension)."""
     n: int = Field(default=1, ge=1, le=1, description="Only n = 1 is supported")
     priority: Priority = Priority.NORMAL
     stream: bool = False

@@ -182,6 +182,8 @@ class InstanceWorker:
             raise BadRequestError(f"the {self.engine.kind} engine has no token logprobs",
                                   param="logprobs")  # fmt: skip
         prompt_ids = self._tokenize(req)
+        if req.truncate_prompt_tokens is not None:  # vLLM's: keep the last ones
+            prompt_ids = prompt_ids[-req.truncate_prompt_tokens :]
         max_len = self.engine.limits.max_model_len
         if len(prompt_ids) >= max_len:
             raise ContextLengthError(

@@ -49,6 +49,7 @@ class _Sampling(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
     stop_token_ids: list[int] | None = None
     logit_bias: dict[str, float] | None = None
     """OpenAI's form: token ids as strings, biases in [-100, 100]."""

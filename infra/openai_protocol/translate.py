@@ -46,6 +46,7 @@ def to_generate(
         repetition_penalty=req.repetition_penalty,
         min_p=req.min_p,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        truncate_prompt_tokens=req.truncate_prompt_tokens,
         stop_token_ids=req.stop_token_ids or [],
         logit_bias=req.logit_bias_ids(),
         logprobs=req.num_logprobs,

@@ -547,3 +547,14 @@ def test_stop_strings_cut_the_text_as_vllm_does(
         if c.choices
     )
     assert streamed == before
+
+
+def test_truncate_prompt_tokens_keeps_the_last_ones(gateway: WorkerProcess) -> None:
+    url = gateway.base_url + "/v1/completions"
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 8, "temperature": 0.0}
+    cut = httpx.post(url, json={**body, "prompt": "abcdef", "truncate_prompt_tokens": 3}).json()
+    tail = httpx.post(url, json={**body, "prompt": "def"}).json()
+    assert cut["usage"]["prompt_tokens"] == 3
+    assert cut["choices"][0]["text"] == tail["choices"][0]["text"]
+    bad = httpx.post(url, json={**body, "prompt": "x", "truncate_prompt_tokens": 0})
+    assert bad.status_code == 400
