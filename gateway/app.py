@@ -58,7 +58,7 @@ class GatewayState:
     """Makes the ``gateway.*`` spans (a no-op tracer without an OTLP endpoint)."""
     keys: KeyRing
     """The API keys (none: authentication is off) and their rate limits."""
-    client: InstanceClient | None = None
+    client: InstanceClient
     """Calls to instances outside dispatch (``/tokenize``, ``/detokenize``)."""
 
 

@@ -30,15 +30,13 @@ class _State(Protocol):
 
     keys: KeyRing
     dispatcher: Dispatcher
-    client: InstanceClient | None
+    client: InstanceClient
 
 
 def add_probe_routes(app: FastAPI) -> None:
     async def forward(request: Request, model: str, path: str, body: BaseModel) -> Response:
         st: _State = request.app.state.shoal
         st.keys.authenticate(request.headers.get("authorization"))
-        if st.client is None:
-            raise ServiceUnavailableError("this gateway has no instance client")
         address = st.dispatcher.any_instance(model)
         try:
             status, raw = await st.client.call(address, path, body)
