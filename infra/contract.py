@@ -11,7 +11,7 @@ translates. A streaming response is newline-delimited JSON, one
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,6 +25,39 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300
 """At most this many biased tokens (OpenAI's limit)."""
 MAX_ID_LENGTH = 128
+MAX_CHOICES = 64
+"""Most options a ``choice`` constraint may list."""
+
+
+class StructuredSpec(BaseModel):
+    """A constraint on the output, run by the engine's structured-output
+    backend (vLLM's ``StructuredOutputsParams``): exactly one of ``json_schema``,
+    ``json_object``, ``regex``, ``choice`` or ``grammar``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    json_schema: dict[str, Any] | None = None
+    """The output is JSON valid against this schema."""
+    json_object: bool | None = None
+    """The output is any JSON object."""
+    regex: str | None = None
+    choice: tuple[str, ...] | None = Field(default=None, max_length=MAX_CHOICES)
+    """The output is exactly one of these strings."""
+    grammar: str | None = None
+    """An EBNF (GBNF) or Lark grammar."""
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StructuredSpec:
+        kinds = [k for k in ("json_schema", "json_object", "regex", "choice", "grammar")
+                 if getattr(self, k) is not None]  # fmt: skip
+        if len(kinds) != 1:
+            got = ", ".join(kinds) or "none"
+            raise ValueError("give exactly one structured-output constraint of json, "
+                             f"json_object, regex, choice, grammar (got {got})")  # fmt: skip
+        return self
 
 
 class SamplingSpec(BaseModel):
@@ -52,6 +85,8 @@ class SamplingSpec(BaseModel):
     logprobs: int | None = None
     """Return each sampled token's logprob and this many most likely
     alternatives (None: no logprobs)."""
+    structured: StructuredSpec | None = None
+    """Constrain the output (None: free text)."""
 
     def after(self, num_done: int) -> SamplingSpec:
         """The same sampling for the rest of a request that has ``num_done`` tokens."""
@@ -121,6 +156,8 @@ class GenerateRequest(BaseModel):
     """Each token's logprob with this many top alternatives (None: none)."""
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
     """Keep only the prompt's last this many tokens (vLLM's extension)."""
+    structured: StructuredSpec | None = None
+    """Constrain the output to a JSON schema, regex, choice or grammar."""
     n: int = Field(default=1, ge=1, le=1, description="Only n = 1 is supported")
     priority: Priority = Priority.NORMAL
     stream: bool = False
@@ -160,6 +197,7 @@ class GenerateRequest(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             stop_token_ids=tuple(self.stop_token_ids),
             logit_bias=tuple(sorted(self.logit_bias.items())), logprobs=self.logprobs,
+            structured=self.structured,
         )  # fmt: skip
 
     @property

@@ -138,9 +138,9 @@ class Engine(Protocol):
     @property
     def kind(self) -> str: ...
 
-    @property
-    def has_logprobs(self) -> bool:
-        """Whether it can return token logprobs (a model's; the sim has none)."""
+    def check(self, sampling: SamplingSpec) -> None:
+        """Raise a ``BadRequestError`` for sampling it cannot do (the sim has
+        no logprobs; vLLM checks a structured-output constraint compiles)."""
         ...
 
     @property

@@ -32,6 +32,7 @@ class Generation:
     earlier_output: tuple[int, ...] = ()
     """Tokens generated on instances this request ran on before."""
     migratable: bool = True
+    """Its caller follows a migration (the gateway does)."""
     delivered: list[int] = field(default_factory=list)
     """Tokens this instance has streamed to the client."""
     engine_request_id: str = ""
@@ -54,6 +55,17 @@ class Generation:
     def __post_init__(self) -> None:
         s = self.request.sampling
         self.stops = StopWindow(s.stop, s.include_stop_str_in_output, self.stops.held)
+
+    @property
+    def pinned_by(self) -> str | None:
+        """What keeps it on this instance, if anything: a structured-output
+        constraint (a resumed engine request would start its grammar again)."""
+        return "structured_output" if self.request.sampling.structured is not None else None
+
+    @property
+    def movable(self) -> bool:
+        """Live migration may move it."""
+        return self.migratable and self.pinned_by is None
 
     @property
     def request_id(self) -> str:

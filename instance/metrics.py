@@ -33,6 +33,11 @@ class InstanceMetrics:
             p + "request_duration_seconds", "Time from arrival to the last token",
             ["priority"], buckets=_LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
+        self.unmigratable = Counter(
+            p + "unmigratable_requests", "Requests a gateway sent that live migration "
+            "may not move (a drain waits for them), by what pins them", ["reason"],
+            registry=registry,
+        )  # fmt: skip
         self.running = Gauge(p + "running_requests", "Requests running", registry=registry)
         self.waiting = Gauge(p + "waiting_requests", "Requests waiting", registry=registry)
         self.blocks_used = Gauge(p + "kv_blocks_used", "KV blocks in use", registry=registry)

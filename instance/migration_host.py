@@ -42,14 +42,14 @@ class WorkerMigrationHost:
         return f"instance is {w.status.value if w.healthy else 'unhealthy'}"
 
     def movable(self) -> list[MovableRequest]:
-        return [g for g in self._worker.generations if g.migratable and not g.frozen
+        return [g for g in self._worker.generations if g.movable and not g.frozen
                 and not g.finished and g.num_remaining > 0]  # fmt: skip
 
     def running(self) -> list[RunningRequest]:
         return [
             RunningRequest(request_id=g.request_id, engine_request_id=g.engine_request_id,
                            priority=g.priority, num_tokens=len(g.tokens),
-                           num_output=g.num_output, migratable=g.migratable, frozen=g.frozen)
+                           num_output=g.num_output, migratable=g.movable, frozen=g.frozen)
             for g in self._worker.generations
         ]  # fmt: skip
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.contract import TokenLogprob, TopLogprob
+from infra.contract import SamplingSpec, TokenLogprob, TopLogprob
+from infra.errors import BadRequestError
 from instance.connector_port import ConnectorPort
 from instance.engine import (
     ChatMessage,
@@ -129,7 +130,6 @@ class VllmEngine:
     """``Engine`` implementation over vLLM's ``AsyncLLM``."""
 
     kind = "vllm"
-    has_logprobs = True
 
     def __init__(self, options: VllmOptions) -> None:
         self.options = options
@@ -193,6 +193,22 @@ class VllmEngine:
             kv_load_failure_policy="recompute",
         )
 
+    def check(self, sampling: SamplingSpec) -> None:
+        """vLLM's own checks of the sampling (``SamplingParams.verify``): a
+        structured-output constraint its backend cannot compile is a 400."""
+        if self._llm is None or sampling.structured is None:
+            return
+        from vllm.exceptions import VLLMClientError
+
+        config = self._llm.vllm_config
+        try:
+            sampling_params(sampling).verify(
+                config.model_config, config.speculative_config,
+                config.structured_outputs_config, self._llm.renderer.tokenizer,
+            )  # fmt: skip
+        except (VLLMClientError, ValueError) as exc:  # vLLM's validation errors
+            raise BadRequestError(str(exc), param="structured_outputs") from None
+
     async def stop(self) -> None:
         if self._llm is not None:
             self._llm.shutdown()
@@ -212,31 +228,9 @@ class VllmEngine:
         self, request: EngineRequest, admitted: Callable[[], None] = lambda: None
     ) -> AsyncGenerator[TokenDelta, None]:
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         s = request.sampling
-        params = SamplingParams(
-            max_tokens=s.max_tokens,
-            min_tokens=s.min_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k if s.top_k > 0 else 0,
-            seed=s.seed,
-            stop=list(s.stop) or None,
-            ignore_eos=s.ignore_eos,
-            presence_penalty=s.presence_penalty,
-            frequency_penalty=s.frequency_penalty,
-            repetition_penalty=s.repetition_penalty,
-            min_p=s.min_p,
-            include_stop_str_in_output=s.include_stop_str_in_output,
-            stop_token_ids=list(s.stop_token_ids) or None,
-            logit_bias=dict(s.logit_bias) or None,
-            output_kind=RequestOutputKind.DELTA,
-            logprobs=s.logprobs,
-            # The worker makes the text from the token ids (instance.text), so
-            # vLLM detokenizes only to find stop strings and name logprob tokens.
-            detokenize=bool(s.stop) or s.logprobs is not None,
-        )
+        params = sampling_params(s)
         if request.kv_transfer is not None:
             load = request.kv_transfer
             params.extra_args = {"kv_transfer_params": {TRANSFER_KEY: {
@@ -335,6 +329,44 @@ def resolve_model(model: str | None, cache_dir: Path) -> str:
     from instance.tiny_model import default_tiny_model
 
     return str(default_tiny_model(cache_dir))
+
+
+def sampling_params(s: SamplingSpec) -> Any:
+    """vLLM's ``SamplingParams`` for Shoal's sampling (deltas out)."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+    structured = None
+    if (c := s.structured) is not None:
+        structured = StructuredOutputsParams(
+            json=c.json_schema, json_object=c.json_object, regex=c.regex,
+            choice=list(c.choice) if c.choice is not None else None, grammar=c.grammar,
+            disable_any_whitespace=c.disable_any_whitespace,
+            disable_additional_properties=c.disable_additional_properties,
+            whitespace_pattern=c.whitespace_pattern,
+        )  # fmt: skip
+    return SamplingParams(
+        max_tokens=s.max_tokens,
+        min_tokens=s.min_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k if s.top_k > 0 else 0,
+        seed=s.seed,
+        stop=list(s.stop) or None,
+        ignore_eos=s.ignore_eos,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty,
+        min_p=s.min_p,
+        include_stop_str_in_output=s.include_stop_str_in_output,
+        stop_token_ids=list(s.stop_token_ids) or None,
+        logit_bias=dict(s.logit_bias) or None,
+        output_kind=RequestOutputKind.DELTA,
+        logprobs=s.logprobs,
+        structured_outputs=structured,
+        # The worker makes the text from the token ids (instance.text), so
+        # vLLM detokenizes only to find stop strings and name logprob tokens.
+        detokenize=bool(s.stop) or s.logprobs is not None,
+    )
 
 
 def _logprobs(completion: Any, top: int | None) -> tuple[TokenLogprob, ...] | None:

@@ -178,9 +178,6 @@ class InstanceWorker:
         self.check_model(req.model)
         self.check_token_ids(req.stop_token_ids, "stop_token_ids")
         self.check_token_ids(list(req.logit_bias), "logit_bias")
-        if req.logprobs is not None and not self.engine.has_logprobs:
-            raise BadRequestError(f"the {self.engine.kind} engine has no token logprobs",
-                                  param="logprobs")  # fmt: skip
         prompt_ids = self._tokenize(req)
         if req.truncate_prompt_tokens is not None:  # vLLM's: keep the last ones
             prompt_ids = prompt_ids[-req.truncate_prompt_tokens :]
@@ -196,8 +193,13 @@ class InstanceWorker:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                 f"the context of {max_len} tokens", param="max_tokens",
             )  # fmt: skip
+        sampling = req.sampling(max_tokens)
+        self.engine.check(sampling)
         if req.continuation is not None:
             self._check_continuation(req.continuation, max_tokens)
+            if sampling.structured is not None:  # its grammar would start again
+                raise BadRequestError("a request with structured outputs cannot be continued "
+                                      "on another instance", param="continuation")  # fmt: skip
         request_id = req.request_id or f"req-{uuid.uuid4().hex}"
         if request_id in self._generations:
             raise BadRequestError(
@@ -206,7 +208,7 @@ class InstanceWorker:
         return EngineRequest(
             request_id=request_id,
             prompt_token_ids=tuple(prompt_ids),
-            sampling=req.sampling(max_tokens),
+            sampling=sampling,
             priority=req.priority,
             arrival_time=self._clock(),
         )
@@ -258,6 +260,8 @@ class InstanceWorker:
         if gen.text is None:
             await self._start_text(gen)
         rid, priority = gen.request_id, request.priority.value
+        if gen.migratable and gen.pinned_by is not None:
+            self.metrics.unmigratable.labels(gen.pinned_by).inc()
         self._generations[rid] = gen
         latency = _Latency(self.metrics, priority, request.arrival_time)
         finish: str | None = None

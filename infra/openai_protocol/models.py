@@ -6,11 +6,12 @@ Requests refuse unknown fields and parameters the engine cannot honour with a
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from infra.contract import Message
+from infra.contract import Message, StructuredSpec
 from infra.errors import BadRequestError
 from infra.records import Priority
 
@@ -22,6 +23,81 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
     """vLLM's extension: every chunk carries the usage so far."""
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON to a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("a 'json_schema' response_format needs its 'json_schema' field")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs``: one constraint for its structured-output backend."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: None = None
+    """Not served (Shoal has no tool-call parsers yet)."""
+
+
+def structured_spec(structured: StructuredOutputs | None,
+                    response_format: ResponseFormat | None) -> StructuredSpec | None:  # fmt: skip
+    """The output constraint a request asks for: ``structured_outputs``, with
+    ``response_format`` (when not ``text``) overriding its kind, as vLLM merges them."""
+    fields = structured.model_dump(exclude_none=True, by_alias=True) if structured else {}
+    fields.pop("structural_tag", None)
+    if response_format is not None and response_format.type == "json_object":
+        fields["json_object"] = True
+    elif response_format is not None and response_format.json_schema is not None:
+        fields["json"] = response_format.json_schema.schema_ or {}
+    if not fields:
+        return None
+    schema = fields.pop("json", None)
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError:
+            raise BadRequestError("'structured_outputs.json' is not valid JSON",
+                                  param="structured_outputs.json") from None  # fmt: skip
+        if not isinstance(schema, dict):
+            raise BadRequestError("'structured_outputs.json' must be a JSON schema object",
+                                  param="structured_outputs.json")  # fmt: skip
+    if fields.get("json_object") is False:
+        raise BadRequestError("'structured_outputs.json_object' must be true if set",
+                              param="structured_outputs.json_object")  # fmt: skip
+    if "choice" in fields and not fields["choice"]:
+        raise BadRequestError("'structured_outputs.choice' must not be empty",
+                              param="structured_outputs.choice")  # fmt: skip
+    if isinstance(fields.get("grammar"), str) and not fields["grammar"].strip():
+        raise BadRequestError("'structured_outputs.grammar' must not be empty",
+                              param="structured_outputs.grammar")  # fmt: skip
+    try:
+        return StructuredSpec(json_schema=schema, **fields)
+    except ValidationError as exc:
+        raise BadRequestError(exc.errors()[0]["msg"], param="structured_outputs") from None
 
 
 class _Sampling(BaseModel):
@@ -54,6 +130,9 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None
     """OpenAI's form: token ids as strings, biases in [-100, 100]."""
     ignore_eos: bool = False
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    """vLLM's structured outputs: JSON schema, regex, choice or grammar."""
     skip_special_tokens: Literal[True] = True
     # Sent by routers (vLLM's router, SGLang) with values that ask for what
     # Shoal does anyway; any other value is refused.
@@ -89,6 +168,11 @@ class _Sampling(BaseModel):
             raise BadRequestError(
                 "'logit_bias' keys must be token ids", param="logit_bias"
             ) from None
+
+    @property
+    def structured(self) -> StructuredSpec | None:
+        """The output constraint asked for (None: free text)."""
+        return structured_spec(self.structured_outputs, self.response_format)
 
     @property
     def include_usage(self) -> bool:

@@ -50,6 +50,7 @@ def to_generate(
         stop_token_ids=req.stop_token_ids or [],
         logit_bias=req.logit_bias_ids(),
         logprobs=req.num_logprobs,
+        structured=req.structured,
         priority=priority,
         stream=True,
         migratable=migratable,

@@ -10,6 +10,8 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable
 
+from infra.contract import SamplingSpec
+from infra.errors import BadRequestError
 from instance.engine import EngineLimits, EngineLoad, EngineRequest, TokenDelta
 from instance.sim.codec import ByteTokenizer
 from instance.sim.core import SimConfig, SimCore, SimOutput
@@ -22,8 +24,15 @@ class SimEngine:
     """``Engine`` implementation over :class:`SimCore` (wall-clock driver)."""
 
     kind = "sim"
-    has_logprobs = False
-    """A modelled engine: its tokens come from no distribution."""
+
+    def check(self, sampling: SamplingSpec) -> None:
+        """A modelled engine: its tokens come from no distribution, so it has
+        no logprobs, and no grammar can steer them."""
+        if sampling.logprobs is not None:
+            raise BadRequestError("the sim engine has no token logprobs", param="logprobs")
+        if sampling.structured is not None:
+            raise BadRequestError("the sim engine has no structured outputs",
+                                  param="structured_outputs")  # fmt: skip
 
     def __init__(
         self,

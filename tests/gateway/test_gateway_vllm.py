@@ -198,6 +198,88 @@ def test_logprobs_come_from_vllm_in_openai_form(stack: tuple[WorkerProcess, Work
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
 
 
+SCHEMA: Any = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                "size": {"type": "integer"}}, "required": ["colour", "size"],
+                "additionalProperties": False}  # fmt: skip
+
+
+def test_structured_outputs_constrain_vllm(stack: tuple[WorkerProcess, WorkerProcess]) -> None:
+    """JSON schema, JSON object, regex and choice through vLLM's backend; a
+    constraint it cannot compile is the client's 400."""
+    gateway, _ = stack
+    chat, text = gateway.base_url + "/v1/chat/completions", gateway.base_url + "/v1/completions"
+    # (The random model loves whitespace, which JSON allows anywhere: bias it out.)
+    tokenize = gateway.base_url + "/tokenize"
+    blank = {str(t): -100 for ws in ("\n", " ", "\t") for t in httpx.post(tokenize, json={
+        "model": MODEL, "prompt": ws, "add_special_tokens": False}).json()["tokens"]}  # fmt: skip
+    base: Any = {"model": MODEL, "messages": MESSAGES, "temperature": 0.0, "max_tokens": 48,
+                 "logit_bias": blank}  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
+    out = httpx.post(chat, json={**base, "response_format": fmt}, timeout=60).json()
+    thing = json.loads(out["choices"][0]["message"]["content"])
+    assert set(thing) == {"colour", "size"} and thing["colour"] in {"red", "green", "blue"}
+    assert isinstance(thing["size"], int)
+    streamed = "".join(
+        event["choices"][0]["delta"].get("content") or ""
+        for event in sse(httpx.post(chat, json={**base, "response_format": fmt, "stream": True},
+                                    timeout=60))
+        if event.get("choices")
+    )  # fmt: skip
+    assert json.loads(streamed) == thing
+    obj = httpx.post(chat, json={**base, "response_format": {"type": "json_object"}}, timeout=60)
+    assert obj.status_code == 200, obj.text
+    prompt: Any = {"model": MODEL, "prompt": "The quick brown fox", "temperature": 0.0,
+                   "max_tokens": 16}  # fmt: skip
+    regex = httpx.post(text, json={**prompt, "structured_outputs": {"regex": "[a-c]{3}-[0-9]{2}"}},
+                       timeout=60).json()["choices"][0]  # fmt: skip
+    assert re.fullmatch("[a-c]{3}-[0-9]{2}", regex["text"]) and regex["finish_reason"] == "stop"
+    choice = httpx.post(text, json={**prompt, "structured_outputs": {"choice": ["yes", "no"]}},
+                        timeout=60).json()["choices"][0]  # fmt: skip
+    assert choice["text"] in {"yes", "no"}
+    for bad in ({"structured_outputs": {"regex": "("}},
+                {"structured_outputs": {"regex": "a", "choice": ["a"]}},
+                {"structured_outputs": {"json": "{not json"}},
+                {"response_format": {"type": "json_schema"}}):  # fmt: skip
+        refused = httpx.post(text, json={**prompt, **bad}, timeout=60)
+        assert refused.status_code == 400, (bad, refused.text)
+        assert refused.json()["error"]["type"] == "invalid_request_error"
+
+
+def sse(response: httpx.Response) -> list[Any]:
+    return [json.loads(line[6:]) for line in response.text.splitlines()
+            if line.startswith("data: {")]  # fmt: skip
+
+
+def test_a_structured_request_is_pinned_to_its_instance(
+    stack: tuple[WorkerProcess, WorkerProcess],
+) -> None:
+    """Its grammar lives in this engine: live migration may not move it (a
+    drain waits for it), and it is counted."""
+    gateway, worker = stack
+    body: Any = {"model": MODEL, "prompt": "The quick brown fox", "temperature": 0.0,
+                 "max_tokens": 400, "stream": True, "ignore_eos": True,
+                 "structured_outputs": {"regex": "[a-z]{400}"}}  # fmt: skip
+    with httpx.stream("POST", gateway.base_url + "/v1/completions", json=body,
+                      timeout=120) as response:  # fmt: skip
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: {"))
+        rid = json.loads(first[6:])["id"]
+        running = httpx.get(worker.base_url + "/requests").json()
+        mine = [r for r in running if r["request_id"] == rid]
+        assert mine and mine[0]["migratable"] is False
+        refused = httpx.post(worker.base_url + "/migrate", json={
+            "destination": "http://127.0.0.1:9", "request_ids": [rid]})  # fmt: skip
+        assert refused.status_code == 400 and "not migratable" in refused.text
+        rest = "".join(lines)
+    assert rest.rstrip().endswith("data: [DONE]")
+    metrics = httpx.get(worker.base_url + "/metrics").text
+    assert re.search(
+        r'shoal_instance_unmigratable_requests_total\{reason="structured_output"\} '
+        r"[1-9]",
+        metrics,
+    )
+
+
 def test_tokenize_through_the_gateway_uses_the_model_tokenizer(
     stack: tuple[WorkerProcess, WorkerProcess],
 ) -> None:
