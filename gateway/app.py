@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -21,9 +21,10 @@ from gateway.metrics import GatewayMetrics
 from gateway.probes import add_probe_routes
 from gateway.upstream import InstanceClient, UpstreamRefused
 from gateway.view import ClusterView
-from infra.contract import ChunkBatch, GenerateChunk
+from infra.contract import GenerateChunk
 from infra.errors import ShoalError, install_error_handlers
 from infra.http import BodyLimitMiddleware, unless_disconnected
+from infra.openai_protocol.choices import ChoiceBatch, choice_requests, open_choices
 from infra.openai_protocol.models import (
     PRIORITY_HEADER,
     ChatCompletionRequest,
@@ -173,10 +174,11 @@ async def serve(request: Request, body: ChatCompletionRequest | CompletionReques
     st.metrics.inflight.inc()
     try:
         parent = trace.set_span_in_context(call.span)
-        chunks = st.dispatcher.generate(
-            to_generate(body, call.rid, call.priority, migratable=True), body.model, parent
+        requests = choice_requests(
+            to_generate(body, call.rid, call.priority, migratable=True), body.n
         )
-        first = await _first_batch(call, chunks)
+        first, chunks = await _first_batch(call, open_choices(
+            lambda r: st.dispatcher.generate(r, body.model, parent), requests))  # fmt: skip
         return await _respond(request, body.stream, call, first, chunks)
     finally:
         st.metrics.inflight.dec()
@@ -230,11 +232,14 @@ async def _open_call(st: GatewayState, request: Request,
                  continuous_usage=body.continuous_usage)  # fmt: skip
 
 
-async def _first_batch(call: _Call, chunks: AsyncGenerator[ChunkBatch, None]) -> ChunkBatch:
-    """The first batch of chunks; a call that fails before it ends here, with
-    its error (an instance's refusal passed on as the instance gave it)."""
+async def _first_batch(
+    call: _Call, opening: Awaitable[tuple[ChoiceBatch, AsyncGenerator[ChoiceBatch, None]]]
+) -> tuple[ChoiceBatch, AsyncGenerator[ChoiceBatch, None]]:
+    """The first batch of chunks of every choice, and the rest; a call that
+    fails before it ends here, with its error (an instance's refusal passed
+    on as the instance gave it)."""
     try:
-        return await anext(chunks)
+        return await opening
     except UpstreamRefused as exc:
         call.done(str(exc.status_code))
         raise _refused(exc) from exc
@@ -243,8 +248,8 @@ async def _first_batch(call: _Call, chunks: AsyncGenerator[ChunkBatch, None]) ->
         raise
 
 
-async def _respond(request: Request, stream: bool, call: _Call, first: ChunkBatch,
-                   chunks: AsyncGenerator[ChunkBatch, None]) -> Response:  # fmt: skip
+async def _respond(request: Request, stream: bool, call: _Call, first: ChoiceBatch,
+                   chunks: AsyncGenerator[ChoiceBatch, None]) -> Response:  # fmt: skip
     """SSE events for a streaming call; otherwise the whole response once the
     request is done (499 if the client went away first)."""
     headers = {PRIORITY_HEADER: call.priority.value}

@@ -87,6 +87,9 @@ class SamplingSpec(BaseModel):
     alternatives (None: no logprobs)."""
     structured: StructuredSpec | None = None
     """Constrain the output (None: free text)."""
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    """How special tokens appear in the text (vLLM's options)."""
 
     def after(self, num_done: int) -> SamplingSpec:
         """The same sampling for the rest of a request that has ``num_done`` tokens."""
@@ -158,6 +161,8 @@ class GenerateRequest(BaseModel):
     """Keep only the prompt's last this many tokens (vLLM's extension)."""
     structured: StructuredSpec | None = None
     """Constrain the output to a JSON schema, regex, choice or grammar."""
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     n: int = Field(default=1, ge=1, le=1, description="Only n = 1 is supported")
     priority: Priority = Priority.NORMAL
     stream: bool = False
@@ -197,7 +202,8 @@ class GenerateRequest(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             stop_token_ids=tuple(self.stop_token_ids),
             logit_bias=tuple(sorted(self.logit_bias.items())), logprobs=self.logprobs,
-            structured=self.structured,
+            structured=self.structured, skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
         )  # fmt: skip
 
     @property

@@ -121,7 +121,8 @@ class Tokenizer(Protocol):
 
     def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]: ...
 
-    def decode(self, token_ids: Sequence[int]) -> str: ...
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True,
+               spaces_between_special_tokens: bool = True) -> str: ...  # fmt: skip
 
 
 def _nothing() -> None:

@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 from infra.contract import ChunkBatch, GenerateChunk
 from infra.errors import ServiceUnavailableError
 from infra.http import unless_disconnected
+from infra.openai_protocol.choices import choice_requests, open_choices
 from infra.openai_protocol.models import (
     PRIORITY_HEADER,
     ChatCompletionRequest,
@@ -85,12 +86,14 @@ def add_openai_routes(app: FastAPI, worker: InstanceWorker) -> None:
         priority = priority_from_header(priority_header)
         chat = isinstance(body, ChatCompletionRequest)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        ereq = worker.prepare(to_generate(body, rid, priority))
+        requests = choice_requests(to_generate(body, rid, priority), body.n)
+        prepared = [worker.prepare(r) for r in requests]  # every choice checked first
         call = _DirectCall(rid, int(time.time()), body.model, chat, body.include_usage,
                            body.continuous_usage)  # fmt: skip
-        chunks = _batches(worker.run(ereq))
-        first = await anext(chunks, None)
-        if first is None:
+        by_id = {p.request_id: p for p in prepared}
+        first, chunks = await open_choices(
+            lambda r: _batches(worker.run(by_id[str(r.request_id)])), requests)  # fmt: skip
+        if len({i for i, _ in first}) < len(requests):
             await chunks.aclose()
             raise ServiceUnavailableError("the engine stopped before the request started")
         headers = {PRIORITY_HEADER: priority.value}

@@ -15,12 +15,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from infra.contract import SamplingSpec
 from instance.engine import Tokenizer
 from migration.protocol import TextState
 
 CONTEXT_TOKENS = 5
 """Prompt tokens decoded before the first output token, for context (leading
 spaces, merges), as vLLM's detokenizer starts."""
+
+
+def special_tokens(sampling: SamplingSpec) -> dict[str, bool]:
+    """The decoding options of ``sampling``, as :class:`TextStream` takes them."""
+    return {"skip_special_tokens": sampling.skip_special_tokens,
+            "spaces_between_special_tokens": sampling.spaces_between_special_tokens}  # fmt: skip
 
 
 @dataclass
@@ -30,22 +37,31 @@ class TextStream:
     """Tokens from the last emitted boundary's prefix on."""
     read_offset: int
     """Where the not-yet-emitted tokens start in ``window``."""
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    """How special tokens are decoded (vLLM's sampling options of those names)."""
 
     @classmethod
-    def start(cls, tokenizer: Tokenizer, prompt: Sequence[int]) -> TextStream:
+    def start(cls, tokenizer: Tokenizer, prompt: Sequence[int], *,
+              skip_special_tokens: bool = True,
+              spaces_between_special_tokens: bool = True) -> TextStream:  # fmt: skip
         tail = list(prompt[-CONTEXT_TOKENS:])
-        return cls(tokenizer, tail, len(tail))
+        return cls(tokenizer, tail, len(tail), skip_special_tokens, spaces_between_special_tokens)
 
     @classmethod
-    def resumed(cls, tokenizer: Tokenizer, state: TextState) -> TextStream:
-        return cls(tokenizer, list(state.window), state.read_offset)
+    def resumed(cls, tokenizer: Tokenizer, state: TextState, *,
+                skip_special_tokens: bool = True,
+                spaces_between_special_tokens: bool = True) -> TextStream:  # fmt: skip
+        return cls(tokenizer, list(state.window), state.read_offset, skip_special_tokens,
+                   spaces_between_special_tokens)  # fmt: skip
 
     @classmethod
-    def replayed(
-        cls, tokenizer: Tokenizer, prompt: Sequence[int], output: Sequence[int]
-    ) -> tuple[TextStream, str]:
+    def replayed(cls, tokenizer: Tokenizer, prompt: Sequence[int], output: Sequence[int], *,
+                 skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True) -> tuple[TextStream, str]:  # fmt: skip
         """The stream after ``output``, and the text it emitted on the way."""
-        stream = cls.start(tokenizer, prompt)
+        stream = cls.start(tokenizer, prompt, skip_special_tokens=skip_special_tokens,
+                           spaces_between_special_tokens=spaces_between_special_tokens)  # fmt: skip
         return stream, stream.push(output)
 
     @property
@@ -64,10 +80,15 @@ class TextStream:
         """At the end of the output: everything still held back."""
         return self._advance(final=True)
 
+    def _decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(
+            token_ids, skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+        )  # fmt: skip
+
     def _advance(self, *, final: bool) -> str:
-        decode = self.tokenizer.decode
-        prefix = decode(self.window[: self.read_offset])
-        text = decode(self.window)
+        prefix = self._decode(self.window[: self.read_offset])
+        text = self._decode(self.window)
         if len(text) <= len(prefix) or (text.endswith("\ufffd") and not final):
             return ""
         del self.window[: self.read_offset]  # the new boundary's prefix starts here

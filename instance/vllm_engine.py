@@ -72,8 +72,16 @@ class HfTokenizer:
         )
         return self.encode(str(rendered))
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return str(self._tok.decode(list(token_ids), skip_special_tokens=True))
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True,
+               spaces_between_special_tokens: bool = True) -> str:  # fmt: skip
+        # (A fast tokenizer ignores spaces_between_special_tokens, as in vLLM.)
+        return str(
+            self._tok.decode(
+                list(token_ids),
+                skip_special_tokens=skip_special_tokens,
+                spaces_between_special_tokens=spaces_between_special_tokens,
+            )
+        )
 
 
 @dataclass
@@ -363,6 +371,8 @@ def sampling_params(s: SamplingSpec) -> Any:
         output_kind=RequestOutputKind.DELTA,
         logprobs=s.logprobs,
         structured_outputs=structured,
+        skip_special_tokens=s.skip_special_tokens,
+        spaces_between_special_tokens=s.spaces_between_special_tokens,
         # The worker makes the text from the token ids (instance.text), so
         # vLLM detokenizes only to find stop strings and name logprob tokens.
         detokenize=bool(s.stop) or s.logprobs is not None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -29,7 +30,7 @@ from instance.engine import ChatMessage, Engine, EngineRequest, TokenDelta
 from instance.generation import Generation
 from instance.metrics import InstanceMetrics
 from instance.reporter import LoadReporter, ReporterConfig
-from instance.text import TextStream
+from instance.text import TextStream, special_tokens
 from migration.protocol import ResumeSpec
 
 log = logging.getLogger(__name__)
@@ -309,11 +310,13 @@ class InstanceWorker:
         """Start the request's text; after output from elsewhere (a replay),
         replay that output through it, off the event loop."""
         tok, prompt = self.engine.tokenizer, gen.request.prompt_token_ids
+        special = special_tokens(gen.request.sampling)
         if not gen.earlier_output:
-            gen.text = TextStream.start(tok, prompt)
+            gen.text = TextStream.start(tok, prompt, **special)
             return
-        gen.text, text = await asyncio.to_thread(TextStream.replayed, tok, prompt,
-                                                 gen.earlier_output)  # fmt: skip
+        gen.text, text = await asyncio.to_thread(
+            functools.partial(TextStream.replayed, tok, prompt, gen.earlier_output, **special)
+        )
         chars = len(text)
         held = text[gen.emitted_chars :]  # made, not yet sent: it may begin a stop string
         if gen.emitted_chars <= chars and len(held) <= gen.stops.keep:
@@ -356,7 +359,8 @@ class InstanceWorker:
         resolves at its first token here, or when it ends without one."""
         gen, frozen_for_s = Generation.resumed(spec), spec.frozen_for_s
         if spec.text is not None:
-            gen.text = TextStream.resumed(self.engine.tokenizer, spec.text)
+            gen.text = TextStream.resumed(self.engine.tokenizer, spec.text,
+                                          **special_tokens(spec.sampling))  # fmt: skip
         loop = asyncio.get_running_loop()
         first: asyncio.Future[bool] = loop.create_future()
         queue: asyncio.Queue[GenerateChunk | None] = asyncio.Queue()

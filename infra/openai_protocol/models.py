@@ -16,6 +16,8 @@ from infra.errors import BadRequestError
 from infra.records import Priority
 
 MAX_STOP = 8
+MAX_N = 16
+"""Most choices one call may ask for."""
 
 
 class StreamOptions(BaseModel):
@@ -108,7 +110,8 @@ class _Sampling(BaseModel):
     model: str = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1, description="Only n = 1 is supported")
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    """Choices to generate: each is an instance request of its own."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -133,7 +136,8 @@ class _Sampling(BaseModel):
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     """vLLM's structured outputs: JSON schema, regex, choice or grammar."""
-    skip_special_tokens: Literal[True] = True
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     # Sent by routers (vLLM's router, SGLang) with values that ask for what
     # Shoal does anyway; any other value is refused.
     no_stop_trim: Literal[False] = False
@@ -145,6 +149,8 @@ class _Sampling(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         if self.stream_options is not None and not self.stream:
             raise ValueError("'stream_options' is only allowed when 'stream' is true")
+        if self.n > 1 and self.temperature is not None and self.temperature < 1e-5:
+            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}")  # vLLM's rule
         limit = self.token_limit
         if limit is not None and self.min_tokens > limit:
             raise ValueError("'min_tokens' must not exceed the token limit ('max_tokens')")

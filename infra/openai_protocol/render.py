@@ -11,11 +11,13 @@ from typing import Protocol
 
 from fastapi import Response
 
-from infra.contract import ChunkBatch, GenerateChunk, TokenLogprob
+from infra.contract import GenerateChunk
 from infra.errors import ErrorDetail, ServiceUnavailableError
 from infra.http import line_safe_json
+from infra.openai_protocol.choices import ChoiceBatch
 from infra.openai_protocol.models import Usage
 from infra.openai_protocol.translate import (
+    WholeChoice,
     chat_chunk,
     chat_usage_chunk,
     chat_whole,
@@ -58,42 +60,58 @@ def _sse(payload: str) -> bytes:
     return f"data: {line_safe_json(payload)}\n\n".encode()
 
 
+def total_usage(usages: dict[int, Usage]) -> Usage | None:
+    """The call's usage over its choices: the prompt once, every choice's
+    output (vLLM's count for ``n`` > 1); None until every choice has one."""
+    if not usages:
+        return None
+    prompt = next(iter(usages.values())).prompt_tokens
+    completion = sum(u.completion_tokens for u in usages.values())
+    return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                 total_tokens=prompt + completion)  # fmt: skip
+
+
 async def sse_events(
-    call: Call, first: ChunkBatch, batches: AsyncGenerator[ChunkBatch, None]
+    call: Call, first: ChoiceBatch, batches: AsyncGenerator[ChoiceBatch, None]
 ) -> AsyncIterator[bytes]:
     """SSE events for ``first`` and the rest of ``batches``, one write per
     batch; a failure after the first token ends the stream with an
     OpenAI-format error event."""
-    usage: Usage | None = None
+    usages: dict[int, Usage] = {}
     status = "ok"
     try:
-        batch: ChunkBatch | None = first
-        is_first = True
-        offset = 0  # of the next token's text, for completions' logprobs
+        batch: ChoiceBatch | None = first
+        started: set[int] = set()  # choices whose first delta (with the role) is out
+        offsets: dict[int, int] = {}  # of each choice's next token text, for logprobs
         while batch is not None:
             events: list[bytes] = []
             broken: str | None = None
-            for chunk in batch:
+            for index, chunk in batch:
                 call.observe(chunk)
-                usage = usage_of(chunk) or usage
+                if (u := usage_of(chunk)) is not None:
+                    usages[index] = u
                 if chunk.error is not None:
                     broken = chunk.error.message
                     break
+                offset = offsets.get(index, 0)
                 body = (
-                    chat_chunk(call.rid, call.created, call.model, chunk, is_first)
+                    chat_chunk(call.rid, call.created, call.model, chunk, index not in started,
+                               index)
                     if call.chat
-                    else completion_chunk(call.rid, call.created, call.model, chunk, offset)
-                )
-                offset += sum(len(e.token) for e in chunk.logprobs or ())
+                    else completion_chunk(call.rid, call.created, call.model, chunk, offset,
+                                          index)
+                )  # fmt: skip
+                offsets[index] = offset + sum(len(e.token) for e in chunk.logprobs or ())
                 if call.continuous_usage:
                     body.usage = running_usage(chunk)
                 events.append(_sse(body.model_dump_json()))
-                is_first = False
+                started.add(index)
             if events:
                 yield b"".join(events)
             if broken is not None:
                 raise StreamBroken(broken)
             batch = await anext(batches, None)
+        usage = total_usage(usages)
         await call.charge(usage)
         if call.include_usage and usage is not None:
             make = chat_usage_chunk if call.chat else completion_usage_chunk
@@ -114,36 +132,33 @@ async def sse_events(
 
 
 async def whole_response(
-    call: Call, first: ChunkBatch, batches: AsyncGenerator[ChunkBatch, None]
+    call: Call, first: ChoiceBatch, batches: AsyncGenerator[ChoiceBatch, None]
 ) -> Response:
     """One complete response body once the request has finished."""
-    texts: list[str] = []
-    logprobs: list[TokenLogprob] | None = None
-    finish: str | None = None
-    usage: Usage | None = None
+    choices: dict[int, WholeChoice] = {}
+    usages: dict[int, Usage] = {}
     try:
-        batch: ChunkBatch | None = first
+        batch: ChoiceBatch | None = first
         while batch is not None:
-            for chunk in batch:
+            for index, chunk in batch:
                 call.observe(chunk)
                 if chunk.error is not None:
                     raise StreamBroken(chunk.error.message)
-                texts.append(chunk.text)
-                if chunk.logprobs is not None:
-                    logprobs = [*(logprobs or []), *chunk.logprobs]
-                finish = chunk.finish_reason or finish
-                usage = usage_of(chunk) or usage
+                choices.setdefault(index, WholeChoice(index)).add(chunk)
+                if (u := usage_of(chunk)) is not None:
+                    usages[index] = u
             batch = await anext(batches, None)
     except StreamBroken as exc:
         call.done("broken")
         raise ServiceUnavailableError(f"the instance failed mid-request: {exc}") from exc
     finally:
         await batches.aclose()
-    if usage is None:
+    usage = total_usage(usages)
+    if usage is None or len(usages) < len(choices):
         call.done("broken")
         raise ServiceUnavailableError("the instance ended the request without usage")
     await call.charge(usage)
     call.done("ok")
     make = chat_whole if call.chat else completion_whole
-    body = make(call.rid, call.created, call.model, "".join(texts), finish, usage, logprobs)
+    body = make(call.rid, call.created, call.model, [choices[i] for i in sorted(choices)], usage)
     return Response(body.model_dump_json(), media_type="application/json")

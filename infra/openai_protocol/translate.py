@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from pydantic import ValidationError
 
 from infra.contract import GenerateChunk, GenerateRequest, TokenLogprob
@@ -51,6 +53,8 @@ def to_generate(
         logit_bias=req.logit_bias_ids(),
         logprobs=req.num_logprobs,
         structured=req.structured,
+        skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
         priority=priority,
         stream=True,
         migratable=migratable,
@@ -109,11 +113,30 @@ def completion_logprobs(entries: list[TokenLogprob] | None,
     )  # fmt: skip
 
 
-def chat_chunk(
-    rid: str, created: int, model: str, chunk: GenerateChunk, first: bool
-) -> ChatCompletionChunk:
+@dataclass
+class WholeChoice:
+    """One choice of a whole (non-streaming) response, gathered chunk by chunk."""
+
+    index: int
+    texts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+    def add(self, chunk: GenerateChunk) -> None:
+        self.texts.append(chunk.text)
+        if chunk.logprobs is not None:
+            self.logprobs = [*(self.logprobs or []), *chunk.logprobs]
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+
+def chat_chunk(rid: str, created: int, model: str, chunk: GenerateChunk, first: bool,
+               index: int = 0) -> ChatCompletionChunk:  # fmt: skip
     delta = ChatDelta(role="assistant" if first else None, content=chunk.text)
-    choice = ChatChunkChoice(delta=delta, finish_reason=chunk.finish_reason,
+    choice = ChatChunkChoice(index=index, delta=delta, finish_reason=chunk.finish_reason,
                              logprobs=chat_logprobs(chunk.logprobs))  # fmt: skip
     return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
@@ -123,8 +146,8 @@ def chat_usage_chunk(rid: str, created: int, model: str, usage: Usage) -> ChatCo
 
 
 def completion_chunk(rid: str, created: int, model: str, chunk: GenerateChunk,
-                     offset: int = 0) -> Completion:  # fmt: skip
-    choice = CompletionChoice(text=chunk.text, finish_reason=chunk.finish_reason,
+                     offset: int = 0, index: int = 0) -> Completion:  # fmt: skip
+    choice = CompletionChoice(index=index, text=chunk.text, finish_reason=chunk.finish_reason,
                               logprobs=completion_logprobs(chunk.logprobs, offset))  # fmt: skip
     return Completion(id=rid, created=created, model=model, choices=[choice])
 
@@ -133,19 +156,19 @@ def completion_usage_chunk(rid: str, created: int, model: str, usage: Usage) -> 
     return Completion(id=rid, created=created, model=model, choices=[], usage=usage)
 
 
-def chat_whole(
-    rid: str, created: int, model: str, text: str, finish: str | None, usage: Usage,
-    logprobs: list[TokenLogprob] | None = None,
-) -> ChatCompletion:  # fmt: skip
-    choice = ChatChoice(message=ChatMessageOut(content=text), finish_reason=finish,
-                        logprobs=chat_logprobs(logprobs))  # fmt: skip
-    return ChatCompletion(id=rid, created=created, model=model, choices=[choice], usage=usage)
+def chat_whole(rid: str, created: int, model: str, choices: list[WholeChoice],
+               usage: Usage) -> ChatCompletion:  # fmt: skip
+    return ChatCompletion(id=rid, created=created, model=model, usage=usage, choices=[
+        ChatChoice(index=c.index, message=ChatMessageOut(content=c.text),
+                   finish_reason=c.finish_reason, logprobs=chat_logprobs(c.logprobs))
+        for c in choices
+    ])  # fmt: skip
 
 
-def completion_whole(
-    rid: str, created: int, model: str, text: str, finish: str | None, usage: Usage,
-    logprobs: list[TokenLogprob] | None = None,
-) -> Completion:  # fmt: skip
-    choice = CompletionChoice(text=text, finish_reason=finish,
-                              logprobs=completion_logprobs(logprobs, 0))  # fmt: skip
-    return Completion(id=rid, created=created, model=model, choices=[choice], usage=usage)
+def completion_whole(rid: str, created: int, model: str, choices: list[WholeChoice],
+                     usage: Usage) -> Completion:  # fmt: skip
+    return Completion(id=rid, created=created, model=model, usage=usage, choices=[
+        CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
+                         logprobs=completion_logprobs(c.logprobs, 0))
+        for c in choices
+    ])  # fmt: skip

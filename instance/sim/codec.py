@@ -19,5 +19,7 @@ class ByteTokenizer:
         rendered = "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"
         return self.encode(rendered)
 
-    def decode(self, token_ids: Sequence[int]) -> str:
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True,
+               spaces_between_special_tokens: bool = True) -> str:  # fmt: skip
+        """Bytes have no special tokens: the options change nothing."""
         return bytes(t % 256 for t in token_ids).decode("utf-8", errors="replace")

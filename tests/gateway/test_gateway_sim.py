@@ -113,6 +113,32 @@ async def test_sdk_async_completions(gateway: WorkerProcess) -> None:
     await client.close()
 
 
+def test_n_choices_are_requests_of_their_own(gateway: WorkerProcess) -> None:
+    """``n`` = 3: three choices, each with its own index, role, text and
+    finish; the usage counts the prompt once and every choice's output."""
+    body: Any = {"model": MODEL, "messages": MESSAGES, "max_tokens": 6, "n": 3}
+    whole = httpx.post(gateway.base_url + "/v1/chat/completions", json=body).json()
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2]
+    assert all(c["finish_reason"] == "length" and c["message"]["content"]
+               for c in whole["choices"])  # fmt: skip
+    single = httpx.post(gateway.base_url + "/v1/chat/completions",
+                        json={**body, "n": 1}).json()["usage"]  # fmt: skip
+    assert whole["usage"] == {"prompt_tokens": single["prompt_tokens"], "completion_tokens": 18,
+                              "total_tokens": single["prompt_tokens"] + 18}  # fmt: skip
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", gateway.base_url + "/v1/chat/completions", json=stream) as resp:
+        events = [json.loads(line[6:]) for line in resp.iter_lines()
+                  if line.startswith("data: {")]  # fmt: skip
+    texts: dict[int, str] = {}
+    for event in events[:-1]:
+        (choice,) = event["choices"]
+        i = choice["index"]
+        assert (choice["delta"].get("role") == "assistant") == (i not in texts)
+        texts[i] = texts.get(i, "") + (choice["delta"].get("content") or "")
+    assert sorted(texts) == [0, 1, 2] and all(texts.values())
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+
+
 def test_sse_ends_with_one_done(gateway: WorkerProcess) -> None:
     body = {"model": MODEL, "prompt": "abc", "max_tokens": 5, "stream": True}
     with httpx.stream("POST", gateway.base_url + "/v1/completions", json=body) as resp:
@@ -125,7 +151,9 @@ def test_sse_ends_with_one_done(gateway: WorkerProcess) -> None:
     ("path", "body", "status", "param"),
     [
         ("/v1/chat/completions", {"model": "nope", "messages": MESSAGES}, 404, "model"),
-        ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "n": 2}, 400, "n"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "n": 17}, 400, "n"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "n": 2,
+                                  "temperature": 0}, 400, None),  # greedy: one choice
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tools": []}, 400, "tools"),
         ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": -1}, 400,

@@ -151,6 +151,21 @@ def test_vllm_sampling_extras_are_honoured(stack: tuple[WorkerProcess, WorkerPro
     assert greedy_min_p["choices"][0]["text"] == unbiased["choices"][0]["text"]
 
 
+def test_special_tokens_show_when_asked(stack: tuple[WorkerProcess, WorkerProcess]) -> None:
+    """``skip_special_tokens: false`` keeps special tokens in the text."""
+    gateway, _ = stack
+    url = gateway.base_url + "/v1/completions"
+    end = httpx.post(gateway.base_url + "/tokenize", json={
+        "model": MODEL, "prompt": "<|end|>", "add_special_tokens": False}).json()["tokens"]  # fmt: skip
+    assert len(end) == 1  # a special token of the tiny model
+    body: Any = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 3,
+                 "temperature": 0.0, "logit_bias": {str(end[0]): 100}}  # fmt: skip
+    hidden = httpx.post(url, json=body, timeout=60).json()["choices"][0]["text"]
+    shown = httpx.post(url, json={**body, "skip_special_tokens": False},
+                       timeout=60).json()["choices"][0]["text"]  # fmt: skip
+    assert (hidden, shown) == ("", "<|end|>" * 3)
+
+
 def test_stop_strings_cut_the_text_where_vllm_does(
     stack: tuple[WorkerProcess, WorkerProcess],
 ) -> None:
@@ -278,6 +293,21 @@ def test_a_structured_request_is_pinned_to_its_instance(
         r"[1-9]",
         metrics,
     )
+
+
+def test_n_seeded_choices_are_seeded_as_vllm_seeds_them(
+    stack: tuple[WorkerProcess, WorkerProcess],
+) -> None:
+    """Choice ``i`` of a call seeded ``s`` is the call seeded ``s + i``."""
+    gateway, _ = stack
+    url = gateway.base_url + "/v1/completions"
+    body: Any = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 8,
+                 "temperature": 0.9, "seed": 11, "ignore_eos": True}  # fmt: skip
+    both = httpx.post(url, json={**body, "n": 2}, timeout=60).json()
+    alone = [httpx.post(url, json={**body, "seed": 11 + i}, timeout=60).json() for i in (0, 1)]
+    assert [c["text"] for c in both["choices"]] == [a["choices"][0]["text"] for a in alone]
+    assert both["choices"][0]["text"] != both["choices"][1]["text"]
+    assert both["usage"]["completion_tokens"] == 16
 
 
 def test_tokenize_through_the_gateway_uses_the_model_tokenizer(

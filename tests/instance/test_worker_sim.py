@@ -84,7 +84,7 @@ def test_openai_endpoints_match_generate(client: httpx.Client, worker: WorkerPro
     assert len("".join(c.choices[0].text for c in chunks if c.choices)) > 0
     with pytest.raises(openai.NotFoundError):
         sdk.completions.create(model="no-such-model", prompt="hello", max_tokens=2)
-    bad = client.post("/v1/completions", json={"model": model, "prompt": "x", "n": 2})
+    bad = client.post("/v1/completions", json={"model": model, "prompt": "x", "n": 17})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
 
 
