@@ -99,9 +99,11 @@ class _Call:
     keys: KeyRing | None = None
     """The key ring that charges the caller's tokens."""
     span: trace.Span = trace.INVALID_SPAN
+    """The ``gateway.request`` span, ended by :meth:`done`."""
     continuous_usage: bool = False
     """Every chunk carries the usage so far (``continuous_usage_stats``)."""
-    """The ``gateway.request`` span, ended by :meth:`done`."""
+    echo: str | None = None
+    """The prompt, put before each choice's text (``echo``)."""
     first_at: float | None = None
     """``time.perf_counter()`` when the first token came (None: not yet)."""
     num_tokens: int = 0
@@ -229,7 +231,7 @@ async def _open_call(st: GatewayState, request: Request,
     span.set_attribute("shoal.priority", priority.value)
     return _Call(rid, int(time.time()), body.model, chat, body.include_usage, priority,
                  time.perf_counter(), st.metrics, key, st.keys, span,
-                 continuous_usage=body.continuous_usage)  # fmt: skip
+                 continuous_usage=body.continuous_usage, echo=body.echo_text)  # fmt: skip
 
 
 async def _first_batch(

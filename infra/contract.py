@@ -90,12 +90,17 @@ class SamplingSpec(BaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     """How special tokens appear in the text (vLLM's options)."""
+    prompt_logprobs: int | None = None
+    """Return each prompt token's logprob and this many top alternatives
+    (None: none), once, before the first output token."""
 
     def after(self, num_done: int) -> SamplingSpec:
-        """The same sampling for the rest of a request that has ``num_done`` tokens."""
+        """The same sampling for the rest of a request that has ``num_done``
+        tokens (its prompt logprobs are out already)."""
         rest = {
             "max_tokens": self.max_tokens - num_done,
             "min_tokens": max(0, self.min_tokens - num_done),
+            "prompt_logprobs": None,
         }
         return self.model_copy(update=rest)
 
@@ -163,6 +168,8 @@ class GenerateRequest(BaseModel):
     """Constrain the output to a JSON schema, regex, choice or grammar."""
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    """The prompt tokens' logprobs with this many top alternatives, on the first chunk."""
     n: int = Field(default=1, ge=1, le=1, description="Only n = 1 is supported")
     priority: Priority = Priority.NORMAL
     stream: bool = False
@@ -204,6 +211,7 @@ class GenerateRequest(BaseModel):
             logit_bias=tuple(sorted(self.logit_bias.items())), logprobs=self.logprobs,
             structured=self.structured, skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
+            prompt_logprobs=self.prompt_logprobs,
         )  # fmt: skip
 
     @property
@@ -225,11 +233,24 @@ class TopLogprob(BaseModel):
     token: str
     """The token's text, as the engine decodes it alone."""
     logprob: float
+    rank: int | None = None
+    """1 for the most likely token at its place (None: not known)."""
 
 
 class TokenLogprob(TopLogprob):
     """A sampled token's logprob and the most likely alternatives at its place."""
 
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
+class PromptLogprob(BaseModel):
+    """A prompt token's logprob (None for the first, which nothing predicts)
+    and the most likely alternatives at its place."""
+
+    token_id: int
+    token: str
+    logprob: float | None = None
+    rank: int | None = None
     top: list[TopLogprob] = Field(default_factory=list)
 
 
@@ -248,6 +269,9 @@ class GenerateChunk(BaseModel):
     chunks with tokens): the running usage of ``continuous_usage_stats``."""
     logprobs: list[TokenLogprob] | None = None
     """One per token of ``token_ids``, when the request asked for logprobs."""
+    prompt_logprobs: list[PromptLogprob] | None = None
+    """One per prompt token, on the first chunk of a request that asked for
+    prompt logprobs."""
     error: ErrorDetail | None = None
     migrated_to: str | None = None
     """Last chunk of a request that moved: continue at this instance's

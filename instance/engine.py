@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from infra.contract import SamplingSpec, TokenLogprob
+from infra.contract import PromptLogprob, SamplingSpec, TokenLogprob
 from infra.records import Priority
 from migration.ports import KvPort
 
@@ -51,6 +51,9 @@ class TokenDelta:
     """``stop``, ``length`` or ``abort`` on the last delta, else ``None``."""
     logprobs: tuple[TokenLogprob, ...] | None = None
     """One per token, when the request asked for logprobs."""
+    prompt_logprobs: tuple[PromptLogprob, ...] | None = None
+    """One per prompt token, on the first delta of an engine request that
+    asked for prompt logprobs."""
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ class _DirectCall:
     chat: bool
     include_usage: bool
     continuous_usage: bool = False
+    echo: str | None = None
 
     def observe(self, chunk: GenerateChunk) -> None:
         pass
@@ -89,7 +90,7 @@ def add_openai_routes(app: FastAPI, worker: InstanceWorker) -> None:
         requests = choice_requests(to_generate(body, rid, priority), body.n)
         prepared = [worker.prepare(r) for r in requests]  # every choice checked first
         call = _DirectCall(rid, int(time.time()), body.model, chat, body.include_usage,
-                           body.continuous_usage)  # fmt: skip
+                           body.continuous_usage, body.echo_text)  # fmt: skip
         by_id = {p.request_id: p for p in prepared}
         first, chunks = await open_choices(
             lambda r: _batches(worker.run(by_id[str(r.request_id)])), requests)  # fmt: skip

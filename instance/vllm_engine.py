@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.contract import SamplingSpec, TokenLogprob, TopLogprob
+from infra.contract import PromptLogprob, SamplingSpec, TokenLogprob, TopLogprob
 from infra.errors import BadRequestError
 from instance.connector_port import ConnectorPort
 from instance.engine import (
@@ -262,6 +262,7 @@ class VllmEngine:
                 yield TokenDelta(
                     token_ids=tuple(completion.token_ids),
                     logprobs=_logprobs(completion, s.logprobs),
+                    prompt_logprobs=self._prompt_logprobs(output, s.prompt_logprobs),
                     text=completion.text,
                     num_prompt_tokens=len(request.prompt_token_ids),
                     num_output_tokens=tracked.num_output,
@@ -271,6 +272,21 @@ class VllmEngine:
             self._tracked.pop(request.request_id, None)
             if not finished and self._llm is not None:
                 await asyncio.shield(self._llm.abort(request.request_id))
+
+    def _prompt_logprobs(self, output: Any, top: int | None) -> tuple[PromptLogprob, ...] | None:
+        """vLLM's prompt logprobs (on a request's first output); the first
+        prompt token, which nothing predicts, has none."""
+        if top is None or not output.prompt_logprobs:  # later outputs have []
+            return None
+        out = []
+        for token_id, position in zip(output.prompt_token_ids, output.prompt_logprobs,
+                                      strict=True):  # fmt: skip
+            if position is None:
+                token = self.tokenizer.decode([token_id], skip_special_tokens=False)
+                out.append(PromptLogprob(token_id=token_id, token=token, logprob=None))
+            else:
+                out.append(PromptLogprob(**_at(token_id, position, top).model_dump()))
+        return tuple(out)
 
     def load(self) -> EngineLoad:
         """Real scheduler figures (KV usage, running count, preemptions), with
@@ -373,9 +389,10 @@ def sampling_params(s: SamplingSpec) -> Any:
         structured_outputs=structured,
         skip_special_tokens=s.skip_special_tokens,
         spaces_between_special_tokens=s.spaces_between_special_tokens,
+        prompt_logprobs=s.prompt_logprobs,
         # The worker makes the text from the token ids (instance.text), so
         # vLLM detokenizes only to find stop strings and name logprob tokens.
-        detokenize=bool(s.stop) or s.logprobs is not None,
+        detokenize=bool(s.stop) or s.logprobs is not None or s.prompt_logprobs is not None,
     )
 
 
@@ -384,14 +401,19 @@ def _logprobs(completion: Any, top: int | None) -> tuple[TokenLogprob, ...] | No
     and the ``top`` most likely ones (by rank)."""
     if top is None or completion.logprobs is None:
         return None
-    out = []
-    for token_id, position in zip(completion.token_ids, completion.logprobs, strict=True):
-        chosen = position[token_id]
-        ranked = sorted((lp.rank, tid, lp) for tid, lp in position.items()
-                        if lp.rank is not None and lp.rank <= top)  # fmt: skip
-        out.append(TokenLogprob(
-            token_id=token_id, token=chosen.decoded_token or "", logprob=chosen.logprob,
-            top=[TopLogprob(token_id=tid, token=lp.decoded_token or "", logprob=lp.logprob)
-                 for _, tid, lp in ranked[:top]],
-        ))  # fmt: skip
-    return tuple(out)
+    return tuple(_at(token_id, position, top)
+                 for token_id, position in zip(completion.token_ids, completion.logprobs,
+                                               strict=True))  # fmt: skip
+
+
+def _at(token_id: int, position: Any, top: int) -> TokenLogprob:
+    """One position of vLLM's logprobs: ``token_id``'s and the ``top`` best."""
+    chosen = position[token_id]
+    ranked = sorted((lp.rank, tid, lp) for tid, lp in position.items()
+                    if lp.rank is not None and lp.rank <= top)  # fmt: skip
+    return TokenLogprob(
+        token_id=token_id, token=chosen.decoded_token or "", logprob=chosen.logprob,
+        rank=chosen.rank,
+        top=[TopLogprob(token_id=tid, token=lp.decoded_token or "", logprob=lp.logprob,
+                        rank=lp.rank) for _, tid, lp in ranked[:top]],
+    )  # fmt: skip

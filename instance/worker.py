@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
-from infra.contract import Continuation, GenerateChunk, GenerateRequest, Usage
+from infra.contract import Continuation, GenerateChunk, GenerateRequest, PromptLogprob, Usage
 from infra.errors import (
     BadRequestError,
     ContextLengthError,
@@ -348,7 +348,8 @@ class InstanceWorker:
                              text=text, finish_reason=finish, usage=usage,
                              num_prompt_tokens=gen.num_prompt_tokens,
                              num_output_tokens=gen.num_output,
-                             logprobs=list(delta.logprobs) if delta.logprobs else None)  # fmt: skip
+                             logprobs=list(delta.logprobs) if delta.logprobs else None,
+                             prompt_logprobs=_listed(delta.prompt_logprobs))  # fmt: skip
 
     # -- migrated-in requests ------------------------------------------------
     async def adopt(self, spec: ResumeSpec) -> asyncio.Future[bool]:
@@ -467,3 +468,7 @@ class _Latency:
         else:
             self.metrics.tpot.labels(self.priority).observe(now - self.last)
         self.last = now
+
+
+def _listed(entries: tuple[PromptLogprob, ...] | None) -> list[PromptLogprob] | None:
+    return list(entries) if entries is not None else None

@@ -166,6 +166,16 @@ class _Sampling(BaseModel):
         """Top alternatives per token asked for (None: no logprobs)."""
         raise NotImplementedError
 
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """Top alternatives per prompt token asked for (None: none)."""
+        return None
+
+    @property
+    def echo_text(self) -> str | None:
+        """The prompt to put before each choice's text (None: no echo)."""
+        return None
+
     def logit_bias_ids(self) -> dict[int, float]:
         """``logit_bias`` keyed by token id (a 400 for a key that is not one)."""
         try:
@@ -215,8 +225,18 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] = Field(min_length=1)
     max_tokens: int | None = Field(default=16, ge=1)
-    echo: Literal[False] = False
+    echo: bool = False
+    """Put the prompt before each choice's text (and, with ``logprobs``, the
+    prompt tokens' logprobs before the output's)."""
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """vLLM's: each choice carries the prompt tokens' logprobs."""
+
+    @model_validator(mode="after")
+    def _echo_text(self) -> CompletionRequest:
+        if self.echo and not isinstance(self.prompt, str):
+            raise ValueError("'echo' needs a text prompt")
+        return self
 
     @property
     def token_limit(self) -> int | None:
@@ -225,6 +245,17 @@ class CompletionRequest(_Sampling):
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """As vLLM: ``prompt_logprobs``, else with ``echo`` the ``logprobs``."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo else None
+
+    @property
+    def echo_text(self) -> str | None:
+        return self.prompt if self.echo and isinstance(self.prompt, str) else None
 
 
 class Usage(BaseModel):
@@ -296,11 +327,23 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class PromptTokenLogprob(BaseModel):
+    """vLLM's form of one alternative at a prompt position."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: list[dict[str, PromptTokenLogprob] | None] | None = Field(
+        default=None, exclude_if=lambda v: v is None
+    )
+    """vLLM's extension, when asked for: per prompt token (None for the first)."""
 
 
 class Completion(BaseModel):

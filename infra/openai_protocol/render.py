@@ -15,7 +15,7 @@ from infra.contract import GenerateChunk
 from infra.errors import ErrorDetail, ServiceUnavailableError
 from infra.http import line_safe_json
 from infra.openai_protocol.choices import ChoiceBatch
-from infra.openai_protocol.models import Usage
+from infra.openai_protocol.models import ChatCompletionChunk, Completion, Usage
 from infra.openai_protocol.translate import (
     WholeChoice,
     chat_chunk,
@@ -45,6 +45,8 @@ class Call(Protocol):
     include_usage: bool
     continuous_usage: bool
     """Every chunk carries the usage so far (vLLM's ``continuous_usage_stats``)."""
+    echo: str | None
+    """The prompt, put before each choice's text (None: no echo)."""
 
     def observe(self, chunk: GenerateChunk) -> None:
         """Called for every chunk, before it is rendered."""
@@ -54,6 +56,12 @@ class Call(Protocol):
 
     def done(self, status: str) -> None:
         """Called exactly once when the call ends: ok, broken or disconnected."""
+
+
+def _text(body: ChatCompletionChunk | Completion) -> str:
+    if isinstance(body, Completion):
+        return body.choices[0].text
+    return body.choices[0].delta.content or ""
 
 
 def _sse(payload: str) -> bytes:
@@ -82,7 +90,7 @@ async def sse_events(
     try:
         batch: ChoiceBatch | None = first
         started: set[int] = set()  # choices whose first delta (with the role) is out
-        offsets: dict[int, int] = {}  # of each choice's next token text, for logprobs
+        offsets: dict[int, int] = {}  # of each choice's text so far, for logprobs
         while batch is not None:
             events: list[bytes] = []
             broken: str | None = None
@@ -99,9 +107,9 @@ async def sse_events(
                                index)
                     if call.chat
                     else completion_chunk(call.rid, call.created, call.model, chunk, offset,
-                                          index)
+                                          index, call.echo if index not in started else None)
                 )  # fmt: skip
-                offsets[index] = offset + sum(len(e.token) for e in chunk.logprobs or ())
+                offsets[index] = offset + len(_text(body))  # vLLM's: offsets count text
                 if call.continuous_usage:
                     body.usage = running_usage(chunk)
                 events.append(_sse(body.model_dump_json()))
@@ -159,6 +167,10 @@ async def whole_response(
         raise ServiceUnavailableError("the instance ended the request without usage")
     await call.charge(usage)
     call.done("ok")
-    make = chat_whole if call.chat else completion_whole
-    body = make(call.rid, call.created, call.model, [choices[i] for i in sorted(choices)], usage)
+    ordered = [choices[i] for i in sorted(choices)]
+    body = (
+        chat_whole(call.rid, call.created, call.model, ordered, usage)
+        if call.chat
+        else completion_whole(call.rid, call.created, call.model, ordered, usage, call.echo)
+    )
     return Response(body.model_dump_json(), media_type="application/json")

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from infra.contract import GenerateChunk, GenerateRequest, TokenLogprob
+from infra.contract import (
+    GenerateChunk,
+    GenerateRequest,
+    PromptLogprob,
+    TokenLogprob,
+    TopLogprob,
+)
 from infra.errors import BadRequestError
 from infra.openai_protocol.models import (
     ChatChoice,
@@ -23,6 +30,7 @@ from infra.openai_protocol.models import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    PromptTokenLogprob,
     Usage,
 )
 from infra.records import Priority
@@ -52,6 +60,7 @@ def to_generate(
         stop_token_ids=req.stop_token_ids or [],
         logit_bias=req.logit_bias_ids(),
         logprobs=req.num_logprobs,
+        prompt_logprobs=req.num_prompt_logprobs,
         structured=req.structured,
         skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens,
@@ -96,10 +105,11 @@ def chat_logprobs(entries: list[TokenLogprob] | None) -> ChatLogprobs | None:
     ) for e in entries])  # fmt: skip
 
 
-def completion_logprobs(entries: list[TokenLogprob] | None,
+def completion_logprobs(entries: Sequence[TokenLogprob | PromptLogprob] | None,
                         offset: int) -> CompletionLogprobs | None:  # fmt: skip
     """OpenAI's completions form of token logprobs; ``offset`` is where the
-    first token's text starts in the output."""
+    first token's text starts in the output. A prompt token nothing predicts
+    (the first) has neither a logprob nor alternatives."""
     if entries is None:
         return None
     offsets = []
@@ -109,8 +119,23 @@ def completion_logprobs(entries: list[TokenLogprob] | None,
     return CompletionLogprobs(
         text_offset=offsets, token_logprobs=[e.logprob for e in entries],
         tokens=[e.token for e in entries],
-        top_logprobs=[{t.token: t.logprob for t in e.top} for e in entries],
+        top_logprobs=[None if e.logprob is None else {t.token: t.logprob for t in e.top}
+                      for e in entries],
     )  # fmt: skip
+
+
+def vllm_prompt_logprobs(
+    entries: list[PromptLogprob] | None,
+) -> list[dict[str, PromptTokenLogprob] | None] | None:
+    """vLLM's ``prompt_logprobs`` of a completion choice: per prompt token
+    (None for the first) its own and the top alternatives, by token id."""
+    if entries is None:
+        return None
+    return [None if e.logprob is None else {
+        str(t.token_id): PromptTokenLogprob(logprob=t.logprob, rank=t.rank, decoded_token=t.token)
+        for t in [TopLogprob(token_id=e.token_id, token=e.token, logprob=e.logprob,
+                             rank=e.rank), *e.top]
+    } for e in entries]  # fmt: skip
 
 
 @dataclass
@@ -121,12 +146,14 @@ class WholeChoice:
     texts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[PromptLogprob] | None = None
 
     def add(self, chunk: GenerateChunk) -> None:
         self.texts.append(chunk.text)
         if chunk.logprobs is not None:
             self.logprobs = [*(self.logprobs or []), *chunk.logprobs]
         self.finish_reason = chunk.finish_reason or self.finish_reason
+        self.prompt_logprobs = self.prompt_logprobs or chunk.prompt_logprobs
 
     @property
     def text(self) -> str:
@@ -145,11 +172,24 @@ def chat_usage_chunk(rid: str, created: int, model: str, usage: Usage) -> ChatCo
     return ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage)
 
 
-def completion_chunk(rid: str, created: int, model: str, chunk: GenerateChunk,
-                     offset: int = 0, index: int = 0) -> Completion:  # fmt: skip
-    choice = CompletionChoice(index=index, text=chunk.text, finish_reason=chunk.finish_reason,
-                              logprobs=completion_logprobs(chunk.logprobs, offset))  # fmt: skip
+def completion_chunk(
+    rid: str, created: int, model: str, chunk: GenerateChunk, offset: int = 0, index: int = 0,
+    echo: str | None = None,
+) -> Completion:  # fmt: skip
+    """A completions stream chunk; ``echo`` (the prompt, on a choice's first
+    chunk) goes before its text, and its prompt logprobs before its logprobs."""
+    choice = CompletionChoice(index=index, text=(echo or "") + chunk.text,
+                              finish_reason=chunk.finish_reason,
+                              logprobs=_echoed_logprobs(chunk.logprobs, chunk.prompt_logprobs,
+                                                        echo, offset))  # fmt: skip
     return Completion(id=rid, created=created, model=model, choices=[choice])
+
+
+def _echoed_logprobs(logprobs: list[TokenLogprob] | None, prompt: list[PromptLogprob] | None,
+                     echo: str | None, offset: int) -> CompletionLogprobs | None:  # fmt: skip
+    if logprobs is None or echo is None or prompt is None:
+        return completion_logprobs(logprobs, offset)
+    return completion_logprobs([*prompt, *logprobs], offset)
 
 
 def completion_usage_chunk(rid: str, created: int, model: str, usage: Usage) -> Completion:
@@ -166,9 +206,11 @@ def chat_whole(rid: str, created: int, model: str, choices: list[WholeChoice],
 
 
 def completion_whole(rid: str, created: int, model: str, choices: list[WholeChoice],
-                     usage: Usage) -> Completion:  # fmt: skip
+                     usage: Usage, echo: str | None = None) -> Completion:  # fmt: skip
     return Completion(id=rid, created=created, model=model, usage=usage, choices=[
-        CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
-                         logprobs=completion_logprobs(c.logprobs, 0))
+        CompletionChoice(index=c.index, text=(echo or "") + c.text,
+                         finish_reason=c.finish_reason,
+                         logprobs=_echoed_logprobs(c.logprobs, c.prompt_logprobs, echo, 0),
+                         prompt_logprobs=vllm_prompt_logprobs(c.prompt_logprobs))
         for c in choices
     ])  # fmt: skip

@@ -30,6 +30,9 @@ class SimEngine:
         no logprobs, and no grammar can steer them."""
         if sampling.logprobs is not None:
             raise BadRequestError("the sim engine has no token logprobs", param="logprobs")
+        if sampling.prompt_logprobs is not None:
+            raise BadRequestError("the sim engine has no token logprobs",
+                                  param="prompt_logprobs")  # fmt: skip
         if sampling.structured is not None:
             raise BadRequestError("the sim engine has no structured outputs",
                                   param="structured_outputs")  # fmt: skip

@@ -161,7 +161,7 @@ def test_sse_ends_with_one_done(gateway: WorkerProcess) -> None:
         ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "logprobs": True}, 400,
          "logprobs"),
         ("/v1/completions", {"model": MODEL, "prompt": "x" * 2000}, 400, "prompt"),
-        ("/v1/completions", {"model": MODEL, "prompt": "x", "echo": True}, 400, "echo"),
+        ("/v1/completions", {"model": MODEL, "prompt": [1, 2], "echo": True}, 400, None),
         ("/v1/completions", {"model": MODEL}, 400, "prompt"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {}}, 400, None),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "min_tokens": 5},

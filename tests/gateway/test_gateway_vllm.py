@@ -156,7 +156,8 @@ def test_special_tokens_show_when_asked(stack: tuple[WorkerProcess, WorkerProces
     gateway, _ = stack
     url = gateway.base_url + "/v1/completions"
     end = httpx.post(gateway.base_url + "/tokenize", json={
-        "model": MODEL, "prompt": "<|end|>", "add_special_tokens": False}).json()["tokens"]  # fmt: skip
+        "model": MODEL, "prompt": "<|end|>", "add_special_tokens": False,
+    }).json()["tokens"]  # fmt: skip
     assert len(end) == 1  # a special token of the tiny model
     body: Any = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 3,
                  "temperature": 0.0, "logit_bias": {str(end[0]): 100}}  # fmt: skip
@@ -180,6 +181,42 @@ def test_stop_strings_cut_the_text_where_vllm_does(
     assert (out["text"], out["finish_reason"]) == (text[:at], "stop")
     kept = httpx.post(url, json={**body, "include_stop_str_in_output": True}, timeout=60).json()
     assert kept["choices"][0]["text"] == text[: at + 2]
+
+
+def test_echo_and_prompt_logprobs(stack: tuple[WorkerProcess, WorkerProcess]) -> None:
+    """``echo`` puts the prompt before the text (and its tokens' logprobs
+    before the output's); ``prompt_logprobs`` gives vLLM's per-token dicts."""
+    gateway, worker = stack
+    url = gateway.base_url + "/v1/completions"
+    prompt = "The quick brown fox"
+    expected, tokens = direct_text(worker, prompt=prompt)
+    prompt_ids = httpx.post(gateway.base_url + "/tokenize", json={
+        "model": MODEL, "prompt": prompt, "add_special_tokens": False,
+    }).json()["tokens"]  # fmt: skip
+    body: Any = {"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0.0,
+                 "ignore_eos": True, "echo": True, "logprobs": 2}  # fmt: skip
+    resp = httpx.post(url, json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    whole = resp.json()["choices"][0]
+    assert whole["text"] == prompt + expected
+    lp = whole["logprobs"]
+    assert len(lp["tokens"]) == len(prompt_ids) + len(tokens)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v is not None and v <= 0.0 for v in lp["token_logprobs"][1:])
+    assert len(whole["prompt_logprobs"]) == len(prompt_ids) and whole["prompt_logprobs"][0] is None
+    for token_id, position in zip(prompt_ids[1:], whole["prompt_logprobs"][1:], strict=True):
+        assert str(token_id) in position  # the prompt token's own, beside the top 2
+        assert {e["rank"] for e in position.values()} >= {1, 2}
+    streamed = httpx.post(url, json={**body, "stream": True}, timeout=60)
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: {")]  # fmt: skip
+    assert "".join(e["choices"][0]["text"] for e in events) == prompt + expected
+    tokens_streamed = [t for e in events for t in e["choices"][0]["logprobs"]["tokens"]]
+    assert tokens_streamed == lp["tokens"]
+    only = httpx.post(url, json={**body, "echo": False, "logprobs": None, "prompt_logprobs": 1},
+                      timeout=60).json()["choices"][0]  # fmt: skip
+    assert only["text"] == expected and only["logprobs"] is None
+    assert len(only["prompt_logprobs"]) == len(prompt_ids)
 
 
 def test_logprobs_come_from_vllm_in_openai_form(stack: tuple[WorkerProcess, WorkerProcess]) -> None:
