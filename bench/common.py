@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,6 +68,18 @@ class Server:
 
 def python() -> str:
     return sys.executable
+
+
+def tool_venv(venv: Path, packages: Sequence[str], binaries: Sequence[str]) -> Path:
+    """The ``bin`` directory of a benchmark tool's own virtualenv (not a Shoal
+    dependency), created and filled with ``packages`` unless every one of
+    ``binaries`` is already there."""
+    bin_dir = venv / "bin"
+    if not all((bin_dir / name).exists() for name in binaries):
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(bin_dir / "python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, *packages], check=True)
+    return bin_dir
 
 
 def bar_plot(path: Path, title: str, labels: list[str], values: list[float], ylabel: str) -> None:

@@ -7,11 +7,9 @@ their own virtualenv (they are not Shoal dependencies) and run on loopback.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-from bench.common import REPO, Server, free_port
+from bench.common import REPO, Server, free_port, tool_venv
 
 VENV = REPO / "bench" / "out" / "routers-venv"
 PACKAGES = ["vllm-router==0.1.17", "litellm[proxy]==1.106.2"]
@@ -36,12 +34,8 @@ LITELLM_ENV = {
 
 
 def ensure_venv() -> Path:
-    """The routers' virtualenv, created and filled on first use."""
-    if not (VENV / "bin" / "litellm").exists() or not (VENV / "bin" / "vllm-router").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        pip = [str(VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
-        subprocess.run([*pip, *PACKAGES], check=True)
-    return VENV / "bin"
+    """The routers' virtualenv (its ``bin``), created and filled on first use."""
+    return tool_venv(VENV, PACKAGES, ["litellm", "vllm-router"])
 
 
 def start_vllm_router(instances: list[str], cpus: set[int], log: Path) -> Server:
