@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from infra.errors import ErrorDetail
 from infra.records import Priority
@@ -111,16 +111,101 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str
+    """The arguments as a JSON text."""
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made, as OpenAI writes it in a message."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_call_id: str | None = None
+    """The call a ``tool`` message answers."""
+    tool_calls: list[ToolCall] | None = None
+    """The calls an ``assistant`` message made."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> Message:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("a message needs 'content' (or, from the assistant, 'tool_calls')")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs the 'tool_call_id' it answers")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema of the arguments."""
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    """A function the model may call (OpenAI's ``tools`` entry)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(BaseModel):
+    """``tool_choice`` naming the one function to call."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+def some_tools(tools: list[Tool] | None) -> list[Tool] | None:
+    """``tools`` as given; a ``ValueError`` for an empty list (as OpenAI's)."""
+    if tools is not None and not tools:
+        raise ValueError("'tools' must not be empty: give at least one tool or leave it out")
+    return tools
+
+
+def tool_choice_of(tools: list[Tool] | None, choice: ToolChoice | None) -> ToolChoice | None:
+    """The effective ``tool_choice`` (``auto`` when tools come without one, as
+    OpenAI and vLLM default it); a ``ValueError`` for a choice that does not
+    fit the tools."""
+    if choice is None:
+        return "auto" if tools else None
+    if choice != "none" and not tools:
+        raise ValueError("'tool_choice' needs 'tools'")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+        t.function.name for t in tools or ()
+    }:
+        raise ValueError(f"'tool_choice' names {choice.function.name!r}, which is not in 'tools'")
+    return choice
 
 
 class Continuation(BaseModel):
@@ -144,6 +229,9 @@ class GenerateRequest(BaseModel):
     model: str | None = None
     messages: list[Message] | None = Field(default=None, min_length=1)
     prompt: str | list[int] | None = None
+    tools: list[Tool] | None = None
+    """Functions the model may call, given to the chat template."""
+    tool_choice: ToolChoice | None = Field(default=None, validate_default=True)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -179,6 +267,13 @@ class GenerateRequest(BaseModel):
     continuation: Continuation | None = None
     """Set when the gateway replays a request whose instance failed mid-stream."""
 
+    _some_tools = field_validator("tools")(some_tools)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _fits_the_tools(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        return tool_choice_of(info.data.get("tools"), choice)
+
     @model_validator(mode="after")
     def _one_input(self) -> GenerateRequest:
         if (self.messages is None) == (self.prompt is None):
@@ -193,6 +288,8 @@ class GenerateRequest(BaseModel):
             raise ValueError("'min_tokens' must not exceed 'max_tokens'")
         if any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
             raise ValueError("'logit_bias' values must be in [-100, 100]")
+        if self.tools is not None and self.messages is None:
+            raise ValueError("'tools' need chat 'messages'")
         done = len(self.continuation.output_token_ids) if self.continuation else 0
         if self.max_tokens is not None and done >= self.max_tokens:
             raise ValueError("a continuation must leave tokens to generate within 'max_tokens'")

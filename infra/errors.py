@@ -118,7 +118,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "request body is not valid JSON", None
     if first.get("type") == "extra_forbidden":
         return f"unknown parameter: {param}", param
-    detail = first.get("msg", "invalid value")
+    detail = str(first.get("msg", "invalid value"))
+    if first.get("type") == "value_error":  # a validator's own message: without pydantic's prefix
+        detail = detail.removeprefix("Value error, ")
     return (f"{param}: {detail}" if param else str(detail)), param
 
 

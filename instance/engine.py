@@ -7,11 +7,11 @@ Two engines implement it: ``vllm`` (upstream vLLM's ``AsyncLLM``) and ``sim``
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from infra.contract import PromptLogprob, SamplingSpec, TokenLogprob
+from infra.contract import Message, PromptLogprob, SamplingSpec, TokenLogprob
 from infra.records import Priority
 from migration.ports import KvPort
 
@@ -87,6 +87,18 @@ class EngineLoad:
 class ChatMessage:
     role: str
     content: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """What else the chat template may read: ``tool_calls``, ``tool_call_id``, ``name``."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "content": self.content, **self.extra}
+
+
+def chat_messages(messages: Sequence[Message]) -> list[ChatMessage]:
+    """The request's messages as the chat template reads them."""
+    return [ChatMessage(m.role, m.text(), m.model_dump(
+        include={"name", "tool_call_id", "tool_calls"}, exclude_none=True))
+        for m in messages]  # fmt: skip
 
 
 @dataclass
@@ -122,7 +134,12 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 
-    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]: ...
+    def apply_chat_template(
+        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """The prompt's tokens: ``messages`` (and ``tools``, for templates
+        that show them) rendered by the model's chat template."""
+        ...
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True,
                spaces_between_special_tokens: bool = True) -> str: ...  # fmt: skip

@@ -42,7 +42,7 @@ from infra.openai_protocol.models import (
 from infra.openai_protocol.render import sse_events, whole_response
 from infra.openai_protocol.routes import add_completion_routes
 from infra.openai_protocol.translate import to_generate
-from instance.engine import ChatMessage
+from instance.engine import chat_messages
 from instance.worker import InstanceWorker
 
 
@@ -133,8 +133,7 @@ def add_probe_routes(app: FastAPI, worker: InstanceWorker) -> None:
         worker.check_model(body.model)
         tok = worker.engine.tokenizer
         if isinstance(body, TokenizeChatRequest):
-            messages = [ChatMessage(m.role, m.text()) for m in body.messages]
-            tokens = await asyncio.to_thread(tok.apply_chat_template, messages)
+            tokens = await asyncio.to_thread(tok.apply_chat_template, chat_messages(body.messages))
         else:
             tokens = await asyncio.to_thread(tok.encode, body.prompt, body.add_special_tokens)
         return TokenizeResponse(count=len(tokens), tokens=tokens,

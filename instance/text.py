@@ -2,8 +2,9 @@
 
 Text is emitted only once it can no longer change: a token whose bytes do not
 yet complete a character (the decoded text ends in U+FFFD) is held until a
-later token completes it, and whatever is still held is emitted at the end,
-replacement characters included. This is the incremental detokenization vLLM
+later token completes it; whatever is still held at the end is dropped (bytes
+that never became a character; vLLM's detokenizer drops them too, and
+replacement characters inside the text stay). This is the incremental detokenization vLLM
 does (a window of a few tokens decoded with its prefix for context), done here
 so that the text depends on the token sequence alone: an instance that
 continues a request (a migration, a replay) carries on the same state and
@@ -73,12 +74,14 @@ class TextStream:
         out = []
         for token in tokens:
             self.window.append(token)
-            out.append(self._advance(final=False))
+            out.append(self._advance())
         return "".join(out)
 
     def flush(self) -> str:
-        """At the end of the output: everything still held back."""
-        return self._advance(final=True)
+        """At the end of the output: what is still held back is tokens whose
+        text ends in an incomplete character, so nothing more comes out
+        (vLLM's detokenizer ends the same way)."""
+        return ""
 
     def _decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(
@@ -86,10 +89,10 @@ class TextStream:
             spaces_between_special_tokens=self.spaces_between_special_tokens,
         )  # fmt: skip
 
-    def _advance(self, *, final: bool) -> str:
+    def _advance(self) -> str:
         prefix = self._decode(self.window[: self.read_offset])
         text = self._decode(self.window)
-        if len(text) <= len(prefix) or (text.endswith("\ufffd") and not final):
+        if len(text) <= len(prefix) or text.endswith("\ufffd"):
             return ""
         del self.window[: self.read_offset]  # the new boundary's prefix starts here
         self.read_offset = len(self.window)

@@ -16,7 +16,14 @@ import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
-from infra.contract import Continuation, GenerateChunk, GenerateRequest, PromptLogprob, Usage
+from infra.contract import (
+    Continuation,
+    GenerateChunk,
+    GenerateRequest,
+    PromptLogprob,
+    ToolChoice,
+    Usage,
+)
 from infra.errors import (
     BadRequestError,
     ContextLengthError,
@@ -26,7 +33,7 @@ from infra.errors import (
 )
 from infra.records import InstanceInfo, InstanceStatus
 from infra.store import StateStore
-from instance.engine import ChatMessage, Engine, EngineRequest, TokenDelta
+from instance.engine import Engine, EngineRequest, TokenDelta, chat_messages
 from instance.generation import Generation
 from instance.metrics import InstanceMetrics
 from instance.reporter import LoadReporter, ReporterConfig
@@ -177,6 +184,7 @@ class InstanceWorker:
         ):
             raise ServiceUnavailableError(f"instance is {self._status.value}")
         self.check_model(req.model)
+        check_tool_choice(req.tool_choice)
         self.check_token_ids(req.stop_token_ids, "stop_token_ids")
         self.check_token_ids(list(req.logit_bias), "logit_bias")
         prompt_ids = self._tokenize(req)
@@ -226,8 +234,8 @@ class InstanceWorker:
     def _tokenize(self, req: GenerateRequest) -> list[int]:
         tok = self.engine.tokenizer
         if req.messages is not None:
-            messages = [ChatMessage(m.role, m.text()) for m in req.messages]
-            return tok.apply_chat_template(messages)
+            tools = [t.model_dump(exclude_none=True) for t in req.tools or ()]
+            return tok.apply_chat_template(chat_messages(req.messages), tools or None)
         if isinstance(req.prompt, str):
             ids = tok.encode(req.prompt)
             if not ids:
@@ -472,3 +480,17 @@ class _Latency:
 
 def _listed(entries: tuple[PromptLogprob, ...] | None) -> list[PromptLogprob] | None:
     return list(entries) if entries is not None else None
+
+
+def check_tool_choice(choice: ToolChoice | None) -> None:
+    """A 400 for a ``tool_choice`` that needs a tool-call parser: none runs
+    here, as on ``vllm serve`` without ``--tool-call-parser`` (whose answer
+    this is); ``none`` generates text with the tools shown to the template."""
+    if choice is None or choice == "none":
+        return
+    if choice == "auto":
+        raise BadRequestError('"auto" tool choice needs a tool-call parser, which this instance '
+                              "does not run", param="tool_choice")  # fmt: skip
+    name = f'function "{choice.function.name}"' if not isinstance(choice, str) else f'"{choice}"'
+    raise BadRequestError(f"tool_choice={name} needs a tool-call parser, which this instance "
+                          "does not run", param="tool_choice")  # fmt: skip

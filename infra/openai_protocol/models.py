@@ -9,9 +9,24 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from infra.contract import Message, StructuredSpec
+from infra.contract import (
+    Message,
+    StructuredSpec,
+    Tool,
+    ToolChoice,
+    some_tools,
+    tool_choice_of,
+)
 from infra.errors import BadRequestError
 from infra.records import Priority
 
@@ -201,6 +216,18 @@ class _Sampling(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = Field(default=None, validate_default=True)
+    """``auto`` when tools are given without one."""
+    parallel_tool_calls: bool | None = None
+
+    _some_tools = field_validator("tools")(some_tools)
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _fits_the_tools(cls, choice: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        return tool_choice_of(info.data.get("tools"), choice)
+
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None

@@ -70,7 +70,8 @@ def to_generate(
     )
     try:
         if isinstance(req, ChatCompletionRequest):
-            return GenerateRequest(messages=req.messages, **common)  # type: ignore[arg-type]
+            return GenerateRequest(messages=req.messages, tools=req.tools,  # type: ignore[arg-type]
+                                   tool_choice=req.tool_choice, **common)  # fmt: skip
         return GenerateRequest(prompt=req.prompt, **common)  # type: ignore[arg-type]
     except ValidationError as exc:  # a rule of the instance's contract: still the client's 400
         first = exc.errors()[0]
@@ -108,8 +109,9 @@ def chat_logprobs(entries: list[TokenLogprob] | None) -> ChatLogprobs | None:
 def completion_logprobs(entries: Sequence[TokenLogprob | PromptLogprob] | None,
                         offset: int) -> CompletionLogprobs | None:  # fmt: skip
     """OpenAI's completions form of token logprobs; ``offset`` is where the
-    first token's text starts in the output. A prompt token nothing predicts
-    (the first) has neither a logprob nor alternatives."""
+    first token's text starts in the output. Each position's alternatives
+    include its own token (vLLM's and OpenAI's "top n + 1"); a prompt token
+    nothing predicts (the first) has neither a logprob nor alternatives."""
     if entries is None:
         return None
     offsets = []
@@ -119,8 +121,8 @@ def completion_logprobs(entries: Sequence[TokenLogprob | PromptLogprob] | None,
     return CompletionLogprobs(
         text_offset=offsets, token_logprobs=[e.logprob for e in entries],
         tokens=[e.token for e in entries],
-        top_logprobs=[None if e.logprob is None else {t.token: t.logprob for t in e.top}
-                      for e in entries],
+        top_logprobs=[None if e.logprob is None else {e.token: e.logprob} | {
+            t.token: t.logprob for t in e.top} for e in entries],
     )  # fmt: skip
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from instance.engine import ChatMessage
 
@@ -15,7 +16,10 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode("utf-8"))  # bytes: no special tokens
 
-    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> list[int]:
+    def apply_chat_template(
+        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> list[int]:
+        """``role: content`` lines; the tools are not shown."""
         rendered = "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"
         return self.encode(rendered)
 

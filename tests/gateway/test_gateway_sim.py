@@ -139,6 +139,28 @@ def test_n_choices_are_requests_of_their_own(gateway: WorkerProcess) -> None:
     assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
 
 
+TOOLS: Any = [{"type": "function", "function": {
+    "name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}}}}}]  # fmt: skip
+
+
+def test_a_conversation_with_tools_is_served(gateway: WorkerProcess) -> None:
+    """``tool_choice: none`` with the tools, and the messages of a tool call
+    and its result (an assistant message without content, a tool message)."""
+    call: Any = {"id": "call-1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}  # fmt: skip
+    messages = [*MESSAGES, {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call-1", "content": "sunny"}]  # fmt: skip
+    resp = httpx.post(gateway.base_url + "/v1/chat/completions", json={
+        "model": MODEL, "messages": messages, "tools": TOOLS, "tool_choice": "none",
+        "max_tokens": 4})  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["message"]["content"]
+    orphan = httpx.post(gateway.base_url + "/v1/chat/completions", json={
+        "model": MODEL, "messages": [*MESSAGES, {"role": "tool", "content": "sunny"}]})  # fmt: skip
+    assert orphan.status_code == 400, orphan.text
+
+
 def test_sse_ends_with_one_done(gateway: WorkerProcess) -> None:
     body = {"model": MODEL, "prompt": "abc", "max_tokens": 5, "stream": True}
     with httpx.stream("POST", gateway.base_url + "/v1/completions", json=body) as resp:
@@ -156,6 +178,15 @@ def test_sse_ends_with_one_done(gateway: WorkerProcess) -> None:
                                   "temperature": 0}, 400, None),  # greedy: one choice
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tools": []}, 400, "tools"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tools": TOOLS}, 400,
+         "tool_choice"),  # "auto" by default: no tool-call parser runs
+        ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tools": TOOLS,
+                                  "tool_choice": "required"}, 400, "tool_choice"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "tools": TOOLS,
+                                  "tool_choice": {"type": "function", "function": {"name": "x"}}},
+         400, "tool_choice"),  # not among the tools
+        ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES,
+                                  "tool_choice": "required"}, 400, "tool_choice"),
         ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": -1}, 400,
          "max_tokens"),
         ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "logprobs": True}, 400,
