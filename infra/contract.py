@@ -232,6 +232,7 @@ class GenerateRequest(BaseModel):
     tools: list[Tool] | None = None
     """Functions the model may call, given to the chat template."""
     tool_choice: ToolChoice | None = Field(default=None, validate_default=True)
+    parallel_tool_calls: bool | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -351,6 +352,36 @@ class PromptLogprob(BaseModel):
     top: list[TopLogprob] = Field(default_factory=list)
 
 
+class ToolCallDelta(BaseModel):
+    """A piece of a tool call as it streams: the call at ``index`` gets its
+    id and name first, then its arguments' text in pieces."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+
+
+class MessageDelta(BaseModel):
+    """A chunk's text as the instance's tool-call parser splits it: message
+    content and pieces of tool calls."""
+
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] = Field(default_factory=list)
+
+
+class ParsedMessage(BaseModel):
+    """The whole output as the tool-call parser reads it, on the last chunk."""
+
+    content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    finish_reason: str | None = None
+    """Of a whole response: ``tool_calls`` when the model called tools
+    (vLLM's rule for whole responses)."""
+    stream_finish_reason: str | None = None
+    """Of a stream's last chunk (vLLM's rule for streams)."""
+
+
 class GenerateChunk(BaseModel):
     """One line of a streaming response."""
 
@@ -369,6 +400,11 @@ class GenerateChunk(BaseModel):
     prompt_logprobs: list[PromptLogprob] | None = None
     """One per prompt token, on the first chunk of a request that asked for
     prompt logprobs."""
+    message: MessageDelta | None = None
+    """``text`` as a tool-call parser split it (None: no parser runs; the
+    text is all content)."""
+    parsed: ParsedMessage | None = None
+    """The whole output as the parser read it, on the last chunk."""
     error: ErrorDetail | None = None
     migrated_to: str | None = None
     """Last chunk of a request that moved: continue at this instance's

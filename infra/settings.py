@@ -160,6 +160,15 @@ class InstanceSettings(CommonSettings):
     bandwidth (and on CPU for cores): a bound trades migration time for a
     smaller decode slowdown (measured in docs/BENCHMARKS.md)."""
 
+    tool_call_parser: str | None = None
+    """vLLM's tool-call parser for the model (``hermes``, ``pythonic``,
+    ``llama3_json``, ...: vLLM's ``--tool-call-parser``), run for chat requests
+    with tools when ``enable_auto_tool_choice`` is on; unset: tool choices
+    other than ``none`` are refused, as ``vllm serve`` refuses them."""
+
+    enable_auto_tool_choice: bool = False
+    """Run ``tool_call_parser`` (vLLM's ``--enable-auto-tool-choice``)."""
+
     sim_kv_bandwidth_gbps: float = Field(default=10.0, gt=0.0)
     """Sim engine: modelled bandwidth of a KV transfer between instances, in
     Gbit/s. The sim engine migrates by KV transfer too when ``kv_transfer`` is
@@ -188,6 +197,8 @@ class InstanceSettings(CommonSettings):
             raise ValueError(
                 f"max_model_len ({self.max_model_len}) must be >= block_size ({self.block_size})"
             )
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("enable_auto_tool_choice needs a tool_call_parser")  # as vLLM's
         return self
 
     @property

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from infra.contract import Message, PromptLogprob, SamplingSpec, TokenLogprob
 from infra.records import Priority
+from instance.tool_parsing import ToolParsing, ToolSession
 from migration.ports import KvPort
 
 
@@ -27,6 +28,8 @@ class EngineRequest:
     arrival_time: float = 0.0
     kv_transfer: KvLoad | None = None
     """Set on a migrated request: KV of its first tokens is staged here."""
+    tools: ToolSession | None = field(default=None, compare=False)
+    """The parser of its tool calls, when one runs for it."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,10 @@ class Engine(Protocol):
 
     @property
     def kind(self) -> str: ...
+
+    @property
+    def tool_parsing(self) -> ToolParsing | None:
+        """The tool-call parser it runs (None: none)."""
 
     def check(self, sampling: SamplingSpec) -> None:
         """Raise a ``BadRequestError`` for sampling it cannot do (the sim has

@@ -59,8 +59,22 @@ class Generation:
     @property
     def pinned_by(self) -> str | None:
         """What keeps it on this instance, if anything: a structured-output
-        constraint (a resumed engine request would start its grammar again)."""
-        return "structured_output" if self.request.sampling.structured is not None else None
+        constraint (a resumed engine request would start its grammar again),
+        a tool-call parser (its state is here),
+        seeded sampling (its random stream would start again, so the rest
+        would differ from what the seed gives unmoved), or presence and
+        frequency penalties (vLLM counts them over the engine request's own
+        output, which a resumed request would lack)."""
+        s = self.request.sampling
+        if self.request.tools is not None:  # its parser's state is here
+            return "tool_parser"
+        if s.structured is not None:
+            return "structured_output"
+        if s.seed is not None and s.temperature > 0.0:
+            return "seeded_sampling"
+        if s.presence_penalty or s.frequency_penalty:
+            return "output_penalties"
+        return None
 
     @property
     def movable(self) -> bool:

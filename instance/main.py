@@ -52,6 +52,9 @@ def build_engine(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
             ),
             kv_transport=settings.kv_transport,
             kv_pace_bytes_per_s=settings.kv_pace_mib_s * 1024 * 1024,
+            tool_call_parser=settings.tool_call_parser
+            if settings.enable_auto_tool_choice
+            else None,
         )
     )
     name = settings.served_model_name or settings.model or TINY_MODEL_NAME

@@ -31,6 +31,7 @@ from instance.engine import (
     blocks_for,
 )
 from instance.engine_args import EngineArgsChoice
+from instance.tool_parsing import ToolParsing
 from migration.ports import KvPort
 from migration.wire import TRANSFER_KEY, Endpoint
 
@@ -50,6 +51,9 @@ class VllmOptions:
     """How KV blocks move between instances (``migration.transport``)."""
     kv_pace_bytes_per_s: float = 0.0
     """Bound on the rate a source serves KV blocks at (0 = unbounded)."""
+    tool_call_parser: str | None = None
+    """vLLM's tool-call parser to run (``--tool-call-parser`` with
+    ``--enable-auto-tool-choice``); None: none, tool choices that need one are refused."""
 
 
 class HfTokenizer:
@@ -157,6 +161,7 @@ class VllmEngine:
             engine_args=chosen.values(),
         )
         self._llm: Any = None
+        self.tool_parsing: ToolParsing | None = None
         self._view = _SchedulerView()
         self._tracked: dict[str, _Tracked] = {}
         self.kv_port: KvPort | None = (
@@ -183,6 +188,12 @@ class VllmEngine:
         self.limits.block_size = int(config.cache_config.block_size)
         self.limits.max_model_len = int(config.model_config.max_model_len)
         self.limits.max_num_seqs = int(config.scheduler_config.max_num_seqs)
+        if self.options.tool_call_parser is not None:
+            from instance.vllm_tools import VllmToolParsing
+
+            tokenizer = self._llm.renderer.tokenizer
+            self.tool_parsing = VllmToolParsing(self.options.tool_call_parser, tokenizer,
+                                                config.model_config)  # fmt: skip
         log.info("vLLM engine ready: %s", ready_summary(self.limits))
 
     def _kv_transfer_config(self) -> Any:

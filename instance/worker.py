@@ -21,7 +21,6 @@ from infra.contract import (
     GenerateChunk,
     GenerateRequest,
     PromptLogprob,
-    ToolChoice,
     Usage,
 )
 from infra.errors import (
@@ -38,6 +37,7 @@ from instance.generation import Generation
 from instance.metrics import InstanceMetrics
 from instance.reporter import LoadReporter, ReporterConfig
 from instance.text import TextStream, special_tokens
+from instance.tool_parsing import ToolSession, needs_parser, refuse_without_parser
 from migration.protocol import ResumeSpec
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,6 @@ class InstanceWorker:
         ):
             raise ServiceUnavailableError(f"instance is {self._status.value}")
         self.check_model(req.model)
-        check_tool_choice(req.tool_choice)
         self.check_token_ids(req.stop_token_ids, "stop_token_ids")
         self.check_token_ids(list(req.logit_bias), "logit_bias")
         prompt_ids = self._tokenize(req)
@@ -202,13 +201,17 @@ class InstanceWorker:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                 f"the context of {max_len} tokens", param="max_tokens",
             )  # fmt: skip
+        tools = self._tool_session(req, prompt_ids)
         sampling = req.sampling(max_tokens)
+        if tools is not None and tools.structured is not None:  # the tool choice's, as vLLM's
+            sampling = sampling.model_copy(update={"structured": tools.structured})
         self.engine.check(sampling)
         if req.continuation is not None:
             self._check_continuation(req.continuation, max_tokens)
-            if sampling.structured is not None:  # its grammar would start again
-                raise BadRequestError("a request with structured outputs cannot be continued "
-                                      "on another instance", param="continuation")  # fmt: skip
+            if sampling.structured is not None or tools is not None:  # its state would restart
+                raise BadRequestError("a request with structured outputs or parsed tool calls "
+                                      "cannot be continued on another instance",
+                                      param="continuation")  # fmt: skip
         request_id = req.request_id or f"req-{uuid.uuid4().hex}"
         if request_id in self._generations:
             raise BadRequestError(
@@ -220,7 +223,19 @@ class InstanceWorker:
             sampling=sampling,
             priority=req.priority,
             arrival_time=self._clock(),
+            tools=tools,
         )
+
+    def _tool_session(self, req: GenerateRequest, prompt_ids: list[int]) -> ToolSession | None:
+        """The parser of the request's tool calls, if its ``tool_choice``
+        needs one (a 400 where none runs)."""
+        if not needs_parser(req.tool_choice):
+            return None
+        parsing = self.engine.tool_parsing
+        if parsing is None:
+            refuse_without_parser(req.tool_choice)
+            return None
+        return parsing.session(req, prompt_ids)
 
     def _check_continuation(self, cont: Continuation, max_tokens: int) -> None:
         vocab = self.config.vocab_size
@@ -352,12 +367,17 @@ class InstanceWorker:
             usage = Usage(prompt_tokens=gen.num_prompt_tokens, completion_tokens=gen.num_output,
                           total_tokens=gen.num_prompt_tokens + gen.num_output)  # fmt: skip
         gen.emitted_chars += len(text)
+        message = parsed = None
+        if (tools := gen.request.tools) is not None:
+            message = tools.feed(text, list(delta.token_ids), finished=finish is not None)
+            parsed = tools.finish(finish) if finish is not None else None
         return GenerateChunk(request_id=gen.request_id, token_ids=list(delta.token_ids),
                              text=text, finish_reason=finish, usage=usage,
                              num_prompt_tokens=gen.num_prompt_tokens,
                              num_output_tokens=gen.num_output,
                              logprobs=list(delta.logprobs) if delta.logprobs else None,
-                             prompt_logprobs=_listed(delta.prompt_logprobs))  # fmt: skip
+                             prompt_logprobs=_listed(delta.prompt_logprobs),
+                             message=message, parsed=parsed)  # fmt: skip
 
     # -- migrated-in requests ------------------------------------------------
     async def adopt(self, spec: ResumeSpec) -> asyncio.Future[bool]:
@@ -480,17 +500,3 @@ class _Latency:
 
 def _listed(entries: tuple[PromptLogprob, ...] | None) -> list[PromptLogprob] | None:
     return list(entries) if entries is not None else None
-
-
-def check_tool_choice(choice: ToolChoice | None) -> None:
-    """A 400 for a ``tool_choice`` that needs a tool-call parser: none runs
-    here, as on ``vllm serve`` without ``--tool-call-parser`` (whose answer
-    this is); ``none`` generates text with the tools shown to the template."""
-    if choice is None or choice == "none":
-        return
-    if choice == "auto":
-        raise BadRequestError('"auto" tool choice needs a tool-call parser, which this instance '
-                              "does not run", param="tool_choice")  # fmt: skip
-    name = f'function "{choice.function.name}"' if not isinstance(choice, str) else f'"{choice}"'
-    raise BadRequestError(f"tool_choice={name} needs a tool-call parser, which this instance "
-                          "does not run", param="tool_choice")  # fmt: skip

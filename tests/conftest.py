@@ -85,7 +85,8 @@ def vllm_stack(
             instance_id="vllm-a",
             args=["--model", str(tiny_model), "--served-model-name", "tiny-llama",
                   "--cpu-threads-bind", "0", "--max-num-seqs", "4", "--block-size", "32",
-                  "--kv-cache-bytes", str(256 * 1024 * 1024), "--max-model-len", "16384"],
+                  "--kv-cache-bytes", str(256 * 1024 * 1024), "--max-model-len", "16384",
+                  "--tool-call-parser", "pythonic", "--enable-auto-tool-choice"],
             env={"SHOAL_DTYPE": "float32", "SHOAL_HEARTBEAT_TTL_S": "2"},
         )  # fmt: skip
         assert reference.wait(600) == 0, (tmp / "reference.log").read_text()[-3000:]

@@ -23,6 +23,7 @@ from infra.contract import (
     Message,
     StructuredSpec,
     Tool,
+    ToolCall,
     ToolChoice,
     some_tools,
     tool_choice_of,
@@ -293,7 +294,8 @@ class Usage(BaseModel):
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list, exclude_if=lambda v: not v)
 
 
 class ChatTopLogprob(BaseModel):
@@ -333,9 +335,22 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class ChatFunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ChatToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ChatFunctionDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ChatToolCallDelta] = Field(default_factory=list, exclude_if=lambda v: not v)
 
 
 class ChatChunkChoice(BaseModel):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import ValidationError
 
 from infra.contract import (
     GenerateChunk,
     GenerateRequest,
+    ParsedMessage,
     PromptLogprob,
     TokenLogprob,
     TopLogprob,
@@ -22,9 +24,11 @@ from infra.openai_protocol.models import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatFunctionDelta,
     ChatLogprobs,
     ChatMessageOut,
     ChatTokenLogprob,
+    ChatToolCallDelta,
     ChatTopLogprob,
     Completion,
     CompletionChoice,
@@ -71,7 +75,9 @@ def to_generate(
     try:
         if isinstance(req, ChatCompletionRequest):
             return GenerateRequest(messages=req.messages, tools=req.tools,  # type: ignore[arg-type]
-                                   tool_choice=req.tool_choice, **common)  # fmt: skip
+                                   tool_choice=req.tool_choice,
+                                   parallel_tool_calls=req.parallel_tool_calls,
+                                   **common)  # fmt: skip
         return GenerateRequest(prompt=req.prompt, **common)  # type: ignore[arg-type]
     except ValidationError as exc:  # a rule of the instance's contract: still the client's 400
         first = exc.errors()[0]
@@ -149,6 +155,8 @@ class WholeChoice:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     prompt_logprobs: list[PromptLogprob] | None = None
+    parsed: ParsedMessage | None = None
+    """The tool-call parser's reading of the whole output (None: none ran)."""
 
     def add(self, chunk: GenerateChunk) -> None:
         self.texts.append(chunk.text)
@@ -156,6 +164,7 @@ class WholeChoice:
             self.logprobs = [*(self.logprobs or []), *chunk.logprobs]
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.prompt_logprobs = self.prompt_logprobs or chunk.prompt_logprobs
+        self.parsed = chunk.parsed or self.parsed
 
     @property
     def text(self) -> str:
@@ -164,8 +173,18 @@ class WholeChoice:
 
 def chat_chunk(rid: str, created: int, model: str, chunk: GenerateChunk, first: bool,
                index: int = 0) -> ChatCompletionChunk:  # fmt: skip
-    delta = ChatDelta(role="assistant" if first else None, content=chunk.text)
-    choice = ChatChunkChoice(index=index, delta=delta, finish_reason=chunk.finish_reason,
+    """A chat stream chunk: the text, or (where a tool-call parser ran) its
+    content and pieces of tool calls."""
+    role: Literal["assistant"] | None = "assistant" if first else None
+    if (message := chunk.message) is None:
+        delta = ChatDelta(role=role, content=chunk.text)
+    else:
+        delta = ChatDelta(role=role, content=message.content, tool_calls=[ChatToolCallDelta(
+            index=c.index, id=c.id, type="function" if c.id else None,
+            function=ChatFunctionDelta(name=c.name, arguments=c.arguments),
+        ) for c in message.tool_calls])  # fmt: skip
+    finish = chunk.parsed.stream_finish_reason if chunk.parsed else chunk.finish_reason
+    choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish,
                              logprobs=chat_logprobs(chunk.logprobs))  # fmt: skip
     return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
@@ -201,10 +220,16 @@ def completion_usage_chunk(rid: str, created: int, model: str, usage: Usage) -> 
 def chat_whole(rid: str, created: int, model: str, choices: list[WholeChoice],
                usage: Usage) -> ChatCompletion:  # fmt: skip
     return ChatCompletion(id=rid, created=created, model=model, usage=usage, choices=[
-        ChatChoice(index=c.index, message=ChatMessageOut(content=c.text),
-                   finish_reason=c.finish_reason, logprobs=chat_logprobs(c.logprobs))
+        ChatChoice(index=c.index, message=_message(c), logprobs=chat_logprobs(c.logprobs),
+                   finish_reason=c.parsed.finish_reason if c.parsed else c.finish_reason)
         for c in choices
     ])  # fmt: skip
+
+
+def _message(choice: WholeChoice) -> ChatMessageOut:
+    if (parsed := choice.parsed) is None:
+        return ChatMessageOut(content=choice.text)
+    return ChatMessageOut(content=parsed.content, tool_calls=parsed.tool_calls)
 
 
 def completion_whole(rid: str, created: int, model: str, choices: list[WholeChoice],

@@ -25,6 +25,9 @@ class SimEngine:
 
     kind = "sim"
 
+    tool_parsing = None
+    """The sim engine runs no tool-call parser."""
+
     def check(self, sampling: SamplingSpec) -> None:
         """A modelled engine: its tokens come from no distribution, so it has
         no logprobs, and no grammar can steer them."""

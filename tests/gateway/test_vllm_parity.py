@@ -4,7 +4,9 @@ The same OpenAI request bodies (greedy unless a case says otherwise) go to
 (a) upstream vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``)
 over the session's tiny model, with the engine shape of the session's Shoal
 instance where it matters for outputs (float32, block size 32, 16384 tokens of
-context, 4 sequences, 256 MiB of KV cache, prefix caching, eager, seed 0), on
+context, 4 sequences, 256 MiB of KV cache, prefix caching, eager, seed 0, and
+vLLM's ``pythonic`` tool-call parser with auto tool choice, as the session's
+instance runs it), on
 core 1; and (b) a Shoal gateway in front of the session's vLLM instance
 (``vllm_stack``, core 0). Each pair of answers is normalised (ids, ``created``,
 ``system_fingerprint`` and the fields either side adds beyond OpenAI's dropped)
@@ -58,12 +60,15 @@ TOOLS: list[dict[str, Any]] = [
             "description": "The weather in a city",
             "parameters": {
                 "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
+                "properties": {"unit": {"enum": ["c", "f"]}},
+                "required": ["unit"],
             },
         },
     }
 ]
+NO_WHITESPACE = {str(t): -100 for t in (205, 206, 207, 208, 209, 224, 225, 226, 227, 228)}
+"""The tiny model's whitespace tokens, biased out: the random model loves the
+whitespace JSON allows anywhere, and would not close a constrained call."""
 COLOUR_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}},
@@ -221,12 +226,25 @@ def _reassembled(lines: list[str], endpoint: str) -> Answer:
             out = choices.setdefault(
                 c.get("index", 0), {"index": c.get("index", 0), key: "", "finish_reason": None}
             )
-            piece = (c.get("delta") or {}).get("content") if endpoint == "chat" else c.get("text")
+            delta = c.get("delta") or {}
+            piece = delta.get("content") if endpoint == "chat" else c.get("text")
             out[key] += piece or ""
+            for call in delta.get("tool_calls") or ():  # pieces of tool calls, by index
+                calls = out.setdefault("tool_calls", {})
+                whole = calls.setdefault(call["index"], {"type": None, "name": None,
+                                                         "arguments": ""})  # fmt: skip
+                whole["type"] = whole["type"] or call.get("type")
+                function = call.get("function") or {}
+                whole["name"] = whole["name"] or function.get("name")
+                whole["arguments"] += function.get("arguments") or ""
             if endpoint == "chat" and (c.get("delta") or {}).get("role"):
                 out.setdefault("role", c["delta"]["role"])
             if c.get("finish_reason") is not None:
                 out["finish_reason"] = c["finish_reason"]
+    for out in choices.values():  # calls in order, arguments compared as JSON
+        calls = out.pop("tool_calls", {})
+        out["tool_calls"] = [_tool_call({"type": c["type"], "function": c})
+                             for _, c in sorted(calls.items())]  # fmt: skip
     norm = {
         "status": 200,
         "done": done,
@@ -336,6 +354,11 @@ def streamed_with_usage(norm: dict[str, Any]) -> None:
     assert norm["done"] and norm["usage"] is not None, norm
 
 
+def calls_a_tool(norm: dict[str, Any]) -> None:
+    calls = norm["choices"][0]["tool_calls"]
+    assert calls and calls[0]["name"] == "get_weather", norm
+
+
 def two_choices(norm: dict[str, Any]) -> None:
     assert [c["index"] for c in norm["choices"]] == [0, 1], norm
 
@@ -435,14 +458,56 @@ CASES: list[Case] = [
     Case("n2-greedy", "completions", completion(n=2), refused(400)),  # vLLM: greedy needs n = 1
     Case("n2-seeded", "completions", completion(n=2, temperature=0.8, seed=7), two_choices),
     Case("tools-choice-none", "chat", chat(tools=TOOLS, tool_choice="none"), finishes("length", 8)),
-    # Without --tool-call-parser, vllm serve refuses what needs one (so does Shoal).
-    Case("tools-choice-required", "chat", chat(tools=TOOLS, tool_choice="required"), refused(400)),
+    # Both run vLLM's pythonic tool-call parser (--tool-call-parser pythonic).
+    Case(
+        "tools-choice-required",
+        "chat",
+        chat(
+            tools=TOOLS,
+            tool_choice="required",
+            max_tokens=96,
+            parallel_tool_calls=False,
+            logit_bias=NO_WHITESPACE,
+        ),
+        calls_a_tool,
+    ),
+    Case(
+        "tools-choice-required-stream",
+        "chat",
+        chat(
+            tools=TOOLS,
+            tool_choice="required",
+            max_tokens=96,
+            parallel_tool_calls=False,
+            logit_bias=NO_WHITESPACE,
+            stream=True,
+        ),
+        calls_a_tool,
+    ),
     Case(
         "tools-choice-named",
         "chat",
-        chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}),
-        refused(400),
+        chat(
+            tools=TOOLS,
+            max_tokens=48,
+            logit_bias=NO_WHITESPACE,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        ),
+        calls_a_tool,
     ),
+    Case(
+        "tools-choice-named-stream",
+        "chat",
+        chat(
+            tools=TOOLS,
+            max_tokens=48,
+            stream=True,
+            logit_bias=NO_WHITESPACE,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        ),
+        calls_a_tool,
+    ),
+    Case("tools-choice-auto-stream", "chat", chat(tools=TOOLS, tool_choice="auto", stream=True)),
     Case(
         "tools-choice-unknown-name",
         "chat",
@@ -480,8 +545,8 @@ CASES: list[Case] = [
         "completions",
         completion(logit_bias={"7": 100}, skip_special_tokens=False, max_tokens=3),
     ),
-    Case("tools-choice-auto", "chat", chat(tools=TOOLS, tool_choice="auto"), refused(400)),
-    Case("tools-default-choice", "chat", chat(tools=TOOLS), refused(400)),  # default: "auto"
+    Case("tools-choice-auto", "chat", chat(tools=TOOLS, tool_choice="auto")),
+    Case("tools-default-choice", "chat", chat(tools=TOOLS)),  # default: "auto"
     # 7. bad inputs
     Case(
         "unknown-field",
@@ -539,6 +604,9 @@ def _vllm_serve_command(model: Path, port: int) -> list[str]:
         "--enforce-eager",
         "--seed",
         "0",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "pythonic",
     ]
 
 

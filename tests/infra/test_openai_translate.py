@@ -37,7 +37,8 @@ def test_completion_logprobs_offsets_continue_from_the_text_so_far() -> None:
     assert out is not None
     assert out.text_offset == [10, 13] and out.tokens == ["Hel", "lo"]
     assert out.token_logprobs == [-0.1, -0.3]
-    assert out.top_logprobs == [{"Hel": -0.1, "He": -2.5}, {}]
+    # each position's alternatives include its own token (vLLM's "top n + 1")
+    assert out.top_logprobs == [{"Hel": -0.1, "He": -2.5}, {"lo": -0.3}]
 
 
 def test_running_usage_from_the_counts_or_the_final_usage() -> None:

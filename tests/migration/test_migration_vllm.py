@@ -130,14 +130,17 @@ class Follower:
 
     def __init__(
         self, client: httpx.Client, start: WorkerProcess, rid: str, prompt: list[int],
-        max_tokens: int = MAX_TOKENS,
+        max_tokens: int = MAX_TOKENS, **extra: Any,
     ) -> None:  # fmt: skip
         self.client, self.rid = client, rid
         self.tokens: list[int] = []
+        self.text = ""
+        self.logprobs: list[Any] = []
+        self.prompt_logprobs: list[Any] = []
         self.usage: dict[str, int] | None = None
         self.finish: str | None = None
         self.hops: list[str] = [start.base_url]
-        body = _body(prompt, request_id=rid, max_tokens=max_tokens)
+        body = _body(prompt, request_id=rid, max_tokens=max_tokens, **extra)
         self._lines = self._open(start.base_url + "/generate", body)
 
     def _open(self, url: str, body: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
@@ -160,6 +163,9 @@ class Follower:
                 continue
             assert chunk.get("error") is None, chunk
             self.tokens.extend(chunk.get("token_ids", []))
+            self.text += chunk.get("text", "")
+            self.logprobs.extend(chunk.get("logprobs") or ())
+            self.prompt_logprobs.extend(chunk.get("prompt_logprobs") or ())
             if chunk.get("finish_reason"):
                 self.finish, self.usage = chunk["finish_reason"], chunk["usage"]
                 return
@@ -204,6 +210,43 @@ def test_migrated_once_equals_unmigrated(
     assert f.finish == "length"
     assert f.usage == {"prompt_tokens": len(prompt), "completion_tokens": MAX_TOKENS,
                        "total_tokens": len(prompt) + MAX_TOKENS}  # fmt: skip
+
+
+FEATURES: dict[str, Any] = {
+    "logprobs": 3, "prompt_logprobs": 2, "logit_bias": {"42": 2.5, "43": -3.0},
+    "repetition_penalty": 1.2, "min_p": 0.01,
+    "skip_special_tokens": False, "spaces_between_special_tokens": False, "min_tokens": 5,
+}  # fmt: skip
+"""Every migratable sampling feature at once (greedy); the repetition
+penalty counts prompt and output alike, so it moves (presence and frequency
+penalties pin a request, see ``Generation.pinned_by``)."""
+
+
+@pytest.mark.parametrize("mode", ["kv", "recompute"])
+def test_every_feature_migrated_equals_unmigrated(
+    pair: tuple[WorkerProcess, WorkerProcess], mode: str
+) -> None:
+    """Logprobs (the sampled tokens' and the top alternatives), the prompt's
+    logprobs, biases, penalties and special-token decoding go on at the
+    destination exactly as they would have at the source."""
+    a, b = pair
+    prompt = _prompt(10 if mode == "kv" else 11)
+    with httpx.Client() as client:
+        unmoved = Follower(client, a, f"features-ref-{mode}", prompt, 400, **FEATURES)
+        unmoved.read_until(None)
+        f = Follower(client, a, f"features-{mode}", prompt, 400, **FEATURES)
+        f.read_until(70)
+        assert _migrate(a, b, f.rid, mode)["outcome"] == "migrated"
+        f.read_until(None)
+    assert f.hops == [a.base_url, b.base_url]
+    assert (f.tokens, f.text, f.finish) == (unmoved.tokens, unmoved.text, unmoved.finish)
+    assert len(f.logprobs) == len(f.tokens) == 400
+    assert len(f.prompt_logprobs) == len(prompt)  # once, from the source
+    for moved, ref in zip(f.logprobs, unmoved.logprobs, strict=True):
+        assert moved["token_id"] == ref["token_id"]
+        assert [t["token_id"] for t in moved["top"]] == [t["token_id"] for t in ref["top"]]
+        assert moved["logprob"] == pytest.approx(ref["logprob"], abs=1e-4)
+    assert f.prompt_logprobs == unmoved.prompt_logprobs
 
 
 def test_back_and_forth_equals_unmigrated(pair: tuple[WorkerProcess, WorkerProcess]) -> None:
@@ -279,6 +322,48 @@ def test_gateway_client_sees_one_continuous_stream(
         assert usage is not None and usage.completion_tokens == MAX_TOKENS
         metrics = httpx.get(gateway.base_url + "/metrics").text
         assert "shoal_gateway_migrations_followed_total 2.0" in metrics
+    finally:
+        gateway.stop()
+
+
+def test_each_of_n_choices_moves_on_its_own(
+    trio: tuple[WorkerProcess, WorkerProcess, WorkerProcess], redis_url: str, tmp_path: Path
+) -> None:
+    """``n`` = 2 with ``echo`` and logprobs through the gateway: one choice
+    is migrated mid-stream; both complete, echoed once, every token with
+    its logprobs, and the usage counts both."""
+    a, b, c = trio
+    gateway = start_gateway(redis_url=redis_url, namespace=VLLM_NAMESPACE, log_dir=tmp_path)
+    try:
+        body: Any = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 300, "n": 2,
+                     "temperature": 0.8, "ignore_eos": True, "echo": True, "logprobs": 1,
+                     "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        texts: dict[int, str] = {0: "", 1: ""}
+        tokens: dict[int, int] = {0: 0, 1: 0}
+        usage, moved = None, False
+        with httpx.stream("POST", gateway.base_url + "/v1/completions", json=body,
+                          timeout=300) as resp:  # fmt: skip
+            for line in resp.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                usage = event.get("usage") or usage
+                for choice in event["choices"]:
+                    texts[choice["index"]] += choice["text"]
+                    tokens[choice["index"]] += len(choice["logprobs"]["tokens"])
+                if not moved and tokens[0] > 40:
+                    rid = f"{event['id']}-0"
+                    here = next(w for w in (a, b, c) if _runs(w, rid))
+                    there = a if here is not a else b
+                    assert _migrate(here, there, rid, "kv")["outcome"] == "migrated"
+                    moved = True
+        assert moved
+        prompt_tokens = usage["prompt_tokens"] if usage else 0
+        assert all(t.startswith("The quick brown fox") for t in texts.values())
+        assert tokens == {0: prompt_tokens + 300, 1: prompt_tokens + 300}  # echoed prompt too
+        assert usage == {"prompt_tokens": prompt_tokens, "completion_tokens": 600,
+                         "total_tokens": prompt_tokens + 600}  # fmt: skip
     finally:
         gateway.stop()
 
