@@ -28,6 +28,15 @@ MAX_ID_LENGTH = 128
 MAX_CHOICES = 64
 """Most options a ``choice`` constraint may list."""
 
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+"""OpenAI's ``reasoning_effort`` values, with vLLM's ``max``."""
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "tokenize",
+    "return_dict", "return_assistant_tokens_mask", "add_generation_prompt",
+    "continue_final_message", "tokenizer_kwargs",
+})  # fmt: skip
+"""Chat-template arguments the renderer sets itself: not a request's to give."""
+
 
 class StructuredSpec(BaseModel):
     """A constraint on the output, run by the engine's structured-output
@@ -233,6 +242,12 @@ class GenerateRequest(BaseModel):
     """Functions the model may call, given to the chat template."""
     tool_choice: ToolChoice | None = Field(default=None, validate_default=True)
     parallel_tool_calls: bool | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    """Given to the chat template (``none`` turns thinking off, as vLLM's)."""
+    include_reasoning: bool = True
+    """False: a reasoning parser's reasoning (and the logprobs) is left out."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra variables for the chat template (vLLM's extension)."""
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -291,6 +306,8 @@ class GenerateRequest(BaseModel):
             raise ValueError("'logit_bias' values must be in [-100, 100]")
         if self.tools is not None and self.messages is None:
             raise ValueError("'tools' need chat 'messages'")
+        if reserved := sorted(RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or ())):
+            raise ValueError(f"'chat_template_kwargs' may not set {', '.join(reserved)}")
         done = len(self.continuation.output_token_ids) if self.continuation else 0
         if self.max_tokens is not None and done >= self.max_tokens:
             raise ValueError("a continuation must leave tokens to generate within 'max_tokens'")
@@ -312,6 +329,16 @@ class GenerateRequest(BaseModel):
             prompt_logprobs=self.prompt_logprobs,
         )  # fmt: skip
 
+    def template_kwargs(self) -> dict[str, Any]:
+        """The chat template's variables, as vLLM gives them: the request's
+        ``chat_template_kwargs``, ``reasoning_effort`` and, for an effort,
+        ``enable_thinking`` (false for ``none``) unless the request sets it."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = self.reasoning_effort
+            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+        return kwargs
+
     @property
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -324,6 +351,8 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    reasoning_tokens: int | None = Field(default=None, exclude_if=lambda v: v is None)
+    """Of the completion, where a reasoning parser ran."""
 
 
 class TopLogprob(BaseModel):
@@ -363,16 +392,18 @@ class ToolCallDelta(BaseModel):
 
 
 class MessageDelta(BaseModel):
-    """A chunk's text as the instance's tool-call parser splits it: message
-    content and pieces of tool calls."""
+    """A chunk's text as the instance's output parser splits it: reasoning,
+    message content and pieces of tool calls."""
 
+    reasoning: str | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] = Field(default_factory=list)
 
 
 class ParsedMessage(BaseModel):
-    """The whole output as the tool-call parser reads it, on the last chunk."""
+    """The whole output as the output parser reads it, on the last chunk."""
 
+    reasoning: str | None = None
     content: str | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
     finish_reason: str | None = None
@@ -395,13 +426,15 @@ class GenerateChunk(BaseModel):
     num_output_tokens: int | None = None
     """The request's output so far, migrations and replays included (on
     chunks with tokens): the running usage of ``continuous_usage_stats``."""
+    num_reasoning_tokens: int | None = None
+    """Of that output, the reasoning (where a reasoning parser runs)."""
     logprobs: list[TokenLogprob] | None = None
     """One per token of ``token_ids``, when the request asked for logprobs."""
     prompt_logprobs: list[PromptLogprob] | None = None
     """One per prompt token, on the first chunk of a request that asked for
     prompt logprobs."""
     message: MessageDelta | None = None
-    """``text`` as a tool-call parser split it (None: no parser runs; the
+    """``text`` as an output parser split it (None: no parser runs; the
     text is all content)."""
     parsed: ParsedMessage | None = None
     """The whole output as the parser read it, on the last chunk."""

@@ -169,6 +169,13 @@ class InstanceSettings(CommonSettings):
     enable_auto_tool_choice: bool = False
     """Run ``tool_call_parser`` (vLLM's ``--enable-auto-tool-choice``)."""
 
+    reasoning_parser: str | None = None
+    """vLLM's reasoning parser for the model (``deepseek_r1``, ``qwen3``, ...:
+    vLLM's ``--reasoning-parser``): every chat output is split into
+    ``reasoning`` and ``content``, a structured output is constrained only
+    after the reasoning, and such requests are pinned to their instance
+    (docs/MIGRATION.md). vLLM engine only."""
+
     sim_kv_bandwidth_gbps: float = Field(default=10.0, gt=0.0)
     """Sim engine: modelled bandwidth of a KV transfer between instances, in
     Gbit/s. The sim engine migrates by KV transfer too when ``kv_transfer`` is

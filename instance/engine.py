@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from infra.contract import Message, PromptLogprob, SamplingSpec, TokenLogprob
 from infra.records import Priority
-from instance.tool_parsing import ToolParsing, ToolSession
+from instance.output_parsing import OutputParsing, OutputSession
 from migration.ports import KvPort
 
 
@@ -28,8 +28,8 @@ class EngineRequest:
     arrival_time: float = 0.0
     kv_transfer: KvLoad | None = None
     """Set on a migrated request: KV of its first tokens is staged here."""
-    tools: ToolSession | None = field(default=None, compare=False)
-    """The parser of its tool calls, when one runs for it."""
+    parser: OutputSession | None = field(default=None, compare=False)
+    """The parser of its output (reasoning, tool calls), when one runs for it."""
 
 
 @dataclass(frozen=True)
@@ -138,10 +138,14 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]: ...
 
     def apply_chat_template(
-        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None
+        self,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """The prompt's tokens: ``messages`` (and ``tools``, for templates
-        that show them) rendered by the model's chat template."""
+        that show them) rendered by the model's chat template, given the
+        variables ``kwargs`` too."""
         ...
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True,
@@ -163,8 +167,8 @@ class Engine(Protocol):
     def kind(self) -> str: ...
 
     @property
-    def tool_parsing(self) -> ToolParsing | None:
-        """The tool-call parser it runs (None: none)."""
+    def output_parsing(self) -> OutputParsing | None:
+        """The output parsers it runs (None: none)."""
 
     def check(self, sampling: SamplingSpec) -> None:
         """Raise a ``BadRequestError`` for sampling it cannot do (the sim has

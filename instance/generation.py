@@ -60,14 +60,14 @@ class Generation:
     def pinned_by(self) -> str | None:
         """What keeps it on this instance, if anything: a structured-output
         constraint (a resumed engine request would start its grammar again),
-        a tool-call parser (its state is here),
+        an output parser (reasoning, tool calls: its state is here),
         seeded sampling (its random stream would start again, so the rest
         would differ from what the seed gives unmoved), or presence and
         frequency penalties (vLLM counts them over the engine request's own
         output, which a resumed request would lack)."""
         s = self.request.sampling
-        if self.request.tools is not None:  # its parser's state is here
-            return "tool_parser"
+        if self.request.parser is not None:  # its parser's state is here
+            return self.request.parser.pin_reason
         if s.structured is not None:
             return "structured_output"
         if s.seed is not None and s.temperature > 0.0:

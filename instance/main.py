@@ -55,6 +55,7 @@ def build_engine(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
             tool_call_parser=settings.tool_call_parser
             if settings.enable_auto_tool_choice
             else None,
+            reasoning_parser=settings.reasoning_parser,
         )
     )
     name = settings.served_model_name or settings.model or TINY_MODEL_NAME

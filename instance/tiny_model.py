@@ -16,14 +16,19 @@ log = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "tiny-llama"
 _MARKER = "shoal-tiny.json"
-_VERSION = 2
+_VERSION = 3
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>\n"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    "{% if add_generation_prompt %}<|assistant|>"
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    "{% endif %}"
 )
+"""Role-tagged turns. ``enable_thinking: false`` (what vLLM passes for
+``reasoning_effort: none``) closes the reasoning before the answer, as
+thinking models' templates do."""
 
 _CORPUS = [
     "Shoal moves running requests between instances while they generate.",
@@ -35,6 +40,11 @@ _CORPUS = [
     "0123456789 + - * / = ( ) [ ] { } < > , . ; : ! ? ' \"",
 ]
 _SPECIAL = ["<s>", "</s>", "<unk>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+THINK = ("<think>", "</think>")
+"""Reasoning markers (DeepSeek R1's), added after training as plain added
+tokens (they stay in the text, as a reasoning parser expects). Their output
+weights are zero, so a greedy output never picks one unbiased, and the
+model's other tokens and weights are those of version 2."""
 
 
 def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 320) -> Path:
@@ -57,6 +67,8 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 320) -> 
         show_progress=False,
     )
     raw.train_from_iterator(_CORPUS, trainer=trainer)
+    trained = raw.get_vocab_size()
+    raw.add_tokens(list(THINK))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw,
         bos_token="<s>",
@@ -69,7 +81,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 320) -> 
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=raw.get_vocab_size(),
+        vocab_size=trained,
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
@@ -83,6 +95,10 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, vocab_size: int = 320) -> 
         torch_dtype="float32",
     )
     model = LlamaForCausalLM(config)
+    model.resize_token_embeddings(raw.get_vocab_size(), mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[trained:] = 0.0
+        model.get_output_embeddings().weight[trained:] = 0.0
     model.save_pretrained(out_dir, safe_serialization=True)
     marker.write_text(json.dumps({"version": _VERSION, "seed": seed}))
     log.info("wrote tiny model to %s", out_dir)

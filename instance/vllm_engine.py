@@ -31,7 +31,7 @@ from instance.engine import (
     blocks_for,
 )
 from instance.engine_args import EngineArgsChoice
-from instance.tool_parsing import ToolParsing
+from instance.output_parsing import OutputParsing
 from migration.ports import KvPort
 from migration.wire import TRANSFER_KEY, Endpoint
 
@@ -54,6 +54,10 @@ class VllmOptions:
     tool_call_parser: str | None = None
     """vLLM's tool-call parser to run (``--tool-call-parser`` with
     ``--enable-auto-tool-choice``); None: none, tool choices that need one are refused."""
+    reasoning_parser: str | None = None
+    """vLLM's reasoning parser (``--reasoning-parser``): splits every chat
+    output into reasoning and content, and holds a structured output's
+    constraint back until the reasoning ends (None: none)."""
 
 
 class HfTokenizer:
@@ -69,13 +73,17 @@ class HfTokenizer:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def apply_chat_template(
-        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None
+        self,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         rendered = self._tok.apply_chat_template(
             [m.as_dict() for m in messages],
             tools=list(tools) if tools else None,
             tokenize=False,
             add_generation_prompt=True,
+            **(kwargs or {}),
         )
         return self.encode(str(rendered))
 
@@ -161,7 +169,7 @@ class VllmEngine:
             engine_args=chosen.values(),
         )
         self._llm: Any = None
-        self.tool_parsing: ToolParsing | None = None
+        self.output_parsing: OutputParsing | None = None
         self._view = _SchedulerView()
         self._tracked: dict[str, _Tracked] = {}
         self.kv_port: KvPort | None = (
@@ -181,6 +189,7 @@ class VllmEngine:
             scheduling_policy="priority",
             disable_log_stats=False,
             kv_transfer_config=self._kv_transfer_config(),
+            reasoning_parser=self.options.reasoning_parser or "",
         )
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._view.logger_factory()])
         config = self._llm.vllm_config
@@ -188,12 +197,14 @@ class VllmEngine:
         self.limits.block_size = int(config.cache_config.block_size)
         self.limits.max_model_len = int(config.model_config.max_model_len)
         self.limits.max_num_seqs = int(config.scheduler_config.max_num_seqs)
-        if self.options.tool_call_parser is not None:
-            from instance.vllm_tools import VllmToolParsing
+        if self.options.tool_call_parser or self.options.reasoning_parser:
+            from instance.vllm_parsing import VllmOutputParsing
 
-            tokenizer = self._llm.renderer.tokenizer
-            self.tool_parsing = VllmToolParsing(self.options.tool_call_parser, tokenizer,
-                                                config.model_config)  # fmt: skip
+            self.output_parsing = VllmOutputParsing(
+                self._llm.renderer.tokenizer, config.model_config,
+                tool_parser=self.options.tool_call_parser,
+                reasoning_parser=self.options.reasoning_parser,
+            )  # fmt: skip
         log.info("vLLM engine ready: %s", ready_summary(self.limits))
 
     def _kv_transfer_config(self) -> Any:
@@ -264,9 +275,12 @@ class VllmEngine:
         try:
             # ``add_request`` then the request's output queue, as vLLM's own
             # ``generate`` does, so the caller learns when the engine has it.
+            parser = request.parser
             outputs = await self._llm.add_request(
-                request.request_id, prompt, params, priority=request.priority.rank
-            )
+                request.request_id, prompt, params, priority=request.priority.rank,
+                reasoning_ended=parser.reasoning_ended if parser else None,
+                reasoning_parser_kwargs=parser.engine_kwargs if parser else None,
+            )  # fmt: skip
             admitted()
             while not finished:
                 output = outputs.get_nowait() or await outputs.get()

@@ -35,9 +35,9 @@ from infra.store import StateStore
 from instance.engine import Engine, EngineRequest, TokenDelta, chat_messages
 from instance.generation import Generation
 from instance.metrics import InstanceMetrics
+from instance.output_parsing import session_for
 from instance.reporter import LoadReporter, ReporterConfig
 from instance.text import TextStream, special_tokens
-from instance.tool_parsing import ToolSession, needs_parser, refuse_without_parser
 from migration.protocol import ResumeSpec
 
 log = logging.getLogger(__name__)
@@ -201,15 +201,15 @@ class InstanceWorker:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds "
                 f"the context of {max_len} tokens", param="max_tokens",
             )  # fmt: skip
-        tools = self._tool_session(req, prompt_ids)
+        parser = session_for(self.engine.output_parsing, req, prompt_ids)
         sampling = req.sampling(max_tokens)
-        if tools is not None and tools.structured is not None:  # the tool choice's, as vLLM's
-            sampling = sampling.model_copy(update={"structured": tools.structured})
+        if parser is not None and parser.structured is not None:  # the tool choice's, as vLLM's
+            sampling = sampling.model_copy(update={"structured": parser.structured})
         self.engine.check(sampling)
         if req.continuation is not None:
             self._check_continuation(req.continuation, max_tokens)
-            if sampling.structured is not None or tools is not None:  # its state would restart
-                raise BadRequestError("a request with structured outputs or parsed tool calls "
+            if sampling.structured is not None or parser is not None:  # its state would restart
+                raise BadRequestError("a request with structured outputs or a parsed output "
                                       "cannot be continued on another instance",
                                       param="continuation")  # fmt: skip
         request_id = req.request_id or f"req-{uuid.uuid4().hex}"
@@ -223,19 +223,8 @@ class InstanceWorker:
             sampling=sampling,
             priority=req.priority,
             arrival_time=self._clock(),
-            tools=tools,
+            parser=parser,
         )
-
-    def _tool_session(self, req: GenerateRequest, prompt_ids: list[int]) -> ToolSession | None:
-        """The parser of the request's tool calls, if its ``tool_choice``
-        needs one (a 400 where none runs)."""
-        if not needs_parser(req.tool_choice):
-            return None
-        parsing = self.engine.tool_parsing
-        if parsing is None:
-            refuse_without_parser(req.tool_choice)
-            return None
-        return parsing.session(req, prompt_ids)
 
     def _check_continuation(self, cont: Continuation, max_tokens: int) -> None:
         vocab = self.config.vocab_size
@@ -250,7 +239,8 @@ class InstanceWorker:
         tok = self.engine.tokenizer
         if req.messages is not None:
             tools = [t.model_dump(exclude_none=True) for t in req.tools or ()]
-            return tok.apply_chat_template(chat_messages(req.messages), tools or None)
+            return tok.apply_chat_template(chat_messages(req.messages), tools or None,
+                                           req.template_kwargs())  # fmt: skip
         if isinstance(req.prompt, str):
             ids = tok.encode(req.prompt)
             if not ids:
@@ -367,15 +357,20 @@ class InstanceWorker:
             usage = Usage(prompt_tokens=gen.num_prompt_tokens, completion_tokens=gen.num_output,
                           total_tokens=gen.num_prompt_tokens + gen.num_output)  # fmt: skip
         gen.emitted_chars += len(text)
-        message = parsed = None
-        if (tools := gen.request.tools) is not None:
-            message = tools.feed(text, list(delta.token_ids), finished=finish is not None)
-            parsed = tools.finish(finish) if finish is not None else None
+        message = parsed = reasoning = None
+        logprobs = list(delta.logprobs) if delta.logprobs else None
+        if (parser := gen.request.parser) is not None:
+            message = parser.feed(text, list(delta.token_ids), finished=finish is not None)
+            parsed = parser.finish(finish) if finish is not None else None
+            reasoning = parser.reasoning_tokens()
+            logprobs = None if parser.hides_logprobs else logprobs
+            if usage is not None:
+                usage.reasoning_tokens = reasoning
         return GenerateChunk(request_id=gen.request_id, token_ids=list(delta.token_ids),
                              text=text, finish_reason=finish, usage=usage,
                              num_prompt_tokens=gen.num_prompt_tokens,
-                             num_output_tokens=gen.num_output,
-                             logprobs=list(delta.logprobs) if delta.logprobs else None,
+                             num_output_tokens=gen.num_output, num_reasoning_tokens=reasoning,
+                             logprobs=logprobs,
                              prompt_logprobs=_listed(delta.prompt_logprobs),
                              message=message, parsed=parsed)  # fmt: skip
 

@@ -21,6 +21,7 @@ from pydantic import (
 
 from infra.contract import (
     Message,
+    ReasoningEffort,
     StructuredSpec,
     Tool,
     ToolCall,
@@ -234,10 +235,16 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     continue_final_message: Literal[False] = False
-    # Reasoning switches: no reasoning parser runs, so there is nothing to split.
+    reasoning_effort: ReasoningEffort | None = None
+    """Given to the chat template; ``none`` turns thinking off (vLLM's rule)."""
     include_reasoning: bool = True
-    separate_reasoning: bool = True
-    stream_reasoning: bool = True
+    """False: where a reasoning parser runs, the reasoning (and the
+    logprobs, which would show it) is left out."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra variables for the chat template (vLLM's extension)."""
+    # SGLang's reasoning switches, with the values that ask for what Shoal does.
+    separate_reasoning: Literal[True] = True
+    stream_reasoning: Literal[True] = True
 
     @property
     def token_limit(self) -> int | None:
@@ -286,14 +293,24 @@ class CompletionRequest(_Sampling):
         return self.prompt if self.echo and isinstance(self.prompt, str) else None
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = Field(
+        default=None, exclude_if=lambda v: v is None
+    )
+    """Where a reasoning parser ran: how many completion tokens were reasoning."""
 
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
+    reasoning: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    """The model's reasoning, where a reasoning parser found some (vLLM's field)."""
     content: str | None
     tool_calls: list[ToolCall] = Field(default_factory=list, exclude_if=lambda v: not v)
 
@@ -349,6 +366,7 @@ class ChatToolCallDelta(BaseModel):
 
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
+    reasoning: str | None = Field(default=None, exclude_if=lambda v: v is None)
     content: str | None = None
     tool_calls: list[ChatToolCallDelta] = Field(default_factory=list, exclude_if=lambda v: not v)
 

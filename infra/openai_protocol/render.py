@@ -24,6 +24,7 @@ from infra.openai_protocol.translate import (
     completion_chunk,
     completion_usage_chunk,
     completion_whole,
+    openai_usage,
     running_usage,
     usage_of,
 )
@@ -75,8 +76,9 @@ def total_usage(usages: dict[int, Usage]) -> Usage | None:
         return None
     prompt = next(iter(usages.values())).prompt_tokens
     completion = sum(u.completion_tokens for u in usages.values())
-    return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                 total_tokens=prompt + completion)  # fmt: skip
+    details = [u.completion_tokens_details for u in usages.values()]
+    reasoning = sum(d.reasoning_tokens for d in details if d) if any(details) else None
+    return openai_usage(prompt, completion, reasoning)
 
 
 async def sse_events(

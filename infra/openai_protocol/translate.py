@@ -34,6 +34,7 @@ from infra.openai_protocol.models import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    CompletionTokensDetails,
     PromptTokenLogprob,
     Usage,
 )
@@ -77,6 +78,9 @@ def to_generate(
             return GenerateRequest(messages=req.messages, tools=req.tools,  # type: ignore[arg-type]
                                    tool_choice=req.tool_choice,
                                    parallel_tool_calls=req.parallel_tool_calls,
+                                   reasoning_effort=req.reasoning_effort,
+                                   include_reasoning=req.include_reasoning,
+                                   chat_template_kwargs=req.chat_template_kwargs,
                                    **common)  # fmt: skip
         return GenerateRequest(prompt=req.prompt, **common)  # type: ignore[arg-type]
     except ValidationError as exc:  # a rule of the instance's contract: still the client's 400
@@ -85,10 +89,17 @@ def to_generate(
         raise BadRequestError(first["msg"], param=param) from None
 
 
+def openai_usage(prompt: int, completion: int, reasoning: int | None = None) -> Usage:
+    """OpenAI's usage; ``reasoning`` where a reasoning parser counted it."""
+    details = None if reasoning is None else CompletionTokensDetails(reasoning_tokens=reasoning)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                 total_tokens=prompt + completion, completion_tokens_details=details)  # fmt: skip
+
+
 def usage_of(chunk: GenerateChunk) -> Usage | None:
-    if chunk.usage is None:
+    if (u := chunk.usage) is None:
         return None
-    return Usage(**chunk.usage.model_dump())
+    return openai_usage(u.prompt_tokens, u.completion_tokens, u.reasoning_tokens)
 
 
 def running_usage(chunk: GenerateChunk) -> Usage | None:
@@ -97,8 +108,8 @@ def running_usage(chunk: GenerateChunk) -> Usage | None:
         return usage_of(chunk)
     if chunk.num_prompt_tokens is None or chunk.num_output_tokens is None:
         return None
-    return Usage(prompt_tokens=chunk.num_prompt_tokens, completion_tokens=chunk.num_output_tokens,
-                 total_tokens=chunk.num_prompt_tokens + chunk.num_output_tokens)  # fmt: skip
+    return openai_usage(chunk.num_prompt_tokens, chunk.num_output_tokens,
+                        chunk.num_reasoning_tokens)  # fmt: skip
 
 
 def chat_logprobs(entries: list[TokenLogprob] | None) -> ChatLogprobs | None:
@@ -179,7 +190,8 @@ def chat_chunk(rid: str, created: int, model: str, chunk: GenerateChunk, first: 
     if (message := chunk.message) is None:
         delta = ChatDelta(role=role, content=chunk.text)
     else:
-        delta = ChatDelta(role=role, content=message.content, tool_calls=[ChatToolCallDelta(
+        delta = ChatDelta(role=role, reasoning=message.reasoning, content=message.content,
+                          tool_calls=[ChatToolCallDelta(
             index=c.index, id=c.id, type="function" if c.id else None,
             function=ChatFunctionDelta(name=c.name, arguments=c.arguments),
         ) for c in message.tool_calls])  # fmt: skip
@@ -229,7 +241,8 @@ def chat_whole(rid: str, created: int, model: str, choices: list[WholeChoice],
 def _message(choice: WholeChoice) -> ChatMessageOut:
     if (parsed := choice.parsed) is None:
         return ChatMessageOut(content=choice.text)
-    return ChatMessageOut(content=parsed.content, tool_calls=parsed.tool_calls)
+    return ChatMessageOut(reasoning=parsed.reasoning, content=parsed.content,
+                          tool_calls=parsed.tool_calls)  # fmt: skip
 
 
 def completion_whole(rid: str, created: int, model: str, choices: list[WholeChoice],

@@ -17,9 +17,12 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))  # bytes: no special tokens
 
     def apply_chat_template(
-        self, messages: Sequence[ChatMessage], tools: Sequence[Mapping[str, Any]] | None = None
+        self,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
-        """``role: content`` lines; the tools are not shown."""
+        """``role: content`` lines; the tools and variables are not shown."""
         rendered = "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"
         return self.encode(rendered)
 

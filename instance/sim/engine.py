@@ -25,7 +25,7 @@ class SimEngine:
 
     kind = "sim"
 
-    tool_parsing = None
+    output_parsing = None
     """The sim engine runs no tool-call parser."""
 
     def check(self, sampling: SamplingSpec) -> None:

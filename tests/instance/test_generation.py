@@ -11,25 +11,34 @@ from infra.contract import MessageDelta, ParsedMessage, SamplingSpec, Structured
 from infra.records import Priority
 from instance.engine import EngineRequest
 from instance.generation import Generation
-from instance.tool_parsing import ToolSession
+from instance.output_parsing import OutputSession
 
 
 class _Parser:
-    """A tool-call parser that finds nothing (only its presence matters here)."""
+    """An output parser that finds nothing (only its presence matters here)."""
 
     structured = None
+    reasoning_ended = None
+    engine_kwargs = None
+    hides_logprobs = False
+
+    def __init__(self, pin_reason: str) -> None:
+        self.pin_reason = pin_reason
 
     def feed(self, text: str, token_ids: list[int], *, finished: bool) -> MessageDelta:
         return MessageDelta(content=text)
+
+    def reasoning_tokens(self) -> int | None:
+        return None
 
     def finish(self, finish_reason: str | None) -> ParsedMessage:
         return ParsedMessage(finish_reason=finish_reason, stream_finish_reason=finish_reason)
 
 
-def _gen(tools: ToolSession | None = None, **sampling: Any) -> Generation:
+def _gen(parser: OutputSession | None = None, **sampling: Any) -> Generation:
     spec = SamplingSpec(max_tokens=8, **sampling)  # type: ignore[arg-type]
     request = EngineRequest(request_id="r", prompt_token_ids=(1, 2, 3), sampling=spec,
-                            priority=Priority.NORMAL, arrival_time=0.0, tools=tools)  # fmt: skip
+                            priority=Priority.NORMAL, arrival_time=0.0, parser=parser)  # fmt: skip
     return Generation(request, num_prompt_tokens=3, migratable=True)
 
 
@@ -52,8 +61,11 @@ def test_what_pins_a_request(sampling: dict[str, Any], pinned_by: str | None) ->
     assert gen.movable is (pinned_by is None)
 
 
-def test_a_request_whose_tool_calls_are_parsed_here_stays() -> None:
-    assert _gen(_Parser()).pinned_by == "tool_parser"
+@pytest.mark.parametrize("reason", ["tool_parser", "reasoning_parser"])
+def test_a_request_whose_output_is_parsed_here_stays(reason: str) -> None:
+    gen = _gen(_Parser(reason))
+    assert gen.pinned_by == reason
+    assert not gen.movable
 
 
 def test_a_request_whose_caller_cannot_follow_is_not_movable() -> None:

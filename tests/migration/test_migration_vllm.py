@@ -35,7 +35,7 @@ from tests.helpers import (
 pytestmark = pytest.mark.vllm
 
 MODEL = "tiny-llama"
-PROMPT = [1, 45, 49, 173, 170, 299, 43, 172, 97, 27, 173, 112]  # the tiny model has 320 tokens
+PROMPT = [1, 45, 49, 173, 170, 299, 43, 172, 97, 27, 173, 112]  # the tiny model has 322 tokens
 MAX_TOKENS = 6000
 """Long enough (~15 s here) that a migration asked for early finds it running."""
 CLAIM_TIMEOUT_S = 10

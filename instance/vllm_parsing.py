@@ -1,10 +1,10 @@
-"""vLLM's tool-call parsers behind :class:`instance.tool_parsing.ToolParsing`.
+"""vLLM's reasoning and tool-call parsers behind :class:`instance.output_parsing.OutputParsing`.
 
-The parser is the one ``vllm serve --enable-auto-tool-choice
---tool-call-parser NAME`` runs (``vllm.parser.ParserManager``), over vLLM's
-own request model, so its constraints (``required`` and named tool choices:
-JSON to the tools' schema), its streaming split and its final reading are
-vLLM's. vLLM is imported lazily.
+The parser is the one ``vllm serve --reasoning-parser R --enable-auto-tool-choice
+--tool-call-parser T`` runs (``vllm.parser.ParserManager``: one parser for
+both), over vLLM's own request model, so its constraints (``required`` and
+named tool choices: JSON to the tools' schema), its streaming split and its
+final reading are vLLM's. vLLM is imported lazily.
 """
 
 from __future__ import annotations
@@ -25,41 +25,50 @@ from infra.contract import (
 from infra.errors import BadRequestError
 
 
-class VllmToolParsing:
-    """Sessions of the parser ``name`` over the engine's tokenizer."""
+class VllmOutputParsing:
+    """Sessions of vLLM's parsers ``tool_parser`` and ``reasoning_parser``
+    (either may be None, not both) over the engine's tokenizer."""
 
-    def __init__(self, name: str, tokenizer: Any, model_config: Any) -> None:
+    def __init__(self, tokenizer: Any, model_config: Any, *, tool_parser: str | None = None,
+                 reasoning_parser: str | None = None) -> None:  # fmt: skip
         from vllm.parser.parser_manager import ParserManager
 
-        parser_cls = ParserManager.get_parser(
-            tool_parser_name=name, enable_auto_tools=True, model_name=model_config.model,
-            tokenizer=tokenizer,
-        )  # fmt: skip
+        names = dict(tool_parser_name=tool_parser, reasoning_parser_name=reasoning_parser,
+                     model_name=model_config.model)  # fmt: skip
+        parser_cls = ParserManager.get_parser(**names, enable_auto_tools=tool_parser is not None,
+                                              tokenizer=tokenizer)  # fmt: skip
         if parser_cls is None:  # pragma: no cover - vLLM raises for an unknown name
-            raise ValueError(f"no tool-call parser {name!r}")
-        ParserManager.validate_parser_tokenizer(parser_cls, tokenizer, tool_parser_name=name,
-                                                model_name=model_config.model)  # fmt: skip
-        self.name = name
+            raise ValueError(f"no parser for {names}")
+        ParserManager.validate_parser_tokenizer(parser_cls, tokenizer, **names)
+        self.tools, self.reasoning = tool_parser is not None, reasoning_parser is not None
         self._cls, self._tokenizer, self._model_config = parser_cls, tokenizer, model_config
 
     def _parser(self, request: Any) -> Any:
-        return self._cls(self._tokenizer, request.tools, model_config=self._model_config)
+        kwargs = request.build_chat_params(None, "auto").chat_template_kwargs
+        return self._cls(self._tokenizer, request.tools, chat_template_kwargs=kwargs,
+                         model_config=self._model_config)  # fmt: skip
 
     def session(self, request: GenerateRequest, prompt_token_ids: list[int]) -> _Session:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-        assert request.messages is not None and request.tools is not None
+        assert request.messages is not None
+        body: dict[str, Any] = {
+            "model": request.model or "",
+            "messages": [m.model_dump(exclude_none=True) for m in request.messages],
+            "include_reasoning": request.include_reasoning,
+            "reasoning_effort": request.reasoning_effort,
+            "chat_template_kwargs": request.chat_template_kwargs,
+        }
+        if request.tools is not None:
+            body |= {"tools": [t.model_dump(exclude_none=True) for t in request.tools],
+                     "tool_choice": _dumped(request.tool_choice),
+                     "parallel_tool_calls": request.parallel_tool_calls}  # fmt: skip
         try:
-            theirs = ChatCompletionRequest.model_validate({
-                "model": request.model or "", "messages": [
-                    m.model_dump(exclude_none=True) for m in request.messages],
-                "tools": [t.model_dump(exclude_none=True) for t in request.tools],
-                "tool_choice": _dumped(request.tool_choice),
-                "parallel_tool_calls": request.parallel_tool_calls,
-            })  # fmt: skip
+            theirs = ChatCompletionRequest.model_validate(body)
         except ValueError as exc:
-            raise BadRequestError(f"vLLM's tool-call parsing refused the request: {exc}",
-                                  param="tools") from None  # fmt: skip
+            param = "tools" if request.tools else "messages"
+            raise BadRequestError(f"vLLM's output parsing refused the request: {exc}",
+                                  param=param) from None  # fmt: skip
         parser = self._parser(theirs)
         theirs = parser.adjust_request(theirs)
         return _Session(self, parser, theirs, prompt_token_ids)
@@ -70,7 +79,7 @@ def _dumped(choice: object) -> object:
 
 
 class _Session:
-    def __init__(self, owner: VllmToolParsing, parser: Any, request: Any,
+    def __init__(self, owner: VllmOutputParsing, parser: Any, request: Any,
                  prompt_token_ids: list[int]) -> None:  # fmt: skip
         self._owner, self._parser, self._request = owner, parser, request
         self._prompt = prompt_token_ids
@@ -78,6 +87,14 @@ class _Session:
         self._token_ids: list[int] = []
         self._streamed_calls = False
         self.structured = _constraint(request)
+        self.pin_reason = "tool_parser" if request.tools else "reasoning_parser"
+        self.reasoning_ended = request.resolve_reasoning_ended(parser, prompt_token_ids)
+        self.hides_logprobs = not request.include_reasoning
+        self.engine_kwargs = (
+            {"chat_template_kwargs": request.build_chat_params(None, "auto").chat_template_kwargs}
+            if owner.reasoning
+            else None
+        )
 
     @property
     def _named(self) -> bool:
@@ -92,14 +109,19 @@ class _Session:
             delta_text=text, delta_token_ids=list(token_ids), request=self._request,
             prompt_token_ids=self._prompt, finished=finished,
         )  # fmt: skip
-        if delta is None:
+        if delta is None:  # nothing to show for it yet
             return MessageDelta()
         calls = [ToolCallDelta(
             index=c.index, id=c.id, name=c.function.name if c.function else None,
             arguments=c.function.arguments if c.function else None,
         ) for c in delta.tool_calls]  # fmt: skip
         self._streamed_calls = self._streamed_calls or bool(calls)
-        return MessageDelta(content=delta.content, tool_calls=calls)
+        return MessageDelta(reasoning=delta.reasoning, content=delta.content, tool_calls=calls)
+
+    def reasoning_tokens(self) -> int | None:
+        if not self._owner.reasoning:
+            return None
+        return int(self._parser.count_reasoning_tokens(tuple(self._token_ids)))
 
     def finish(self, finish_reason: str | None) -> ParsedMessage:
         """The whole output read afresh (parsers are stateful), with vLLM's
@@ -107,8 +129,8 @@ class _Session:
         ``required`` output stopped; in a stream, when calls streamed (not
         named) and it stopped."""
         parser = self._owner._parser(self._request)
-        _, content, calls = parser.parse(
-            "".join(self._texts), self._request, enable_auto_tools=True,
+        reasoning, content, calls = parser.parse(
+            "".join(self._texts), self._request, enable_auto_tools=self._owner.tools,
             model_output_token_ids=self._token_ids,
         )  # fmt: skip
         tool_calls = [ToolCall(id=c.id or f"chatcmpl-tool-{uuid.uuid4().hex}",
@@ -120,6 +142,7 @@ class _Session:
             choice == "required" and finish_reason == "stop"
         )
         return ParsedMessage(
+            reasoning=reasoning if self._request.include_reasoning else None,
             content=(content or "") if forced else content, tool_calls=tool_calls,
             finish_reason="tool_calls" if called else finish_reason,
             stream_finish_reason="tool_calls"
