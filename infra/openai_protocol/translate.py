@@ -113,14 +113,22 @@ def running_usage(chunk: GenerateChunk) -> Usage | None:
 
 
 def chat_logprobs(entries: list[TokenLogprob] | None) -> ChatLogprobs | None:
-    """OpenAI's chat form of token logprobs."""
+    """OpenAI's chat form of token logprobs. As on vLLM, a position's own token
+    leads its alternatives (it differs from the most likely one where the
+    sampling was not greedy or a bias moved it), then the most likely others."""
     if entries is None:
         return None
     return ChatLogprobs(content=[ChatTokenLogprob(
         token=e.token, logprob=e.logprob, bytes=list(e.token.encode()),
         top_logprobs=[ChatTopLogprob(token=t.token, logprob=t.logprob,
-                                     bytes=list(t.token.encode())) for t in e.top],
+                                     bytes=list(t.token.encode())) for t in _own_first(e)],
     ) for e in entries])  # fmt: skip
+
+
+def _own_first(entry: TokenLogprob) -> list[TopLogprob]:
+    own = TopLogprob(token_id=entry.token_id, token=entry.token, logprob=entry.logprob)
+    others = [t for t in entry.top if t.token_id != entry.token_id]
+    return [own, *others][: len(entry.top)]
 
 
 def completion_logprobs(entries: Sequence[TokenLogprob | PromptLogprob] | None,
