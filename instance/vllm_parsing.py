@@ -97,6 +97,12 @@ class _Session:
         )
 
     @property
+    def _parallel(self) -> bool:
+        """Whether more than one call may be returned (``parallel_tool_calls:
+        false``: the first only, as vLLM keeps it)."""
+        return self._request.parallel_tool_calls is not False
+
+    @property
     def _named(self) -> bool:
         return isinstance(self._request.tool_choice, dict) or hasattr(
             self._request.tool_choice, "function"
@@ -114,7 +120,7 @@ class _Session:
         calls = [ToolCallDelta(
             index=c.index, id=c.id, name=c.function.name if c.function else None,
             arguments=c.function.arguments if c.function else None,
-        ) for c in delta.tool_calls]  # fmt: skip
+        ) for c in delta.tool_calls if self._parallel or c.index == 0]  # fmt: skip
         self._streamed_calls = self._streamed_calls or bool(calls)
         return MessageDelta(reasoning=delta.reasoning, content=delta.content, tool_calls=calls)
 
@@ -136,6 +142,8 @@ class _Session:
         tool_calls = [ToolCall(id=c.id or f"chatcmpl-tool-{uuid.uuid4().hex}",
                                function=FunctionCall(name=c.name, arguments=c.arguments))
                       for c in calls or ()]  # fmt: skip
+        if not self._parallel:
+            tool_calls = tool_calls[:1]
         choice = self._request.tool_choice
         forced = self._named or choice == "required"
         called = (choice == "auto" and bool(tool_calls)) or (
