@@ -155,6 +155,9 @@ class _Sampling(BaseModel):
     """vLLM's structured outputs: JSON schema, regex, choice or grammar."""
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """vLLM's: the prompt tokens' logprobs, with this many alternatives each
+    (completions: on each choice; chat: on the response)."""
     # Sent by routers (vLLM's router, SGLang) with values that ask for what
     # Shoal does anyway; any other value is refused.
     no_stop_trim: Literal[False] = False
@@ -168,6 +171,8 @@ class _Sampling(BaseModel):
             raise ValueError("'stream_options' is only allowed when 'stream' is true")
         if self.n > 1 and self.temperature is not None and self.temperature < 1e-5:
             raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}")  # vLLM's rule
+        if self.stream and self.prompt_logprobs:
+            raise ValueError("'prompt_logprobs' are not available when 'stream' is true")  # vLLM's
         limit = self.token_limit
         if limit is not None and self.min_tokens > limit:
             raise ValueError("'min_tokens' must not exceed the token limit ('max_tokens')")
@@ -186,7 +191,7 @@ class _Sampling(BaseModel):
     @property
     def num_prompt_logprobs(self) -> int | None:
         """Top alternatives per prompt token asked for (None: none)."""
-        return None
+        return self.prompt_logprobs
 
     @property
     def echo_text(self) -> str | None:
@@ -264,8 +269,6 @@ class CompletionRequest(_Sampling):
     """Put the prompt before each choice's text (and, with ``logprobs``, the
     prompt tokens' logprobs before the output's)."""
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
-    """vLLM's: each choice carries the prompt tokens' logprobs."""
 
     @model_validator(mode="after")
     def _echo_text(self) -> CompletionRequest:
@@ -343,6 +346,14 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
 
 
+class PromptTokenLogprob(BaseModel):
+    """vLLM's form of one alternative at a prompt position."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -350,6 +361,10 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, PromptTokenLogprob] | None] | None = Field(
+        default=None, exclude_if=lambda v: v is None
+    )
+    """vLLM's extension, when asked for: per prompt token (None for the first)."""
 
 
 class ChatFunctionDelta(BaseModel):
@@ -385,14 +400,6 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
-
-
-class PromptTokenLogprob(BaseModel):
-    """vLLM's form of one alternative at a prompt position."""
-
-    logprob: float
-    rank: int | None
-    decoded_token: str
 
 
 class CompletionChoice(BaseModel):

@@ -154,7 +154,7 @@ def completion_logprobs(entries: Sequence[TokenLogprob | PromptLogprob] | None,
 def vllm_prompt_logprobs(
     entries: list[PromptLogprob] | None,
 ) -> list[dict[str, PromptTokenLogprob] | None] | None:
-    """vLLM's ``prompt_logprobs`` of a completion choice: per prompt token
+    """vLLM's ``prompt_logprobs`` (of a completion choice, of a chat response): per prompt token
     (None for the first) its own and the top alternatives, by token id."""
     if entries is None:
         return None
@@ -239,11 +239,12 @@ def completion_usage_chunk(rid: str, created: int, model: str, usage: Usage) -> 
 
 def chat_whole(rid: str, created: int, model: str, choices: list[WholeChoice],
                usage: Usage) -> ChatCompletion:  # fmt: skip
+    prompt = vllm_prompt_logprobs(choices[0].prompt_logprobs) if choices else None
     return ChatCompletion(id=rid, created=created, model=model, usage=usage, choices=[
         ChatChoice(index=c.index, message=_message(c), logprobs=chat_logprobs(c.logprobs),
                    finish_reason=c.parsed.finish_reason if c.parsed else c.finish_reason)
         for c in choices
-    ])  # fmt: skip
+    ], prompt_logprobs=prompt)  # fmt: skip
 
 
 def _message(choice: WholeChoice) -> ChatMessageOut:

@@ -129,6 +129,8 @@ def _whole(resp: httpx.Response, endpoint: str) -> Answer:
         "choices": [_chat_choice(c) if endpoint == "chat" else _text_choice(c) for c in choices],
         "usage": _usage(body.get("usage")),
     }
+    if endpoint == "chat":  # vLLM's: on the response, not on a choice
+        norm["prompt_logprobs"] = body.get("prompt_logprobs")
     return Answer(norm, None, raw[:600])
 
 

@@ -217,6 +217,7 @@ CASES: list[Case] = [
     ),
     Case("echo-logprobs", "completions", completion(echo=True, logprobs=1), echoed),
     Case("prompt-logprobs", "completions", completion(prompt_logprobs=2)),
+    Case("chat-prompt-logprobs", "chat", chat(prompt_logprobs=2)),  # of the templated prompt
     Case(
         "skip-special-tokens-false",
         "completions",
@@ -235,6 +236,7 @@ CASES: list[Case] = [
     ),
     Case("negative-max-tokens", "chat", chat(max_tokens=-1), refused(400)),
     Case("top-logprobs-without-logprobs", "chat", chat(top_logprobs=2), refused(400)),
+    Case("prompt-logprobs-stream", "chat", chat(prompt_logprobs=1, stream=True), refused(400)),
     Case("prompt-too-long", "completions", completion(prompt="fox " * 20000), refused(400)),
     Case("unknown-model", "chat", chat(model="no-such-model"), refused(404)),
     Case("n-zero", "chat", chat(n=0), refused(400)),
