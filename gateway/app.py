@@ -36,7 +36,7 @@ from infra.openai_protocol.models import (
 )
 from infra.openai_protocol.render import sse_events, whole_response
 from infra.openai_protocol.routes import add_completion_routes
-from infra.openai_protocol.translate import to_generate
+from infra.openai_protocol.translate import BestOf, to_generate
 from infra.records import Priority
 from infra.telemetry import extract_context
 
@@ -104,6 +104,8 @@ class _Call:
     """Every chunk carries the usage so far (``continuous_usage_stats``)."""
     echo: str | None = None
     """The prompt, put before each choice's text (``echo``)."""
+    best_of: BestOf | None = None
+    """Which of the samples the whole response returns (``best_of``; None: all)."""
     first_at: float | None = None
     """``time.perf_counter()`` when the first token came (None: not yet)."""
     num_tokens: int = 0
@@ -177,7 +179,7 @@ async def serve(request: Request, body: ChatCompletionRequest | CompletionReques
     try:
         parent = trace.set_span_in_context(call.span)
         requests = choice_requests(
-            to_generate(body, call.rid, call.priority, migratable=True), body.n
+            to_generate(body, call.rid, call.priority, migratable=True), body.samples
         )
         first, chunks = await _first_batch(call, open_choices(
             lambda r: st.dispatcher.generate(r, body.model, parent), requests))  # fmt: skip
@@ -231,7 +233,8 @@ async def _open_call(st: GatewayState, request: Request,
     span.set_attribute("shoal.priority", priority.value)
     return _Call(rid, int(time.time()), body.model, chat, body.include_usage, priority,
                  time.perf_counter(), st.metrics, key, st.keys, span,
-                 continuous_usage=body.continuous_usage, echo=body.echo_text)  # fmt: skip
+                 continuous_usage=body.continuous_usage, echo=body.echo_text,
+                 best_of=BestOf.of(body))  # fmt: skip
 
 
 async def _first_batch(

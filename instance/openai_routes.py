@@ -41,7 +41,7 @@ from infra.openai_protocol.models import (
 )
 from infra.openai_protocol.render import sse_events, whole_response
 from infra.openai_protocol.routes import add_completion_routes
-from infra.openai_protocol.translate import to_generate
+from infra.openai_protocol.translate import BestOf, to_generate
 from instance.engine import chat_messages
 from instance.worker import InstanceWorker
 
@@ -57,6 +57,7 @@ class _DirectCall:
     include_usage: bool
     continuous_usage: bool = False
     echo: str | None = None
+    best_of: BestOf | None = None
 
     def observe(self, chunk: GenerateChunk) -> None:
         pass
@@ -87,10 +88,10 @@ def add_openai_routes(app: FastAPI, worker: InstanceWorker) -> None:
         priority = priority_from_header(priority_header)
         chat = isinstance(body, ChatCompletionRequest)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        requests = choice_requests(to_generate(body, rid, priority), body.n)
+        requests = choice_requests(to_generate(body, rid, priority), body.samples)
         prepared = [worker.prepare(r) for r in requests]  # every choice checked first
         call = _DirectCall(rid, int(time.time()), body.model, chat, body.include_usage,
-                           body.continuous_usage, body.echo_text)  # fmt: skip
+                           body.continuous_usage, body.echo_text, BestOf.of(body))  # fmt: skip
         by_id = {p.request_id: p for p in prepared}
         first, chunks = await open_choices(
             lambda r: _batches(worker.run(by_id[str(r.request_id)])), requests)  # fmt: skip

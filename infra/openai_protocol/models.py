@@ -129,6 +129,9 @@ class _Sampling(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     """Choices to generate: each is an instance request of its own."""
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    """Samples to draw, of which the ``n`` with the highest mean token logprob
+    are returned (OpenAI's; whole responses only)."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -169,14 +172,25 @@ class _Sampling(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         if self.stream_options is not None and not self.stream:
             raise ValueError("'stream_options' is only allowed when 'stream' is true")
-        if self.n > 1 and self.temperature is not None and self.temperature < 1e-5:
-            raise ValueError(f"n must be 1 when using greedy sampling, got {self.n}")  # vLLM's rule
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError("'best_of' must be greater than or equal to 'n'")  # OpenAI's rule
+        if self.stream and self.samples > self.n:
+            raise ValueError("'best_of' is not available when 'stream' is true")  # OpenAI's rule
+        if self.temperature is not None and self.temperature < 1e-5:
+            for name, count in (("n", self.n), ("best_of", self.samples)):
+                if count > 1:  # vLLM's rule: greedy samples would all be the same
+                    raise ValueError(f"{name} must be 1 when using greedy sampling, got {count}")
         if self.stream and self.prompt_logprobs:
             raise ValueError("'prompt_logprobs' are not available when 'stream' is true")  # vLLM's
         limit = self.token_limit
         if limit is not None and self.min_tokens > limit:
             raise ValueError("'min_tokens' must not exceed the token limit ('max_tokens')")
         return self
+
+    @property
+    def samples(self) -> int:
+        """Sequences to generate: ``best_of``, else ``n``."""
+        return self.best_of or self.n
 
     @property
     def token_limit(self) -> int | None:

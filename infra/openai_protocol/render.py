@@ -17,6 +17,7 @@ from infra.http import line_safe_json
 from infra.openai_protocol.choices import ChoiceBatch
 from infra.openai_protocol.models import ChatCompletionChunk, Completion, Usage
 from infra.openai_protocol.translate import (
+    BestOf,
     WholeChoice,
     chat_chunk,
     chat_usage_chunk,
@@ -48,6 +49,8 @@ class Call(Protocol):
     """Every chunk carries the usage so far (vLLM's ``continuous_usage_stats``)."""
     echo: str | None
     """The prompt, put before each choice's text (None: no echo)."""
+    best_of: BestOf | None
+    """Which of the samples a whole response returns (None: all)."""
 
     def observe(self, chunk: GenerateChunk) -> None:
         """Called for every chunk, before it is rendered."""
@@ -170,6 +173,8 @@ async def whole_response(
     await call.charge(usage)
     call.done("ok")
     ordered = [choices[i] for i in sorted(choices)]
+    if call.best_of is not None:
+        ordered = call.best_of.pick(ordered)
     body = (
         chat_whole(call.rid, call.created, call.model, ordered, usage)
         if call.chat

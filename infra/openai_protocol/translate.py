@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from pydantic import ValidationError
@@ -64,7 +64,8 @@ def to_generate(
         truncate_prompt_tokens=req.truncate_prompt_tokens,
         stop_token_ids=req.stop_token_ids or [],
         logit_bias=req.logit_bias_ids(),
-        logprobs=req.num_logprobs,
+        # best_of ranks its samples by their tokens' logprobs, asked for or not
+        logprobs=0 if req.num_logprobs is None and req.samples > req.n else req.num_logprobs,
         prompt_logprobs=req.num_prompt_logprobs,
         structured=req.structured,
         skip_special_tokens=req.skip_special_tokens,
@@ -188,6 +189,33 @@ class WholeChoice:
     @property
     def text(self) -> str:
         return "".join(self.texts)
+
+
+@dataclass(frozen=True)
+class BestOf:
+    """``best_of``: of the samples, the ``n`` with the highest mean token logprob."""
+
+    n: int
+    logprobs: bool
+    """The client asked for logprobs (else they were only for the ranking)."""
+
+    @classmethod
+    def of(cls, req: ChatCompletionRequest | CompletionRequest) -> BestOf | None:
+        """The request's ranking (None: every sample is returned)."""
+        if req.samples == req.n:
+            return None
+        return cls(req.n, req.num_logprobs is not None)
+
+    def pick(self, samples: list[WholeChoice]) -> list[WholeChoice]:
+        """The best ``n`` (ties: the earlier sample), indexed from 0."""
+        ranked = sorted(samples, key=lambda c: -_mean_logprob(c))[: self.n]
+        return [replace(c, index=i, logprobs=c.logprobs if self.logprobs else None)
+                for i, c in enumerate(ranked)]  # fmt: skip
+
+
+def _mean_logprob(choice: WholeChoice) -> float:
+    entries = choice.logprobs or []
+    return sum(e.logprob for e in entries) / len(entries) if entries else float("-inf")
 
 
 def chat_chunk(rid: str, created: int, model: str, chunk: GenerateChunk, first: bool,

@@ -317,6 +317,20 @@ def refused_by_shoal_only(param: str) -> Callable[[Answer, Answer], None]:
     return compare
 
 
+def best_of_sampled(samples: int) -> Callable[[Answer, Answer], None]:
+    """vllm serve ignores ``best_of`` (one sample); Shoal draws ``samples``,
+    returns the best one and counts every sample's tokens (``ignore_eos``:
+    each as long as vllm serve's one)."""
+
+    def compare(upstream: Answer, shoal: Answer) -> None:
+        assert upstream.norm["status"] == shoal.norm["status"] == 200, _messages(upstream, shoal)
+        assert len(upstream.norm["choices"]) == len(shoal.norm["choices"]) == 1, shoal.norm
+        completion = upstream.norm["usage"]["completion_tokens"]
+        assert shoal.norm["usage"]["completion_tokens"] == samples * completion, shoal.norm
+
+    return compare
+
+
 # -- what the cases must exercise on vllm serve (preconditions) -------------------
 def finishes(reason: str, tokens: int | None = None) -> Callable[[dict[str, Any]], None]:
     def expect(norm: dict[str, Any]) -> None:

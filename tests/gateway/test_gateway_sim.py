@@ -197,6 +197,11 @@ def test_sse_ends_with_one_done(gateway: WorkerProcess) -> None:
         ("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {}}, 400, None),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2, "min_tokens": 5},
          400, None),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 3, "best_of": 2}, 400, None),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 2, "stream": True}, 400,
+         None),  # the best are known only at the end
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "best_of": 2, "temperature": 0}, 400,
+         None),  # greedy samples would all be the same
     ],
 )  # fmt: skip
 def test_bad_requests_get_openai_errors(

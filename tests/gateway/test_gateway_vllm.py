@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,6 +346,31 @@ def test_n_seeded_choices_are_seeded_as_vllm_seeds_them(
     assert [c["text"] for c in both["choices"]] == [a["choices"][0]["text"] for a in alone]
     assert both["choices"][0]["text"] != both["choices"][1]["text"]
     assert both["usage"]["completion_tokens"] == 16
+
+
+def test_best_of_returns_the_samples_with_the_highest_mean_logprob(
+    stack: tuple[WorkerProcess, WorkerProcess],
+) -> None:
+    """``best_of`` 3 draws the call's three seeded samples (those of ``n`` 3)
+    and returns the two whose tokens have the highest mean logprob, in that
+    order, without logprobs unless asked; the usage counts every sample."""
+    gateway, _ = stack
+    url = gateway.base_url + "/v1/completions"
+    body: Any = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 8,
+                 "temperature": 1.0, "seed": 5}  # fmt: skip
+    samples = httpx.post(url, json={**body, "n": 3, "logprobs": 0}, timeout=60).json()
+    mean = {c["text"]: statistics.fmean(c["logprobs"]["token_logprobs"])
+            for c in samples["choices"]}  # fmt: skip
+    assert len(mean) == 3, mean  # three different samples, so the ranking means something
+    best = httpx.post(url, json={**body, "n": 2, "best_of": 3}, timeout=60).json()
+    assert [c["text"] for c in best["choices"]] == sorted(mean, key=mean.__getitem__)[::-1][:2]
+    assert [c["index"] for c in best["choices"]] == [0, 1]
+    assert all(c["logprobs"] is None for c in best["choices"])
+    assert best["usage"] == samples["usage"]
+    asked = httpx.post(url, json={**body, "best_of": 3, "logprobs": 1}, timeout=60).json()
+    (top,) = asked["choices"]
+    assert top["text"] == max(mean, key=mean.__getitem__)
+    assert statistics.fmean(top["logprobs"]["token_logprobs"]) == pytest.approx(mean[top["text"]])
 
 
 def test_tokenize_through_the_gateway_uses_the_model_tokenizer(

@@ -38,6 +38,7 @@ from tests.gateway.parity import (
     TOOLS,
     Case,
     ask,
+    best_of_sampled,
     calls_a_tool,
     chat,
     completion,
@@ -134,6 +135,15 @@ CASES: list[Case] = [
     # 6. n and tools
     Case("n2-greedy", "completions", completion(n=2), refused(400)),  # vLLM: greedy needs n = 1
     Case("n2-seeded", "completions", completion(n=2, temperature=0.8, seed=7), two_choices),
+    Case(
+        "best-of",
+        "completions",
+        completion(best_of=3, temperature=0.8, seed=7, ignore_eos=True),
+        intended_difference="vllm serve 0.32 accepts best_of and ignores it (one sample); "
+        "Shoal draws best_of samples and returns the n with the highest mean token logprob, "
+        "as OpenAI's API does, and counts every sample's tokens in the usage",
+        compare=best_of_sampled(3),
+    ),
     Case("tools-choice-none", "chat", chat(tools=TOOLS, tool_choice="none"), finishes("length", 8)),
     # Both run vLLM's pythonic tool-call parser (--tool-call-parser pythonic).
     Case(

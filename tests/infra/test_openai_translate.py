@@ -9,6 +9,8 @@ from infra.contract import GenerateChunk, TokenLogprob, TopLogprob
 from infra.errors import BadRequestError
 from infra.openai_protocol.models import ChatCompletionRequest, CompletionRequest
 from infra.openai_protocol.translate import (
+    BestOf,
+    WholeChoice,
     chat_logprobs,
     completion_logprobs,
     running_usage,
@@ -63,3 +65,31 @@ def test_logprob_requests_map_to_a_count_of_alternatives() -> None:
     with pytest.raises(BadRequestError):  # a contract rule, still a 400
         to_generate(CompletionRequest(model="m", prompt="x", logit_bias={"5": 101}), "r",
                     Priority.NORMAL)  # fmt: skip
+
+
+def _sample(index: int, *logprobs: float) -> WholeChoice:
+    entries = [TokenLogprob(token_id=1, token="a", logprob=p) for p in logprobs]
+    return WholeChoice(index, texts=[f"s{index}"], logprobs=entries)
+
+
+def test_best_of_keeps_the_highest_mean_logprob_samples_reindexed() -> None:
+    samples = [_sample(0, -3.0), _sample(1, -0.5, -1.5), _sample(2, -0.2), _sample(3)]
+    best = BestOf(n=2, logprobs=False).pick(samples)
+    assert [(c.index, c.text, c.logprobs) for c in best] == [(0, "s2", None), (1, "s1", None)]
+    kept = BestOf(n=1, logprobs=True).pick(samples)
+    assert kept[0].text == "s2" and kept[0].logprobs == samples[2].logprobs
+    assert BestOf(n=4, logprobs=False).pick(samples)[-1].text == "s3"  # no tokens: last
+
+
+def test_best_of_samples_with_logprobs_and_needs_no_ranking_when_equal_to_n() -> None:
+    ranked = CompletionRequest(model="m", prompt="x", n=2, best_of=3)
+    assert (ranked.samples, BestOf.of(ranked)) == (3, BestOf(n=2, logprobs=False))
+    assert to_generate(ranked, "r", Priority.NORMAL).logprobs == 0
+    asked = CompletionRequest(model="m", prompt="x", best_of=2, logprobs=3)
+    assert to_generate(asked, "r", Priority.NORMAL).logprobs == 3
+    same = CompletionRequest(model="m", prompt="x", n=2, best_of=2)
+    assert BestOf.of(same) is None and to_generate(same, "r", Priority.NORMAL).logprobs is None
+    for bad in ({"n": 3, "best_of": 2}, {"best_of": 2, "stream": True},
+                {"best_of": 2, "temperature": 0}):  # fmt: skip
+        with pytest.raises(ValueError, match="best_of"):
+            CompletionRequest(model="m", prompt="x", **bad)
