@@ -8,6 +8,7 @@ from typing import Protocol
 
 import aiohttp
 
+from infra.cluster_auth import ClusterKeys
 from infra.records import InstanceStatus, StatusChange
 from migration.protocol import MigrateRequest, MigrationRecord
 
@@ -23,9 +24,11 @@ class InstanceCallFailed(Exception):
 
 
 class HttpInstanceApi:
-    def __init__(self, timeout_s: float = 300.0) -> None:
+    def __init__(self, keys: ClusterKeys, timeout_s: float = 300.0) -> None:
+        """``keys``: the cluster credential every call carries."""
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5)
-        self._session = aiohttp.ClientSession(timeout=timeout, trust_env=False)
+        self._session = aiohttp.ClientSession(timeout=timeout, trust_env=False,
+                                              headers=keys.headers())  # fmt: skip
 
     async def _post(self, url: str, body: dict[str, object]) -> object:
         try:

@@ -44,6 +44,7 @@ from bench.common import PLOTS, REPO, Server, bar_plot, free_port
 from bench.routers import LITELLM_KEY, start_litellm, start_vllm_router
 from infra.embedded_redis import EmbeddedRedis
 from infra.procs import shoal_command
+from infra.settings import CommonSettings
 
 MODEL = "m"
 TARGET_CPUS, LOAD_CPUS = {0}, {1}
@@ -107,7 +108,10 @@ async def _one(session: aiohttp.ClientSession, url: str, stream: bool, run: Run)
 
 
 async def _load(target: Target, run: Run, requests: int, concurrency: int) -> None:
-    headers = {"Authorization": f"Bearer {LITELLM_KEY}"}
+    headers = {
+        "Authorization": f"Bearer {LITELLM_KEY}",
+        **CommonSettings().cluster_keys().headers(),
+    }
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         urls = itertools.cycle(target.urls)

@@ -31,6 +31,7 @@ import httpx
 from bench.common import PLOTS, REPO, Server, free_port
 from infra.embedded_redis import EmbeddedRedis
 from infra.procs import shoal_command
+from infra.settings import CommonSettings
 
 LOGS = REPO / "bench" / "out"
 BLOCK = 32
@@ -53,7 +54,10 @@ def _stream(url: str, body: dict[str, Any] | None, arrivals: list[float],
     """Read one NDJSON stream, stamping each token's arrival; returns the
     instance the request moved to ('' when it finished or was stopped)."""
     method = "POST" if body else "GET"
-    with httpx.Client(timeout=300) as client, client.stream(method, url, json=body) as resp:
+    with (
+        httpx.Client(timeout=300, headers=CommonSettings().cluster_keys().headers()) as client,
+        client.stream(method, url, json=body) as resp,
+    ):
         for line in resp.iter_lines():
             if stop is not None and stop.is_set():
                 return ""
@@ -108,7 +112,8 @@ def _one(src: str, dst: str, length: int, mode: str, rid: str) -> dict[str, Any]
             time.sleep(0.002)
         call.append(time.monotonic())
         r = httpx.post(src + "/migrate", json={"destination": dst, "request_ids": [rid],
-                                                "mode": mode}, timeout=300)  # fmt: skip
+                                                "mode": mode},
+                       headers=CommonSettings().cluster_keys().headers(), timeout=300)  # fmt: skip
         call.append(time.monotonic())
         record.update(r.json()[0])
 
@@ -148,8 +153,11 @@ def _ttft(url: str, prompt: list[int]) -> float:
     body = {"prompt": prompt, "max_tokens": 2, "temperature": 0.0, "ignore_eos": True,
             "stream": True}  # fmt: skip
     t0 = time.monotonic()
-    with httpx.Client(timeout=300) as client, client.stream("POST", url + "/generate",
-                                                             json=body) as resp:  # fmt: skip
+    headers = CommonSettings().cluster_keys().headers()
+    with (
+        httpx.Client(timeout=300, headers=headers) as client,
+        client.stream("POST", url + "/generate", json=body) as resp,
+    ):
         for line in resp.iter_lines():
             if line and json.loads(line).get("token_ids"):
                 return time.monotonic() - t0
@@ -166,7 +174,13 @@ def _parts(record: dict[str, Any], dst: str) -> dict[str, float]:
     arrival: dict[str, Any] = {}
     deadline = time.monotonic() + 5
     while not arrival and time.monotonic() < deadline:  # completed at the first token there
-        arrivals = httpx.get(dst + "/migrations", timeout=30).json().get("arrivals", [])
+        arrivals = (
+            httpx.get(
+                dst + "/migrations", timeout=30, headers=CommonSettings().cluster_keys().headers()
+            )
+            .json()
+            .get("arrivals", [])
+        )
         arrival = next((a for a in arrivals if a["key"] == record.get("key")), {})
         time.sleep(0.05)
     load = arrival.get("load_s") or 0.0

@@ -69,6 +69,7 @@ from bench.simulator.hardware import HardwarePreset
 from bench.traces import Poisson, Trace, TraceConfig, TraceRequest, generate_trace, uniform
 from infra.embedded_redis import EmbeddedRedis
 from infra.procs import shoal_command
+from infra.settings import CommonSettings
 from instance.sim.latency import LatencyModel
 
 OUT = REPO / "bench" / "out" / "validate_sim"
@@ -355,7 +356,11 @@ def measure(num_requests: int, seed: int, work: Path) -> Measured:
         servers.append(gateway)
         gateway.wait_ready()
         time.sleep(2)  # the gateway sees both instances' reports
-        load = httpx.get(servers[0].base_url + "/load", timeout=10).json()
+        load = httpx.get(
+            servers[0].base_url + "/load",
+            timeout=10,
+            headers=CommonSettings().cluster_keys().headers(),
+        ).json()
         budget = _budget(servers[0].log)
         print(f"instances ready: {load['num_blocks_total']} blocks, budget {budget}", flush=True)
         cal = calibrate([s.base_url for s in servers[:2]], gateway.base_url)

@@ -77,7 +77,12 @@ async def _load(
     max_tokens: int,
 ) -> tuple[int, float, list[float]]:
     limits = httpx.Limits(max_connections=concurrency * 2)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=base_url,
+        timeout=600,
+        limits=limits,
+        headers=CommonSettings().cluster_keys().headers(),
+    ) as client:
         for _ in range(2):  # warm-up
             await request(client, 8)
         queue: asyncio.Queue[int] = asyncio.Queue()

@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator
 import aiohttp
 from pydantic import BaseModel
 
+from infra.cluster_auth import ClusterKeys
 from infra.contract import ChunkBatch, GenerateChunk, GenerateRequest
 from infra.errors import ErrorDetail
 
@@ -32,11 +33,13 @@ class UpstreamRefused(Exception):
         self.detail = detail
 
 
-def make_session(connect_timeout_s: float) -> aiohttp.ClientSession:
-    """One pooled session per gateway: unlimited connections, kept alive."""
+def make_session(connect_timeout_s: float, keys: ClusterKeys) -> aiohttp.ClientSession:
+    """One pooled session per gateway: unlimited connections, kept alive,
+    every call carrying the cluster credential of ``keys``."""
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False,
+                                 headers=keys.headers())  # fmt: skip
 
 
 class InstanceClient:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from infra.errors import PayloadTooLargeError
+from infra.cluster_auth import CLUSTER_HEADER, ClusterKeys, Purpose
+from infra.errors import AuthenticationError, PayloadTooLargeError, ShoalError
 
 T = TypeVar("T")
 
@@ -66,19 +67,48 @@ class BodyLimitMiddleware:
 
     async def _reject(self, send: Send) -> None:
         err = PayloadTooLargeError(f"request body exceeds {self.max_bytes} bytes")
-        body = json.dumps(err.body().model_dump()).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(send, 413, err)
+
+
+async def _send_error(send: Send, status: int, err: ShoalError) -> None:
+    body = json.dumps(err.body().model_dump()).encode()
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _TooLarge(Exception):
     pass
+
+
+class ClusterAuthMiddleware:
+    """Refuse calls without the cluster credential (:mod:`infra.cluster_auth`)
+    with an OpenAI-format 401, but for the paths in ``open_paths`` (probes
+    and metrics); ``on_refused`` is told each refused path."""
+
+    def __init__(self, app: ASGIApp, keys: ClusterKeys, open_paths: frozenset[str],
+                 on_refused: Callable[[str], None]) -> None:  # fmt: skip
+        self.app = app
+        self.keys = keys
+        self.open_paths = open_paths
+        self.on_refused = on_refused
+        self._header = CLUSTER_HEADER.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.keys.is_open or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        token = next((v for k, v in scope.get("headers", ()) if k == self._header), None)
+        if self.keys.accepts(token.decode("latin-1") if token else None, Purpose.HTTP):
+            await self.app(scope, receive, send)
+            return
+        self.on_refused(scope["path"])
+        err = AuthenticationError(
+            "this is an internal surface of a Shoal cluster: calls need the cluster credential "
+            f"({CLUSTER_HEADER}); clients go through the gateway",
+            code="cluster_credential",
+        )
+        await _send_error(send, 401, err)
 
 
 DISCONNECT_POLL_S = 0.2

@@ -3,11 +3,14 @@ environment with the ``SHOAL_`` prefix (e.g. ``SHOAL_REDIS_URL``)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from infra.cluster_auth import SECRET_VARIABLES, ClusterKeys, ClusterSecretMissing, new_secret
 
 EngineKind = Literal["vllm", "sim"]
 
@@ -48,6 +51,38 @@ class CommonSettings(BaseSettings):
 
     log_level: str = "INFO"
     """Python logging level for Shoal's own loggers."""
+
+    cluster_secret_file: Path | None = None
+    """File of the cluster secret that authenticates every internal call
+    (first line; a second line is the previous secret, still accepted during
+    a rotation). ``shoal up`` generates one in ``run_dir``."""
+
+    cluster_secret: SecretStr | None = None
+    """The cluster secret itself (from a secret store); wins over the file."""
+
+    cluster_secret_previous: SecretStr | None = None
+    """The previous cluster secret, accepted (never sent) during a rotation."""
+
+    insecure_open_cluster: bool = False
+    """Run without a cluster secret: every internal surface (instances'
+    ``/generate``, ``/migrate``, ``/resume``, the KV port) serves anyone who
+    reaches it. Off, a process with no secret refuses to start."""
+
+    def cluster_keys(self) -> ClusterKeys:
+        """The cluster secrets; raises :class:`ClusterSecretMissing` when none
+        is configured and the cluster is not declared open."""
+        if self.cluster_secret is not None:
+            previous = self.cluster_secret_previous
+            return ClusterKeys.of(self.cluster_secret.get_secret_value(),
+                                  previous.get_secret_value() if previous else None)  # fmt: skip
+        if self.cluster_secret_file is not None:
+            return ClusterKeys.from_file(self.cluster_secret_file)
+        if self.insecure_open_cluster:
+            return ClusterKeys.open()
+        raise ClusterSecretMissing(
+            "no cluster secret: set SHOAL_CLUSTER_SECRET_FILE (or SHOAL_CLUSTER_SECRET), "
+            "or SHOAL_INSECURE_OPEN_CLUSTER=true to let anyone who reaches the instances in"
+        )
 
 
 class InstanceSettings(CommonSettings):
@@ -394,3 +429,19 @@ class AutoscalerSettings(CommonSettings):
         if self.served_model_name or self.model:
             return str(self.served_model_name or self.model)
         return "tiny-llama" if self.engine == "vllm" else "sim-model"
+
+
+def local_cluster(run_dir: Path) -> ClusterKeys:
+    """The secret of a stack on this machine (``shoal up``, benchmarks, the
+    tests), unless one is configured already: generated once into
+    ``run_dir/cluster-secret`` (owner-only), and set in this process's
+    environment so that everything it starts joins the same cluster."""
+    if not any(os.environ.get(v) for v in SECRET_VARIABLES):
+        path = (run_dir / "cluster-secret").resolve()
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(new_secret() + "\n")
+        os.environ["SHOAL_CLUSTER_SECRET_FILE"] = str(path)
+    return CommonSettings().cluster_keys()

@@ -33,10 +33,12 @@ from migration.wire import (
 class ConnectorPort:
     """:class:`KvPort` over the wire to Shoal's KV connector on each rank."""
 
-    def __init__(self, endpoint: Endpoint, ranks: int = 1) -> None:
+    def __init__(self, endpoint: Endpoint, ranks: int = 1, auth: str | None = None) -> None:
+        """``auth``: the cluster's KV credential (None: an open cluster)."""
         if ranks < 1:
             raise ValueError(f"ranks must be >= 1, got {ranks}")
         self._ranks = [Endpoint(endpoint.host, endpoint.port + r) for r in range(ranks)]
+        self._auth = auth
         self._block_bytes = 0
 
     @property
@@ -53,7 +55,10 @@ class ConnectorPort:
         """One call per rank, concurrently; the first failure is raised once
         every call has ended (no rank is left mid-call)."""
         results = await asyncio.gather(
-            *(asyncio.to_thread(call, ep, make(r), reply) for r, ep in enumerate(self._ranks)),
+            *(
+                asyncio.to_thread(call, ep, make(r), reply, auth=self._auth)
+                for r, ep in enumerate(self._ranks)
+            ),
             return_exceptions=True,
         )
         for result in results:

@@ -10,6 +10,7 @@ import uuid
 
 from redis.asyncio import Redis
 
+from infra.cluster_auth import ClusterKeys, Purpose
 from infra.embedded_redis import resolve_redis
 from infra.keys import KeySchema
 from infra.serving import run_server
@@ -28,16 +29,18 @@ log = logging.getLogger(__name__)
 SIM_DEFAULT_BLOCK_SIZE = 16
 
 
-def build_engine(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
-    """The engine, the served model name and the vocabulary size (if known)."""
+def build_engine(settings: InstanceSettings, keys: ClusterKeys) -> tuple[Engine, str, int | None]:
+    """The engine, the served model name and the vocabulary size (if known);
+    its KV port serves holders of ``keys``' KV credential."""
     if settings.engine == "sim":
-        return _build_sim(settings)
+        return _build_sim(settings, keys)
 
     from instance.tiny_model import TINY_MODEL_NAME
     from instance.vllm_engine import VllmEngine, VllmOptions, resolve_model
 
     if settings.cpu_threads_bind:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
+    os.environ.update(keys.env())  # the KV connector reads them in vLLM's processes
     model = resolve_model(settings.model, settings.cache_dir)
     args = engine_args(settings, detect_platform(), model)
     log.info("vLLM engine arguments\n%s", args.describe())
@@ -50,6 +53,7 @@ def build_engine(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
                 if settings.kv_transfer
                 else None
             ),
+            kv_auth=keys.token(Purpose.KV),
             kv_transport=settings.kv_transport,
             kv_pace_bytes_per_s=settings.kv_pace_mib_s * 1024 * 1024,
             tool_call_parser=settings.tool_call_parser
@@ -62,7 +66,7 @@ def build_engine(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
     return engine, name, engine.tokenizer.vocab_size
 
 
-def _build_sim(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
+def _build_sim(settings: InstanceSettings, keys: ClusterKeys) -> tuple[Engine, str, int | None]:
     """The sim engine; with ``kv_transfer`` it serves simulated KV blocks on
     ``kv_port`` and models transfer time from the ``sim_kv_*`` settings."""
     from instance.sim.core import SimConfig
@@ -90,6 +94,7 @@ def _build_sim(settings: InstanceSettings) -> tuple[Engine, str, int | None]:
             endpoint=f"{settings.public_host}:{_pick_port(settings.host, settings.kv_port)}",
             model=link.scaled(settings.sim_speedup),
             listen_host=settings.host,
+            keys=keys,
         )
     name = settings.served_model_name or settings.model or "sim-model"
     engine = SimEngine(config, max_model_len=limits.max_model_len, kv=kv,
@@ -129,13 +134,20 @@ def _bind(held: contextlib.ExitStack, host: str, port: int) -> int:
 
 
 async def serve(settings: InstanceSettings) -> None:
-    """Run the worker until interrupted; owns every resource it opens."""
+    """Run the worker until interrupted; owns every resource it opens. With
+    no cluster secret (and no explicit open cluster) it does not start."""
+    keys = settings.cluster_keys()
+    if keys.is_open:
+        log.warning(
+            "OPEN CLUSTER (SHOAL_INSECURE_OPEN_CLUSTER): this instance serves "
+            "its requests, migrations and KV blocks to anyone who reaches its ports"
+        )
     url, owned_redis = resolve_redis(settings.redis_url, settings.run_dir)
     assert url is not None
     redis = Redis.from_url(url)
     try:
         store = StateStore(redis, KeySchema(settings.namespace))
-        engine, served_name, vocab = build_engine(settings)
+        engine, served_name, vocab = build_engine(settings, keys)
         port = _pick_port(settings.host, settings.port)
         instance_id = settings.instance_id or f"{settings.engine}-{uuid.uuid4().hex[:8]}"
         config = WorkerConfig(
@@ -153,6 +165,7 @@ async def serve(settings: InstanceSettings) -> None:
         worker = InstanceWorker(engine, config, store, InstanceMetrics(new_registry()))
         app = create_app(
             worker,
+            keys=keys,
             tracer=make_tracer("shoal-instance", settings.otlp_endpoint),
             max_body_bytes=settings.max_body_bytes,
         )

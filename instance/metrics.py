@@ -38,6 +38,10 @@ class InstanceMetrics:
             "may not move (a drain waits for them), by what pins them", ["reason"],
             registry=registry,
         )  # fmt: skip
+        self.unauthenticated = Counter(
+            p + "unauthenticated_calls", "Calls refused for want of the cluster credential, "
+            "by the first segment of their path", ["path"], registry=registry,
+        )  # fmt: skip
         self.running = Gauge(p + "running_requests", "Requests running", registry=registry)
         self.waiting = Gauge(p + "waiting_requests", "Requests waiting", registry=registry)
         self.blocks_used = Gauge(p + "kv_blocks_used", "KV blocks in use", registry=registry)

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from infra.cluster_auth import ClusterKeys
 from infra.contract import (
     AbortResponse,
     GenerateRequest,
@@ -19,7 +20,7 @@ from infra.contract import (
     Usage,
 )
 from infra.errors import BadRequestError, ServiceUnavailableError, install_error_handlers
-from infra.http import BodyLimitMiddleware, unless_disconnected
+from infra.http import BodyLimitMiddleware, ClusterAuthMiddleware, unless_disconnected
 from infra.ndjson import NDJSON_MEDIA_TYPE, ndjson
 from infra.records import InstanceInfo, InstanceStatus, LoadReport, StatusChange
 from infra.telemetry import extract_context
@@ -32,13 +33,21 @@ from migration.routes import MigrationService, add_migration_routes
 log = logging.getLogger(__name__)
 
 
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/version"})
+"""What an instance answers without the cluster credential: probes and metrics
+(no prompt, output or request id in them)."""
+
+
 def create_app(
     worker: InstanceWorker,
     *,
+    keys: ClusterKeys,
     tracer: trace.Tracer | None = None,
     max_body_bytes: int = 4 * 1024 * 1024,
 ) -> FastAPI:
-    migrations = MigrationService(WorkerMigrationHost(worker))
+    """The instance's HTTP API; every call but :data:`OPEN_PATHS` needs the
+    cluster credential of ``keys`` (none, in an open cluster)."""
+    migrations = MigrationService(WorkerMigrationHost(worker), keys=keys)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -52,6 +61,11 @@ def create_app(
     app = FastAPI(title="Shoal instance worker", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+
+    def refused(path: str) -> None:
+        worker.metrics.unauthenticated.labels("/" + path.strip("/").split("/")[0]).inc()
+
+    app.add_middleware(ClusterAuthMiddleware, keys=keys, open_paths=OPEN_PATHS, on_refused=refused)
     _add_generation_routes(app, worker, tracer or trace.NoOpTracer())
     _add_control_routes(app, worker)
     add_openai_routes(app, worker)

@@ -47,6 +47,10 @@ class VllmOptions:
     kv_endpoint: str | None = None
     """``host:port`` for Shoal's KV connector (live migration); None = off.
     With tensor parallelism, rank ``r`` listens on ``port + r``."""
+    kv_auth: str | None = None
+    """The cluster's KV credential, sent to the connector (None: an open
+    cluster). The connector, in vLLM's processes, reads the cluster secret
+    from the same settings."""
     kv_transport: str = "tcp"
     """How KV blocks move between instances (``migration.transport``)."""
     kv_pace_bytes_per_s: float = 0.0
@@ -173,7 +177,11 @@ class VllmEngine:
         self._view = _SchedulerView()
         self._tracked: dict[str, _Tracked] = {}
         self.kv_port: KvPort | None = (
-            ConnectorPort(Endpoint.parse(options.kv_endpoint), ranks=chosen.tensor_parallel_size)
+            ConnectorPort(
+                Endpoint.parse(options.kv_endpoint),
+                ranks=chosen.tensor_parallel_size,
+                auth=options.kv_auth,
+            )
             if options.kv_endpoint
             else None
         )

@@ -34,7 +34,8 @@ async def migrate(settings: CommonSettings, source: str, destination: str, *,
     async with httpx.AsyncClient(timeout=timeout_s) as client:
         resp = await client.post(addresses[source] + "/migrate",
                                  content=body.model_dump_json(exclude_none=True),
-                                 headers={"content-type": "application/json"})  # fmt: skip
+                                 headers={"content-type": "application/json",
+                                          **settings.cluster_keys().headers()})  # fmt: skip
     if resp.status_code != 200:
         raise MigrateError(f"{source} refused: {resp.status_code} {resp.text}")
     return _RECORDS.validate_json(resp.content)

@@ -50,11 +50,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.request import RequestStatus
 
+from infra.cluster_auth import ClusterKeys, Purpose
+from infra.settings import CommonSettings
 from migration.kv_blocks import BlockMover, distinct_layers
 from migration.pacing import Pacer
 from migration.transport import AfterLayer, Staged, Transport, make_transport
 from migration.wire import (
     TRANSFER_KEY,
+    UNAUTHENTICATED,
     BlocksRead,
     BlocksStaged,
     Drop,
@@ -68,6 +71,7 @@ from migration.wire import (
     Unpin,
     WireError,
     WireRequest,
+    authenticated,
     parse_reply,
     parse_request,
     recv_frame,
@@ -140,6 +144,9 @@ class ShoalKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 num_blocks=int(kv_cache_config.num_blocks),
                 transport=str(extra.get("transport", "tcp")),
                 pace_bytes_per_s=float(extra.get("pace_bytes_per_s", 0.0)),
+                # The secret is not in vLLM's config (which vLLM logs): the
+                # connector reads it from the instance's settings, as it does.
+                keys=CommonSettings().cluster_keys(),
             )
 
     # -- scheduler side ----------------------------------------------------
@@ -259,8 +266,12 @@ class _WorkerState:
     tensor-parallel rank), and the TCP server that exposes them."""
 
     def __init__(self, host: str, port: int, num_blocks: int, transport: str = "tcp",
-                 pace_bytes_per_s: float = 0.0) -> None:  # fmt: skip
+                 pace_bytes_per_s: float = 0.0,
+                 keys: ClusterKeys | None = None) -> None:  # fmt: skip
         self._lock = threading.Lock()
+        self.keys = keys or ClusterKeys.open()
+        """Who may use the port: peers and the worker with the cluster's KV credential."""
+        self.refused = 0
         self._num_blocks = num_blocks
         self._transport_name = transport
         self._pacer = Pacer(pace_bytes_per_s)
@@ -414,6 +425,7 @@ class _WorkerState:
                         loaded_blocks=self.loaded_blocks,
                         load_s={k: v[1] for k, v in self._loads.items()},
                         load_at={k: v[0] for k, v in self._loads.items()},
+                        unauthenticated=self.refused,
                     )  # fmt: skip
         return Reply()
 
@@ -450,7 +462,7 @@ class _WorkerState:
         try:
             with socket.create_connection((source.host, source.port), timeout=30.0) as sock:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                send_frame(sock, read)
+                send_frame(sock, read, auth=self.keys.token(Purpose.KV))
                 header, _ = recv_header(sock)
                 reply = parse_reply(header, BlocksRead, f"read from {source}")
                 problem = self._check(reply, request.count)
@@ -487,6 +499,11 @@ class _Handler(socketserver.BaseRequestHandler):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             header, _ = recv_frame(sock)
+            if not authenticated(header, self.server.state.keys):
+                log.warning("KV port: refused a connection without the cluster credential")
+                self.server.state.refused += 1
+                send_frame(sock, refusal(UNAUTHENTICATED))
+                return
             try:
                 request = parse_request(header)
                 if isinstance(request, ReadBlocks):

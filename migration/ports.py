@@ -27,6 +27,8 @@ class KvStatus(BaseModel):
     load_at: dict[str, float] = Field(default_factory=dict)
     """When each of those loads started (``time.monotonic()``: the host's
     clock, shared by the engine's processes and the worker)."""
+    unauthenticated: int = 0
+    """Connections refused for want of the cluster's KV credential, in total."""
 
 
 class KvPort(Protocol):

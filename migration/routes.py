@@ -16,6 +16,7 @@ import aiohttp
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
+from infra.cluster_auth import ClusterKeys
 from infra.contract import GenerateChunk
 from infra.errors import BadRequestError, ServiceUnavailableError
 from infra.ndjson import NDJSON_MEDIA_TYPE, ndjson
@@ -131,9 +132,11 @@ class MigrationHost(Adopter, SourceEngine, Protocol):
 
 
 class MigrationService:
-    def __init__(self, host: MigrationHost, *, watermark_blocks: int = 4,
+    def __init__(self, host: MigrationHost, *, keys: ClusterKeys, watermark_blocks: int = 4,
                  timeout_s: float = 30.0) -> None:  # fmt: skip
+        """``keys``: the cluster credential its calls to destinations carry."""
         self.host = host
+        self.keys = keys
         self.inbox = Inbox(host.free_blocks, host.kv_port, watermark_blocks=watermark_blocks,
                            timeout_s=timeout_s, on_arrival=host.metrics.arrived)  # fmt: skip
         self.history: collections.deque[MigrationRecord] = collections.deque(maxlen=HISTORY)
@@ -143,7 +146,8 @@ class MigrationService:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         timeout = aiohttp.ClientTimeout(total=120, sock_connect=5)
-        self._session = aiohttp.ClientSession(timeout=timeout, trust_env=False)
+        self._session = aiohttp.ClientSession(timeout=timeout, trust_env=False,
+                                              headers=self.keys.headers())  # fmt: skip
 
         async def expire() -> None:
             while True:

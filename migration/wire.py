@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, TypeAdapter
 
+from infra.cluster_auth import ClusterKeys, Purpose
 from migration.kv_layout import KvLayout
 from migration.ports import KvStatus
 
@@ -129,9 +130,13 @@ def refusal(error: str) -> Reply:
     return Reply(ok=False, error=error)
 
 
-def encode(message: BaseModel, nbytes: int = 0) -> bytes:
-    """A frame's length prefix and header."""
-    head = json.dumps({**message.model_dump(mode="json"), "nbytes": nbytes}).encode()
+def encode(message: BaseModel, nbytes: int = 0, auth: str | None = None) -> bytes:
+    """A frame's length prefix and header; ``auth``: the cluster credential
+    of a request (:mod:`infra.cluster_auth`, purpose ``kv``)."""
+    fields = {**message.model_dump(mode="json"), "nbytes": nbytes}
+    if auth is not None:
+        fields["auth"] = auth
+    head = json.dumps(fields).encode()
     return _LEN.pack(len(head)) + head
 
 
@@ -143,6 +148,16 @@ def decode_header(raw: bytes) -> tuple[dict[str, Any], int]:
 
 def parse_request(header: dict[str, Any]) -> WireRequest:
     return _REQUEST.validate_python(header)
+
+
+def authenticated(header: dict[str, Any], keys: ClusterKeys) -> bool:
+    """Whether a request frame carries the cluster's KV credential (taken
+    out of the header); a server closes the connection of one that does not."""
+    auth = header.pop("auth", None)
+    return keys.accepts(auth if isinstance(auth, str) else None, Purpose.KV)
+
+
+UNAUTHENTICATED = "unauthenticated: the KV port serves members of the cluster only"
 
 
 def parse_reply(header: dict[str, Any], kind: type[R], what: str) -> R:
@@ -176,10 +191,10 @@ def recv_into(sock: socket.socket, view: memoryview) -> None:
 
 
 def send_frame(sock: socket.socket, message: BaseModel, payload: bytes | memoryview = b"",
-               nbytes: int | None = None) -> None:  # fmt: skip
+               nbytes: int | None = None, auth: str | None = None) -> None:  # fmt: skip
     """Send a frame; ``nbytes`` announces a payload the caller sends itself."""
     size = len(payload) if nbytes is None else nbytes
-    sock.sendall(encode(message, size))
+    sock.sendall(encode(message, size, auth))
     if payload:
         sock.sendall(payload)
 
@@ -212,14 +227,15 @@ class Endpoint:
 
 
 def call(
-    endpoint: Endpoint, request: BaseModel, reply: type[R], timeout_s: float = 30.0
-) -> tuple[R, bytes]:
+    endpoint: Endpoint, request: BaseModel, reply: type[R], timeout_s: float = 30.0,
+    auth: str | None = None,
+) -> tuple[R, bytes]:  # fmt: skip
     """One request/reply exchange on a fresh connection."""
     what = f"{getattr(request, 'op', '?')} to {endpoint}"
     try:
         with socket.create_connection((endpoint.host, endpoint.port), timeout=timeout_s) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            send_frame(sock, request)
+            send_frame(sock, request, auth=auth)
             header, payload = recv_frame(sock)
     except OSError as exc:
         raise WireError(f"{what}: {exc}") from exc

@@ -16,12 +16,14 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeAlias
 
+from infra.cluster_auth import ClusterSecretMissing
 from infra.flags import add_settings_flags, given
 from infra.settings import (
     AutoscalerSettings,
     CommonSettings,
     GatewaySettings,
     InstanceSettings,
+    local_cluster,
 )
 
 log = logging.getLogger("shoal")
@@ -106,6 +108,11 @@ def _add_server(sub: Subparsers, name: str) -> None:
     def run(args: argparse.Namespace) -> int:
         settings = settings_cls(**given(args, settings_cls))
         setup_logging(settings.log_level)
+        try:
+            settings.cluster_keys()  # no secret, no start (unless declared open)
+        except ClusterSecretMissing as exc:
+            log.error("shoal %s: %s", name, exc)
+            return 2
         _run_server(serve(settings))
         return 0
 
@@ -153,6 +160,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv else None).parse_args(argv)
+    if args.command not in _SERVERS:  # a local stack's tools and benchmarks share its secret
+        local_cluster(CommonSettings().run_dir)
     return int(args.func(args))
 
 

@@ -8,13 +8,16 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 
 from infra import procs
 from infra.embedded_redis import EmbeddedRedis
 from tests.helpers import (
+    CLUSTER,
     GREEDY_TOKENS,
     INPUTS,
     REPO,
@@ -34,6 +37,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cluster_member() -> Iterator[None]:
+    """The test process is a member of the test cluster, as the gateway, the
+    autoscaler and the instances are: its httpx clients carry the cluster
+    credential, so tests may call instances' internal endpoints. (A header
+    given explicitly wins: a refusal test sends its own, or none from another
+    process: tests/security.)"""
+    patch = pytest.MonkeyPatch()
+    for cls in (httpx.Client, httpx.AsyncClient):
+        patch.setattr(cls, "__init__", _with_credential(cls.__init__))
+    yield
+    patch.undo()
+
+
+def _with_credential(init: Any) -> Any:
+    def __init__(self: Any, *args: Any, headers: Any = None, **kwargs: Any) -> None:
+        merged = httpx.Headers(CLUSTER.headers())
+        merged.update(httpx.Headers(headers))
+        init(self, *args, headers=merged, **kwargs)
+
+    return __init__
 
 
 @pytest.fixture(scope="session")

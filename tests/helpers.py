@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -14,8 +15,15 @@ from typing import Any
 
 from infra import procs
 from infra.procs import Child, shoal_command, start_child
+from infra.settings import local_cluster
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The test session is a cluster of its own: a secret generated for it, set in
+# this process's environment, so every process the tests start (instances,
+# gateways, autoscalers, vLLM's own processes) authenticates with it. The test
+# process is a member too (conftest.py's ``cluster_member``).
+CLUSTER = local_cluster(Path(tempfile.mkdtemp(prefix="shoal-test-cluster-")))
 
 # The session shares one real vLLM worker and one offline reference engine
 # (fixture `vllm_stack` in conftest.py): engine start-up costs ~35 s here. Its

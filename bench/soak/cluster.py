@@ -23,6 +23,7 @@ import psutil
 from bench.common import REPO, free_port
 from infra.embedded_redis import EmbeddedRedis
 from infra.procs import kill_group, shoal_command, spawn, stop_all
+from infra.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ class Child:
 
     async def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        async with httpx.AsyncClient(timeout=2) as client:
+        async with httpx.AsyncClient(
+            timeout=2, headers=CommonSettings().cluster_keys().headers()
+        ) as client:
             while time.monotonic() < deadline:
                 if not self.alive:
                     last = (self.log_tail(1) or "(empty log)").strip()
@@ -208,7 +211,9 @@ class Cluster:
         of dead ones have expired (``SHOAL_HEARTBEAT_TTL_S``)."""
         deadline = time.monotonic() + timeout_s
         seen = None
-        async with httpx.AsyncClient(timeout=5) as client:
+        async with httpx.AsyncClient(
+            timeout=5, headers=CommonSettings().cluster_keys().headers()
+        ) as client:
             while time.monotonic() < deadline:
                 with contextlib.suppress(httpx.HTTPError, ValueError):
                     r = await client.get(self.gateway_url + "/readyz")
@@ -265,7 +270,9 @@ class Cluster:
                                       s.logs / "autoscaler.log")  # fmt: skip
         await self._ready(self.autoscaler)
         deadline = time.monotonic() + 30
-        async with httpx.AsyncClient(timeout=5) as client:
+        async with httpx.AsyncClient(
+            timeout=5, headers=CommonSettings().cluster_keys().headers()
+        ) as client:
             while time.monotonic() < deadline:
                 with contextlib.suppress(httpx.HTTPError, ValueError):
                     if (await client.get(self.autoscaler.ready_url)).json().get("leader"):

@@ -51,6 +51,7 @@ from bench.soak.drive import (
     note_crashes,
 )
 from bench.soak.plan import make_prompts
+from infra.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,9 @@ async def _soak(cluster: Cluster, config: SoakConfig, records: Records) -> None:
     prompts = make_prompts(config.prompts, seed=config.drive.seed,
                            lengths=config.prompt_lengths, max_tokens=config.max_tokens)  # fmt: skip
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, trust_env=False, headers=CommonSettings().cluster_keys().headers()
+    ) as session:
         ctx = Context(cluster, Http(session), config.drive, prompts, records,
                       cluster.spec.served_model, random.Random(config.drive.seed))  # fmt: skip
         print(f"computing {len(prompts)} references ...", flush=True)

@@ -35,15 +35,18 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from infra.cluster_auth import ClusterKeys, Purpose
 from instance.sim.core import SimCore
 from migration.ports import KvStatus
 from migration.wire import (
     MAX_HEADER_BYTES,
+    UNAUTHENTICATED,
     BlocksRead,
     Endpoint,
     ReadBlocks,
     Reply,
     WireError,
+    authenticated,
     decode_header,
     encode,
     parse_reply,
@@ -114,6 +117,8 @@ class SimKvOptions:
     """Interface to bind; defaults to the endpoint's host."""
     pin_ttl_s: float = PIN_TTL_S
     """A pin its migration never releases is dropped after this long (the peer is gone)."""
+    keys: ClusterKeys = field(default_factory=ClusterKeys.open)
+    """Who may read: peers with the cluster's KV credential."""
 
 
 class SimKvPort:
@@ -135,6 +140,7 @@ class SimKvPort:
         self._clock = clock
         self._pinned_at: dict[str, float] = {}
         self._server: asyncio.Server | None = None
+        self._refused = 0
         self._reaper: asyncio.Task[None] | None = None
 
     @property
@@ -182,7 +188,8 @@ class SimKvPort:
     # -- KvPort -------------------------------------------------------------
     async def stage(self, key: str, source: str, request_id: str, first: int, count: int) -> int:
         read = ReadBlocks(request_id=request_id, first=first, count=count)
-        num_bytes = (await _call(Endpoint.parse(source), read)).bytes
+        auth = self.options.keys.token(Purpose.KV)
+        num_bytes = (await _call(Endpoint.parse(source), read, auth)).bytes
         if num_bytes != count * self.block_bytes:
             raise WireError(f"got {num_bytes} bytes for {count} blocks of {self.block_bytes} "
                             "(the instances model different KV sizes)")  # fmt: skip
@@ -204,7 +211,8 @@ class SimKvPort:
     async def status(self) -> KvStatus:
         return KvStatus(pinned=self.core.pinned, delayed=self.core.held,
                         staging=self.core.staging, block_bytes=self.block_bytes,
-                        loaded_blocks=self.core.num_loaded_blocks_total)  # fmt: skip
+                        loaded_blocks=self.core.num_loaded_blocks_total,
+                        unauthenticated=self._refused)  # fmt: skip
 
     # -- the wire (source side) ---------------------------------------------
     def read(self, request: ReadBlocks) -> Reply:
@@ -221,6 +229,11 @@ class SimKvPort:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             header = await _recv(reader)
+            if not authenticated(header, self.options.keys):
+                log.warning("sim KV port: refused a connection without the cluster credential")
+                self._refused += 1
+                await _send(writer, refusal(UNAUTHENTICATED))
+                return
             try:
                 request = parse_request(header)
                 if not isinstance(request, ReadBlocks):
@@ -238,8 +251,8 @@ class SimKvPort:
                 await writer.wait_closed()
 
 
-async def _send(writer: asyncio.StreamWriter, message: BaseModel) -> None:
-    writer.write(encode(message))
+async def _send(writer: asyncio.StreamWriter, message: BaseModel, auth: str | None = None) -> None:
+    writer.write(encode(message, auth=auth))
     await writer.drain()
 
 
@@ -253,14 +266,15 @@ async def _recv(reader: asyncio.StreamReader) -> dict[str, Any]:
     return header
 
 
-async def _call(endpoint: Endpoint, request: ReadBlocks, timeout_s: float = 30.0) -> BlocksRead:
+async def _call(endpoint: Endpoint, request: ReadBlocks, auth: str | None,
+                timeout_s: float = 30.0) -> BlocksRead:  # fmt: skip
     """One read on a fresh connection (as :func:`migration.wire.call`)."""
     what = f"read to {endpoint}"
     try:
         async with asyncio.timeout(timeout_s):
             reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
             try:
-                await _send(writer, request)
+                await _send(writer, request, auth)
                 header = await _recv(reader)
             finally:
                 writer.close()

@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 
+from infra.cluster_auth import CLUSTER_HEADER, ClusterKeys, Purpose
 from infra.keys import KeySchema
 from infra.store import StateStore
 from infra.telemetry import new_registry
@@ -22,6 +23,7 @@ from instance.sim.core import SimConfig
 from instance.sim.engine import SimEngine
 from instance.sim.latency import LatencyModel
 from instance.worker import InstanceWorker, WorkerConfig
+from tests.helpers import CLUSTER
 
 
 def make_worker(store: StateStore | None) -> InstanceWorker:
@@ -45,7 +47,7 @@ async def test_instance_span_joins_the_callers_trace() -> None:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     worker = make_worker(None)
-    app = create_app(worker, tracer=provider.get_tracer("test"))
+    app = create_app(worker, keys=CLUSTER, tracer=provider.get_tracer("test"))
     await worker.start()
     try:
         trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -68,7 +70,7 @@ async def test_dead_engine_marks_unhealthy_and_deregisters(redis_url: str) -> No
     redis = Redis.from_url(redis_url)
     store = StateStore(redis, KeySchema(f"dead-{uuid.uuid4().hex[:6]}"))
     worker = make_worker(store)
-    app = create_app(worker)
+    app = create_app(worker, keys=CLUSTER)
     await worker.start()
     try:
         await worker.reporter.publish_once()
@@ -90,3 +92,58 @@ async def test_dead_engine_marks_unhealthy_and_deregisters(redis_url: str) -> No
     finally:
         await worker.stop()
         await redis.aclose()
+
+
+ROTATED = ClusterKeys.of("new-secret", previous="old-secret")
+INTERNAL = [("POST", "/generate"), ("GET", "/requests"), ("POST", "/abort/r-1"),
+            ("POST", "/status"), ("POST", "/migrate"), ("GET", "/resume/r-1"),
+            ("GET", "/migrations"), ("POST", "/v1/completions"), ("GET", "/info"),
+            ("GET", "/load"), ("POST", "/tokenize")]  # fmt: skip
+
+
+def _token(secret: str) -> str:
+    token = ClusterKeys.of(secret).token(Purpose.HTTP)
+    assert token is not None
+    return token
+
+
+async def test_internal_endpoints_need_the_cluster_credential() -> None:
+    """Without the credential, or with a wrong one, every internal endpoint is
+    a 401 in OpenAI's form (counted); with the current secret's, or the
+    previous one's during a rotation, the call goes through; the probes and
+    the metrics stay open."""
+    worker = make_worker(None)
+    app = create_app(worker, keys=ROTATED)
+    await worker.start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w") as c:
+            for wrong in ("", _token("another-secret"), "not-even-hex"):
+                for method, path in INTERNAL:
+                    resp = await c.request(method, path, headers={CLUSTER_HEADER: wrong})
+                    assert resp.status_code == 401, (path, resp.text)
+                    assert resp.json()["error"]["type"] == "authentication_error"
+            for secret in ("new-secret", "old-secret"):
+                ok = await c.post("/generate", json={"prompt": "hi", "max_tokens": 2},
+                                  headers={CLUSTER_HEADER: _token(secret)})  # fmt: skip
+                assert ok.status_code == 200, ok.text
+            for path in ("/health", "/ready", "/version"):
+                assert (await c.get(path, headers={CLUSTER_HEADER: ""})).status_code == 200
+            metrics = (await c.get("/metrics", headers={CLUSTER_HEADER: ""})).text
+    finally:
+        await worker.stop()
+    refused = 3 * len(INTERNAL)
+    assert 'shoal_instance_unauthenticated_calls_total{path="/generate"} 3.0' in metrics
+    counted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("shoal_instance_unauthenticated_calls_total{"))  # fmt: skip
+    assert counted == refused
+
+
+def test_credentials_are_per_purpose_and_secret() -> None:
+    http, kv = ROTATED.token(Purpose.HTTP), ROTATED.token(Purpose.KV)
+    assert http and kv and http != kv and "new-secret" not in http
+    assert ROTATED.accepts(http, Purpose.HTTP) and not ROTATED.accepts(http, Purpose.KV)
+    assert ROTATED.accepts(_token("old-secret"), Purpose.HTTP)  # during a rotation
+    assert not ClusterKeys.of("new-secret").accepts(_token("old-secret"), Purpose.HTTP)
+    assert not ROTATED.accepts(None, Purpose.HTTP) and not ROTATED.accepts("", Purpose.HTTP)
+    assert ClusterKeys.open().accepts(None, Purpose.KV)  # an open cluster lets anyone in
+    assert ClusterKeys.open().headers() == {}

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from infra.keys import KeySchema
 from infra.records import LoadReport
 from infra.store import StateStore
-from tests.helpers import WorkerProcess, start_worker, wait_for
+from tests.helpers import CLUSTER, WorkerProcess, start_worker, wait_for
 
 NAMESPACE = f"simtest-{uuid.uuid4().hex[:6]}"
 
@@ -70,7 +70,12 @@ def test_openai_endpoints_match_generate(client: httpx.Client, worker: WorkerPro
     """The worker's own /v1 endpoints (what third-party routers and SDKs use)
     give the same greedy text as /generate, streaming and not."""
     model = client.get("/v1/models").json()["data"][0]["id"]
-    sdk = openai.OpenAI(base_url=worker.base_url + "/v1", api_key="unused", max_retries=0)
+    sdk = openai.OpenAI(
+        base_url=worker.base_url + "/v1",
+        api_key="unused",
+        max_retries=0,
+        default_headers=CLUSTER.headers(),
+    )  # an instance: a member calls it
     messages: Any = [{"role": "user", "content": "hello"}]
     expected = client.post("/generate", json={"messages": messages, "max_tokens": 12}).json()
     whole = sdk.chat.completions.create(model=model, messages=messages, max_tokens=12)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from infra.cluster_auth import ClusterKeys, Purpose
 from migration.kv_connector import LoadOp, ShoalMetadata, _WorkerState
 from migration.pacing import Pacer
 from migration.transport import TRANSPORTS, ShmTransport
@@ -41,11 +42,17 @@ def _caches(dtype: torch.dtype = torch.float16, fill: bool = True) -> dict[str, 
 
 
 class Pair:
-    def __init__(self, transport: str, dest_dtype: torch.dtype = torch.float16) -> None:
+    def __init__(self, transport: str, dest_dtype: torch.dtype = torch.float16,
+                 source_keys: ClusterKeys | None = None, dest_keys: ClusterKeys | None = None,
+                 auth: str | None = None) -> None:  # fmt: skip
+        """``auth``: the credential the test's own calls carry."""
         self.source_caches = _caches()
         self.dest_caches = _caches(dest_dtype, fill=False)
-        self.source = _WorkerState("127.0.0.1", free_port(), NUM_BLOCKS, transport=transport)
-        self.dest = _WorkerState("127.0.0.1", free_port(), NUM_BLOCKS, transport=transport)
+        self.source = _WorkerState("127.0.0.1", free_port(), NUM_BLOCKS, transport=transport,
+                                   keys=source_keys)  # fmt: skip
+        self.dest = _WorkerState("127.0.0.1", free_port(), NUM_BLOCKS, transport=transport,
+                                 keys=dest_keys)  # fmt: skip
+        self.auth = auth
         self.source.register(self.source_caches)
         self.dest.register(self.dest_caches)
         self.source.apply(ShoalMetadata(tables_set={ENGINE_ID: list(SOURCE_TABLE)}))
@@ -55,11 +62,13 @@ class Pair:
     def stage(self, key: str, first: int, count: int) -> BlocksStaged:
         request = StageBlocks(key=key, source=f"127.0.0.1:{self.source_port}",
                               request_id=REQUEST, first=first, count=count)  # fmt: skip
-        reply, _ = call(Endpoint("127.0.0.1", self.dest_port), request, BlocksStaged)
+        reply, _ = call(Endpoint("127.0.0.1", self.dest_port), request, BlocksStaged,
+                        auth=self.auth)  # fmt: skip
         return reply
 
-    def status(self) -> StatusReply:
-        return call(Endpoint("127.0.0.1", self.dest_port), GetStatus(), StatusReply)[0]
+    def status(self, port: int | None = None) -> StatusReply:
+        endpoint = Endpoint("127.0.0.1", port or self.dest_port)
+        return call(endpoint, GetStatus(), StatusReply, auth=self.auth)[0]
 
     def close(self) -> None:
         self.source.close()
@@ -176,3 +185,41 @@ def test_an_unbounded_pacer_never_waits() -> None:
     assert not pacer.bounded and pacer.delay(10**9) == 0.0
     with pytest.raises(ValueError, match=">= 0"):
         Pacer(-1.0)
+
+
+SECRET = ClusterKeys.of("kv-secret", previous="old-kv-secret")
+
+
+def test_the_kv_port_serves_members_of_the_cluster_only() -> None:
+    """A call without the KV credential, with a wrong one or with the HTTP
+    one is refused (and counted); the current and the previous secret's are
+    served."""
+    kv = SECRET.token(Purpose.KV)
+    pair = Pair("tcp", source_keys=SECRET, dest_keys=SECRET, auth=kv)
+    try:
+        port = Endpoint("127.0.0.1", pair.dest_port)
+        for wrong in (None, "", ClusterKeys.of("other").token(Purpose.KV),
+                      SECRET.token(Purpose.HTTP)):  # fmt: skip
+            with pytest.raises(WireError, match="unauthenticated"):
+                call(port, GetStatus(), StatusReply, auth=wrong)
+        assert pair.status().unauthenticated == 4
+        old = ClusterKeys.of("old-kv-secret").token(Purpose.KV)
+        assert call(port, GetStatus(), StatusReply, auth=old)[0].ok
+        assert pair.stage("a1", 0, 2).bytes == 2 * pair.source.block_bytes  # peer to peer
+    finally:
+        pair.close()
+
+
+def test_a_destination_of_another_cluster_cannot_read_blocks() -> None:
+    """A connector with another secret asks the source for blocks: refused,
+    nothing staged."""
+    theirs = ClusterKeys.of("their-secret")
+    pair = Pair("tcp", source_keys=SECRET, dest_keys=theirs, auth=theirs.token(Purpose.KV))
+    try:
+        with pytest.raises(WireError, match="unauthenticated"):
+            pair.stage("a2", 0, 2)
+        assert pair.status().staging == {}
+        pair.auth = SECRET.token(Purpose.KV)
+        assert pair.status(pair.source_port).unauthenticated == 1
+    finally:
+        pair.close()
