@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 
 from bench.common import PLOTS, REPO, Server, free_port
+from infra.cluster_auth import RESUME_TOKEN_HEADER
 from infra.embedded_redis import EmbeddedRedis
 from infra.procs import shoal_command
 from infra.settings import CommonSettings
@@ -49,13 +50,23 @@ def _instance(name: str, core: int, redis_url: str, pace_mib_s: float,
     return Server(cmd, f"http://127.0.0.1:{port}/ready", env, LOGS / f"mig-{name}.log")
 
 
+RESUME_TOKEN = "migration-downtime-bench"
+"""This benchmark is its requests' gateway: it resumes them with this."""
+
+
 def _stream(url: str, body: dict[str, Any] | None, arrivals: list[float],
             stop: threading.Event | None = None) -> str:  # fmt: skip
     """Read one NDJSON stream, stamping each token's arrival; returns the
     instance the request moved to ('' when it finished or was stopped)."""
     method = "POST" if body else "GET"
     with (
-        httpx.Client(timeout=300, headers=CommonSettings().cluster_keys().headers()) as client,
+        httpx.Client(
+            timeout=300,
+            headers={
+                **CommonSettings().cluster_keys().headers(),
+                RESUME_TOKEN_HEADER: RESUME_TOKEN,
+            },
+        ) as client,
         client.stream(method, url, json=body) as resp,
     ):
         for line in resp.iter_lines():
@@ -92,7 +103,8 @@ def _one(src: str, dst: str, length: int, mode: str, rid: str) -> dict[str, Any]
     rng = random.Random(rid)  # a prompt of its own: no instance has it cached
     prompt = [rng.randrange(3, 320) for _ in range(length)]
     body = {"prompt": prompt, "max_tokens": 400, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "migratable": True, "request_id": rid}  # fmt: skip
+            "stream": True, "migratable": True, "request_id": rid,
+            "resume_token": RESUME_TOKEN}  # fmt: skip
     bystander_body = {"prompt": [rng.randrange(3, 320) for _ in range(64)], "max_tokens": 8000,
                       "temperature": 0.0, "ignore_eos": True, "stream": True}  # fmt: skip
     seen: list[float] = []

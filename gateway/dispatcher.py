@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
@@ -71,8 +72,11 @@ class Upstream(Protocol):
         """The chunks of ``body`` run at ``address``; raises ``UpstreamError``
         (the instance failed) or ``UpstreamRefused`` (it refused the request)."""
 
-    def resume(self, address: str, request_id: str) -> AsyncGenerator[ChunkBatch, None]:
-        """The chunks of a request that migrated to ``address``, from where it resumed."""
+    def resume(
+        self, address: str, request_id: str, token: str | None
+    ) -> AsyncGenerator[ChunkBatch, None]:
+        """The chunks of a request that migrated to ``address``, from where it
+        resumed; ``token``: the request's resume token."""
 
 
 class Demand(Protocol):
@@ -254,6 +258,8 @@ class Dispatcher:
         replays are used up. Each attempt is traced as a ``gateway.dispatch``
         span and a ``gateway.proxy`` span whose context travels to the instance."""
         assert body.request_id is not None
+        if body.migratable and body.resume_token is None:  # only this gateway may follow it
+            body = body.model_copy(update={"resume_token": secrets.token_urlsafe(24)})
         run = _Progress(body, body)
         while True:
             chosen = await self._dispatch(run, model, parent)
@@ -365,7 +371,7 @@ class Dispatcher:
                 return
             self._metrics.migrations_followed.inc()
             address = moved_to
-            stream = self._upstream.resume(moved_to, request.request_id)
+            stream = self._upstream.resume(moved_to, request.request_id, request.resume_token)
 
     def _instance_at(self, address: str) -> str | None:
         return next((v.info.instance_id for v in self._view.snapshot.instances

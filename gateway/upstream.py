@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator
 import aiohttp
 from pydantic import BaseModel
 
-from infra.cluster_auth import ClusterKeys
+from infra.cluster_auth import RESUME_TOKEN_HEADER, ClusterKeys
 from infra.contract import ChunkBatch, GenerateChunk, GenerateRequest
 from infra.errors import ErrorDetail
 
@@ -46,10 +46,15 @@ class InstanceClient:
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self._session = session
 
-    async def resume(self, address: str, request_id: str) -> AsyncGenerator[ChunkBatch, None]:
-        """Chunks of a request that migrated to ``address``, from where it resumed."""
+    async def resume(
+        self, address: str, request_id: str, token: str | None
+    ) -> AsyncGenerator[ChunkBatch, None]:
+        """Chunks of a request that migrated to ``address``, from where it
+        resumed, for the holder of its resume ``token``."""
+        headers = {RESUME_TOKEN_HEADER: token} if token else {}
         try:
-            async with self._session.get(f"{address}/resume/{request_id}") as resp:
+            async with self._session.get(f"{address}/resume/{request_id}",
+                                         headers=headers) as resp:  # fmt: skip
                 if resp.status >= 400:
                     raise UpstreamError(f"{address} could not resume {request_id}: {resp.status}")
                 async for batch in _ndjson_batches(resp):

@@ -25,6 +25,10 @@ from pathlib import Path
 CLUSTER_HEADER = "x-shoal-cluster-token"
 """The HTTP header of the credential."""
 
+RESUME_TOKEN_HEADER = "x-shoal-resume-token"
+"""The HTTP header of a request's resume token (``GenerateRequest.resume_token``):
+only the gateway that dispatched a request can resume it after a migration."""
+
 
 class Purpose(StrEnum):
     """What a credential is for: each gets a token of its own."""

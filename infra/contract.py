@@ -282,6 +282,10 @@ class GenerateRequest(BaseModel):
     request may be live-migrated to another instance."""
     continuation: Continuation | None = None
     """Set when the gateway replays a request whose instance failed mid-stream."""
+    resume_token: str | None = Field(default=None, min_length=16, max_length=128)
+    """A secret of the gateway that sent the request: whoever resumes it
+    after a migration (``GET /resume/{id}``) must present it, so only its
+    owner reads the rest of its output (None: nobody may resume it)."""
 
     _some_tools = field_validator("tools")(some_tools)
 

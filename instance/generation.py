@@ -33,6 +33,9 @@ class Generation:
     """Tokens generated on instances this request ran on before."""
     migratable: bool = True
     """Its caller follows a migration (the gateway does)."""
+    resume_token: str | None = None
+    """What its caller presents to resume it after a migration (it moves
+    with the request; None: nobody may)."""
     delivered: list[int] = field(default_factory=list)
     """Tokens this instance has streamed to the client."""
     engine_request_id: str = ""
@@ -138,6 +141,7 @@ class Generation:
             output_token_ids=tokens[num_prompt:], num_kv_tokens=num_kv_tokens,
             sampling=r.sampling, priority=r.priority, arrival_time=r.arrival_time,
             emitted_chars=self.emitted_chars, frozen_for_s=frozen_for_s,
+            resume_token=self.resume_token,
             text=self.text.state.model_copy(update={"held": self.stops.held})
             if self.text is not None else None,
         )  # fmt: skip
@@ -152,6 +156,7 @@ class Generation:
             num_prompt_tokens=len(spec.prompt_token_ids),
             earlier_output=tuple(spec.output_token_ids),
             migratable=True,
+            resume_token=spec.resume_token,
             kv_load=KvLoad(spec.key, spec.num_kv_tokens) if spec.num_kv_tokens else None,
             emitted_chars=spec.emitted_chars,
             stops=StopWindow((), held=spec.text.held if spec.text is not None else ""),

@@ -57,8 +57,8 @@ class WorkerMigrationHost:
     def parked(self) -> list[str]:
         return self._worker.parked
 
-    def resume(self, request_id: str) -> AsyncGenerator[GenerateChunk, None]:
-        return self._worker.resume(request_id)
+    def resume(self, request_id: str, token: str | None) -> AsyncGenerator[GenerateChunk, None]:
+        return self._worker.resume(request_id, token)
 
     async def adopt(self, spec: ResumeSpec) -> asyncio.Future[bool]:
         return await self._worker.adopt(spec)

@@ -85,7 +85,12 @@ def _add_generation_routes(app: FastAPI, worker: InstanceWorker, tracer: trace.T
             span.set_attribute("shoal.priority", ereq.priority.value)
             span.set_attribute("shoal.prompt_tokens", len(ereq.prompt_token_ids))
         if body.stream:
-            chunks = worker.run(ereq, migratable=body.migratable, continuation=body.continuation)
+            chunks = worker.run(
+                ereq,
+                migratable=body.migratable,
+                continuation=body.continuation,
+                resume_token=body.resume_token,
+            )
             return StreamingResponse(ndjson(ereq.request_id, chunks), media_type=NDJSON_MEDIA_TYPE)
         if body.continuation is not None:
             raise BadRequestError("a continuation is streamed", param="stream")

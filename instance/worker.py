@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import hmac
 import logging
 import os
 import socket
@@ -41,6 +42,10 @@ from instance.text import TextStream, special_tokens
 from migration.protocol import ResumeSpec
 
 log = logging.getLogger(__name__)
+
+_Parked = tuple["asyncio.Queue[GenerateChunk | None]", "asyncio.Task[None]", str | None]
+"""A migrated-in request waiting for its client: its chunks, the task that
+runs it, and its resume token."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,7 @@ class InstanceWorker:
         self._status = InstanceStatus.STARTING
         self._started_at = clock()
         self._generations: dict[str, Generation] = {}
-        self._parked: dict[str, tuple[asyncio.Queue[GenerateChunk | None], asyncio.Task[None]]] = {}
+        self._parked: dict[str, _Parked] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.unhealthy_reason: str | None = None
@@ -259,6 +264,7 @@ class InstanceWorker:
     async def run(
         self, request: EngineRequest, generation: Generation | None = None, *,
         migratable: bool = False, continuation: Continuation | None = None,
+        resume_token: str | None = None,
     ) -> AsyncGenerator[GenerateChunk, None]:  # fmt: skip
         """Generate, yielding one chunk per engine delta. Closing the iterator
         aborts the request in the engine. A migration may freeze the request
@@ -267,8 +273,9 @@ class InstanceWorker:
         request) starts after the output its client has, like a request
         migrated in by recompute."""
         gen = generation or Generation(
-            request, num_prompt_tokens=len(request.prompt_token_ids), migratable=migratable
-        )
+            request, num_prompt_tokens=len(request.prompt_token_ids), migratable=migratable,
+            resume_token=resume_token,
+        )  # fmt: skip
         if continuation is not None:
             gen.continue_after(continuation.output_token_ids, continuation.emitted_chars)
         if gen.text is None:
@@ -419,7 +426,7 @@ class InstanceWorker:
             raise ServiceUnavailableError(
                 f"the engine did not take migrated request {gen.request_id!r}"
             )
-        self._parked[gen.request_id] = (queue, task)
+        self._parked[gen.request_id] = (queue, task, gen.resume_token)
         loop.call_later(self.config.resume_timeout_s, self._unclaimed, gen.request_id, task)
         return first
 
@@ -437,14 +444,18 @@ class InstanceWorker:
         """Migrated-in requests whose client has not resumed them yet."""
         return sorted(self._parked)
 
-    def resume(self, request_id: str) -> AsyncGenerator[GenerateChunk, None]:
+    def resume(self, request_id: str, token: str | None) -> AsyncGenerator[GenerateChunk, None]:
         """The chunks of a migrated-in request, for the one client that
-        follows it here. Closing the stream aborts the request."""
-        parked = self._parked.pop(request_id, None)
-        if parked is None:
-            raise NotFoundError(f"no migrated request {request_id!r} waits here",
-                                param="request_id")  # fmt: skip
-        queue, task = parked
+        follows it here: the one with its resume token (a wrong or missing
+        token is told, as an unknown id is, that nothing waits; the request
+        stays parked for its owner). Closing the stream aborts the request."""
+        parked = self._parked.get(request_id)
+        if parked is None or not _same_token(parked[2], token):
+            self.metrics.migration.resume_refused.labels(
+                "unknown" if parked is None else "token").inc()  # fmt: skip
+            raise NotFoundError(f"no migrated request {request_id!r} waits here for this "
+                                "resume token", param="request_id")  # fmt: skip
+        queue, task, _ = self._parked.pop(request_id)
 
         async def chunks() -> AsyncGenerator[GenerateChunk, None]:
             try:
@@ -495,3 +506,12 @@ class _Latency:
 
 def _listed(entries: tuple[PromptLogprob, ...] | None) -> list[PromptLogprob] | None:
     return list(entries) if entries is not None else None
+
+
+def _same_token(expected: str | None, given: str | None) -> bool:
+    """Whether ``given`` is the request's resume token (never, if it has none)."""
+    return (
+        expected is not None
+        and given is not None
+        and hmac.compare_digest(expected.encode(), given.encode())
+    )

@@ -33,6 +33,12 @@ class MigrationMetrics:
             "Migrated-in requests aborted because no client resumed them in time",
             registry=registry,
         )  # fmt: skip
+        self.resume_refused = Counter(
+            p + "resumes_refused",
+            "Resumes of a migrated-in request refused, by why: no such request "
+            "waits (unknown) or the resume token is not its owner's (token)",
+            ["reason"], registry=registry,
+        )  # fmt: skip
         self.bytes = Counter(
             p + "migration_bytes", "KV bytes copied out by migrations", registry=registry
         )

@@ -106,6 +106,8 @@ class ResumeSpec(BaseModel):
     output so far too)."""
     priority: Priority = Priority.NORMAL
     arrival_time: float = 0.0
+    resume_token: str | None = None
+    """The owner's secret, which its resume must present (it moves with the request)."""
     final: StageRequest | None = None
     """The request's last full blocks, not yet staged: the destination pulls
     them from the source before it admits the request, so the stop costs

@@ -13,10 +13,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
 import aiohttp
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from infra.cluster_auth import ClusterKeys
+from infra.cluster_auth import RESUME_TOKEN_HEADER, ClusterKeys
 from infra.contract import GenerateChunk
 from infra.errors import BadRequestError, ServiceUnavailableError
 from infra.ndjson import NDJSON_MEDIA_TYPE, ndjson
@@ -128,7 +128,9 @@ class MigrationHost(Adopter, SourceEngine, Protocol):
         """Migrated-in requests whose client has not resumed them yet."""
         ...
 
-    def resume(self, request_id: str) -> AsyncGenerator[GenerateChunk, None]: ...
+    def resume(self, request_id: str, token: str | None) -> AsyncGenerator[GenerateChunk, None]:
+        """The chunks of a parked request, for the holder of its resume token."""
+        ...
 
 
 class MigrationService:
@@ -261,8 +263,8 @@ def add_migration_routes(app: FastAPI, service: MigrationService) -> None:
         return AbortReply()
 
     @app.get("/resume/{request_id}")
-    async def resume(request_id: str) -> StreamingResponse:
-        chunks = host.resume(request_id)
+    async def resume(request_id: str, request: Request) -> StreamingResponse:
+        chunks = host.resume(request_id, request.headers.get(RESUME_TOKEN_HEADER))
         return StreamingResponse(ndjson(request_id, chunks), media_type=NDJSON_MEDIA_TYPE)
 
 

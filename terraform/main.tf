@@ -256,6 +256,7 @@ module "shoal" {
   secrets_role_arn     = local.irsa_role_arns.secrets
   collector_role_arn   = local.irsa_role_arns.collector
   redis_secret_name    = module.redis.url_secret_name
+  cluster_secret_name  = module.secrets.cluster_secret_name
   api_keys_secret_key  = coalesce(var.api_keys_secret_arn, module.secrets.api_keys_secret_name)
   hf_token_secret_arn  = var.hf_token_secret_arn
   model                = var.model

@@ -1,5 +1,6 @@
-# No output carries a secret: the Redis URL, the AUTH token and the API keys
-# stay in Secrets Manager (read them with the AWS CLI, see README.md).
+# No output carries a secret: the Redis URL, the AUTH token, the cluster secret
+# and the API keys stay in Secrets Manager (read them with the AWS CLI, see
+# README.md).
 
 output "gateway_url" {
   description = "OpenAI-compatible base URL of the gateway (TLS)."
@@ -39,6 +40,11 @@ output "api_keys_secret_arn" {
 output "admin_api_key_secret_arn" {
   description = "Secrets Manager secret holding the generated admin API key (null when api_keys_secret_arn was given)."
   value       = module.secrets.admin_api_key_secret_arn
+}
+
+output "cluster_secret_arn" {
+  description = "Secrets Manager secret holding the cluster secret (JSON keys `secret` and `previous`; rotation: infra/deploy/README.md)."
+  value       = module.secrets.cluster_secret_arn
 }
 
 output "ecr_repository_urls" {

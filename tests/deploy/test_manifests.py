@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from autoscaler.main import worker_launch
 from autoscaler.metrics import AutoscalerMetrics
 from gateway.metrics import GatewayMetrics
+from infra.cluster_auth import SECRET_VARIABLES, ClusterKeys
 from infra.flags import given
 from infra.procs import shoal_command
 from infra.settings import AutoscalerSettings, InstanceSettings
@@ -56,8 +57,13 @@ RAY_WORKER_PROBES = frozenset({"/api/local_raylet_healthz"})
 RAY_HEALTH_PORTS = {8265, 52365}
 # Secrets and ConfigMaps the manifests expect from outside the kustomizations
 # (README.md; Terraform creates them on AWS).
-EXTERNAL_SECRETS = {"shoal-redis": {"url"}, "shoal-api-keys": {"keys.json"},
-                    "shoal-hf-token": {"token"}}  # fmt: skip
+EXTERNAL_SECRETS = {"shoal-redis": {"url"}, "shoal-cluster": {"secret", "previous"},
+                    "shoal-api-keys": {"keys.json"}, "shoal-hf-token": {"token"}}  # fmt: skip
+# The cluster secret (docs/SECURITY.md): variable -> (key of secret
+# shoal-cluster, optional), in the gateway and the autoscaler, which hands
+# both on to the instances it starts.
+CLUSTER_SECRET_ENV = {"SHOAL_CLUSTER_SECRET": ("secret", False),
+                      "SHOAL_CLUSTER_SECRET_PREVIOUS": ("previous", True)}  # fmt: skip
 EXTERNAL_CONFIGMAPS = {"shoal-otel-aws"}
 IMAGES = {"shoal-gateway": "Dockerfile.gateway", "shoal-instance": "Dockerfile.instance"}
 COLLECTOR_CONFIGS = {"otel-collector.yaml", "otel-collector-traces.yaml",
@@ -377,6 +383,35 @@ def test_secrets_and_files_line_up(where: str) -> None:
         (volume,) = [volumes[v] for v, path in mounts.items() if path == directory]
         assert volume["secret"]["secretName"] == "shoal-api-keys"
         assert name in EXTERNAL_SECRETS["shoal-api-keys"]
+
+
+def test_gateway_and_autoscaler_get_the_cluster_secret() -> None:
+    """The gateway and the autoscaler read the cluster secret (and, during a
+    rotation, the previous one) from secret shoal-cluster; the autoscaler
+    hands exactly these variables on to every instance it starts, so no
+    other container sets any cluster-secret variable, and none opens the
+    cluster."""
+    for name in CLUSTER_SECRET_ENV:
+        assert setting_field(SETTINGS["common"], name), f"{name} is no setting"
+    handed_on = ClusterKeys.of("current", "previous").env()
+    assert set(handed_on) == set(CLUSTER_SECRET_ENV)
+    scaler = AutoscalerSettings(cluster_secret="current", cluster_secret_previous="previous")
+    launch = worker_launch(scaler, "redis://unused:6379/0")
+    assert {k: launch.env.get(k) for k in handed_on} == handed_on
+    for component in ("gateway", "autoscaler"):
+        (c,) = [c for c in containers() if c.component == component]
+        refs = {v["name"]: v.get("valueFrom", {}).get("secretKeyRef") for v in c.spec["env"]}
+        for name, (key, optional) in CLUSTER_SECRET_ENV.items():
+            ref = refs.get(name)
+            assert ref, f"{c.where}: {name} does not come from a secret"
+            got = (ref["name"], ref["key"], ref.get("optional", False))
+            assert got == ("shoal-cluster", key, optional), f"{c.where}: {name} from {ref}"
+    cluster_vars = set(CLUSTER_SECRET_ENV) | set(SECRET_VARIABLES)
+    for c in containers():
+        names = set(container_env(c))
+        if c.component in ("gateway", "autoscaler"):
+            names -= set(CLUSTER_SECRET_ENV)
+        assert not names & cluster_vars, f"{c.where}: sets {sorted(names & cluster_vars)}"
 
 
 @pytest.mark.parametrize("where", _container_ids())

@@ -332,6 +332,54 @@ def test_gpu_settings_have_one_default_and_reach_every_instance_definition(varia
     assert settings_default == default, f"{variable}: the settings' default is {settings_default}"
 
 
+def _overlay_external_secrets() -> dict[str, list[dict[str, Any]]]:
+    """Data entries of the AWS overlay's ExternalSecrets, by name."""
+    text = (DEPLOY / "overlays" / "aws" / "external-secrets.yaml").read_text()
+    docs = [d for d in yaml.safe_load_all(text) if d and d["kind"] == "ExternalSecret"]
+    return {d["metadata"]["name"]: d["spec"]["data"] for d in docs}
+
+
+def _external_secret_patches() -> dict[str, dict[str, str]]:
+    """modules/shoal's JSON patches of ExternalSecrets: name -> path -> value."""
+    parsed = hcl2.loads((TERRAFORM / "modules" / "shoal" / "main.tf").read_text())
+    (patches,) = [b["json_patches"] for b in parsed["locals"] if "json_patches" in b]
+    found: dict[str, dict[str, str]] = {}
+    for patch in patches.values():
+        target = {k: _unquote(v) for k, v in patch["target"].items()}
+        if target["kind"] == "ExternalSecret":
+            ops = found.setdefault(target["name"], {})
+            ops.update({_unquote(op["path"]): op["value"] for op in patch["ops"]
+                        if _unquote(op["op"]) == "replace"})  # fmt: skip
+    return found
+
+
+def test_every_external_secret_reads_this_deployments_secret() -> None:
+    """The overlay's remote keys are placeholders: modules/shoal replaces the
+    key of every data entry of every ExternalSecret with one variable per
+    secret; the cluster secret is the one module.secrets creates, holding the
+    properties the overlay reads, and the secret store's role may read it."""
+    patches = _external_secret_patches()
+    shoal = _module("modules/shoal")
+    for name, data in _overlay_external_secrets().items():
+        values = set()
+        for i in range(len(data)):
+            value = patches.get(name, {}).get(f"/spec/data/{i}/remoteRef/key")
+            assert value, f"modules/shoal does not replace the key of {name} data {i}"
+            values.add(value)
+        assert len(values) == 1, f"{name}: its entries read different secrets {values}"
+        (variable,) = VAR_RE.findall(values.pop())
+        assert variable in shoal.variables, f"{name}: var.{variable} is not declared"
+    root, secrets = _module("root"), _module("modules/secrets")
+    assert root.calls["shoal"]["cluster_secret_name"] == "${module.secrets.cluster_secret_name}"
+    assert "cluster_secret_name" in secrets.outputs
+    version = secrets.text[secrets.text.index('"aws_secretsmanager_secret_version" "cluster"') :]
+    written = set(re.findall(r"^\s*(\w+)\s*=", version.split("})", 1)[0], re.M)) - {"secret_id"}
+    read = {d["remoteRef"]["property"] for d in _overlay_external_secrets()["shoal-cluster"]}
+    assert written == read == {"secret", "previous"}, f"Terraform writes {written}, reads {read}"
+    readable = secrets.text[secrets.text.index("readable_arns") :].split("]", 1)[0]
+    assert "aws_secretsmanager_secret.cluster.arn" in readable, "the reader cannot read it"
+
+
 def test_ray_versions_agree() -> None:
     """Ray client, head and workers refuse each other across versions."""
     default = _unquote(_module("root").variables["ray_version"]["default"])

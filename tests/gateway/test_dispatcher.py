@@ -155,6 +155,7 @@ class FakeInstances:
     refuse_resume: set[str] = field(default_factory=set)
     calls: list[Call] = field(default_factory=list)
     resumes: list[tuple[str, str]] = field(default_factory=list)
+    resume_tokens: list[str | None] = field(default_factory=list)
     moved: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Request id -> (next output position, max tokens) of a migrated request."""
     served: dict[str, int] = field(default_factory=dict)
@@ -182,8 +183,11 @@ class FakeInstances:
         finally:
             self.closed.append(address)
 
-    async def resume(self, address: str, request_id: str) -> AsyncGenerator[ChunkBatch, None]:
+    async def resume(
+        self, address: str, request_id: str, token: str | None
+    ) -> AsyncGenerator[ChunkBatch, None]:
         self.resumes.append((address, request_id))
+        self.resume_tokens.append(token)
         if address in self.refuse_resume:
             raise UpstreamError(f"{address} could not resume {request_id}: 404")
         start, total = self.moved.pop(request_id)
@@ -507,6 +511,9 @@ async def test_a_migration_is_followed() -> None:
     assert not any(c.migrated_to for b in batches for c in b)
     assert rig.addresses == ["http://a"] and rig.instances.resumes == [("http://c", "r")]
     assert rig.metric("migrations_followed_total") == 1 and rig.metric("replays_total") == 0
+    # Only this gateway can follow it: the resume presents the token it dispatched with.
+    token = rig.instances.calls[0].request.resume_token
+    assert token and len(token) >= 16 and rig.instances.resume_tokens == [token]
 
 
 async def test_a_refused_resume_after_a_migration_is_replayed() -> None:
@@ -520,6 +527,7 @@ async def test_a_refused_resume_after_a_migration_is_replayed() -> None:
     replay = rig.instances.calls[1].request
     assert replay.request_id == "r.r1" and replay.continuation is not None
     assert replay.continuation.output_token_ids == ALL_TOKENS[:4]
+    assert replay.resume_token == rig.instances.calls[0].request.resume_token  # same owner
     assert rig.metric("replays_total") == 1
 
 

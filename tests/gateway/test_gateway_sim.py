@@ -435,9 +435,11 @@ def test_streams_of_a_killed_instance_are_replayed_to_the_same_text(
 
 
 def test_a_refused_resume_is_replayed_not_ended(redis_url: str, tmp_path: Path) -> None:
-    """The request migrates while its gateway is stopped, and someone else
-    claims it at the destination first: the gateway's resume is refused (404),
-    and it continues the stream elsewhere from the tokens it had sent."""
+    """The request migrates while its gateway is stopped. Someone else tries
+    to claim it at the destination: refused (not its resume token), it stays
+    parked for its owner, until nobody has resumed it for the resume timeout
+    and it is aborted; then the gateway's resume is refused (404), and it
+    continues the stream elsewhere from the tokens it had sent."""
     namespace = f"refused-{uuid.uuid4().hex[:6]}"
     # Slow instances (12 ms a token): the request surely runs through the migration.
     slow = ["--sim-speedup", "2", "--max-model-len", "1024", "--served-model-name", MODEL]
@@ -447,7 +449,8 @@ def test_a_refused_resume_is_replayed_not_ended(redis_url: str, tmp_path: Path) 
         for i in range(2):
             workers.append(start_worker(engine="sim", redis_url=redis_url, namespace=namespace,
                                         log_dir=tmp_path, instance_id=f"sim-slow-{i}",
-                                        args=slow))  # fmt: skip
+                                        args=slow,
+                                        env={"SHOAL_RESUME_TIMEOUT_S": "1"}))  # fmt: skip
         gateway = start_gateway(redis_url=redis_url, namespace=namespace, log_dir=tmp_path)
         wait_for(lambda: _readyz_instances(gateway) == 2, timeout_s=10)
         body = {"model": MODEL, "prompt": "refused " * 6, "max_tokens": 900, "stream": True,
@@ -490,12 +493,17 @@ def _refused_resume_scenario(
                 resp = await asyncio.to_thread(httpx.post, source.base_url + "/migrate",
                                                json=move, timeout=60)  # fmt: skip
                 assert resp.json()[0]["outcome"] == "migrated", resp.text
-                async with (  # someone else claims it, then leaves
-                    httpx.AsyncClient(timeout=30) as thief,
-                    thief.stream("GET", f"{dest.base_url}/resume/{rid}") as r,
-                ):
-                    assert r.status_code == 200
-                    await anext(r.aiter_lines())
+                async with httpx.AsyncClient(timeout=30) as thief:  # a member, not the owner
+                    stolen = await thief.get(f"{dest.base_url}/resume/{rid}")
+                assert stolen.status_code == 404, stolen.text
+
+                def parked() -> list[str]:
+                    return list(httpx.get(dest.base_url + "/migrations").json()["parked"])
+
+                assert rid in parked()  # still there for its owner
+                await asyncio.to_thread(
+                    wait_for, lambda: rid not in parked(), timeout_s=30, interval_s=0.05
+                )  # fmt: skip (unclaimed: aborted)
             finally:
                 gateway.proc.send_signal(signal.SIGCONT)
             return await stream

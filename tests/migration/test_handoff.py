@@ -10,13 +10,17 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
+import pytest
+
 from infra.contract import GenerateChunk
+from infra.errors import NotFoundError
 from instance.generation import Generation
 from instance.migration_host import WorkerMigrationHost
 from migration.protocol import Mode, Outcome
 from migration.source import migrate_out
 from tests.migration.test_sim_migration import (
     BS,
+    OWNER,
     InboxDestination,
     Sim,
     _drain,
@@ -83,7 +87,7 @@ async def test_handoff_on_a_busy_destination_comes_at_admission_not_first_token(
         moved = dst.worker.generation("queued")
         assert moved is not None and moved.delivered == []  # handed over while queued
         assert any(r.request_id == moved.engine_request_id for r in dst.engine.load().waiting)
-        rest = await _drain(dst.worker.resume("queued"))
+        rest = await _drain(dst.worker.resume("queued", OWNER))
         # One at a time: the migrated request waited for all 3,000 of the hog's steps.
         assert hog_stream.done() and len(hog.delivered) == 3000
         assert _tokens(here) + _tokens(rest) == reference
@@ -103,7 +107,11 @@ async def test_a_late_client_gets_every_chunk_from_the_first() -> None:
         moved = dst.worker.generation("late")
         assert moved is not None
         await _until(lambda: len(moved.delivered) >= 20)  # produced while nobody listened
-        rest = await _drain(dst.worker.resume("late"))
+        for thief in (None, "", "a-guessed-token-of-some-length", OWNER + "x"):
+            with pytest.raises(NotFoundError):  # as if nothing waited: the id tells nothing
+                dst.worker.resume("late", thief)
+        assert dst.worker.parked == ["late"]  # still there for its owner
+        rest = await _drain(dst.worker.resume("late", OWNER))
         assert _tokens(here) + _tokens(rest) == reference
         await _until(lambda: _idle(src) and _idle(dst))
 
@@ -150,7 +158,7 @@ async def test_a_kv_migration_reports_its_downtime_in_parts_on_both_sides() -> N
                                    destination=destination, engine=src.engine, port=src.port,
                                    block_size=BS, mode="kv")  # fmt: skip
         assert record.outcome is Outcome.MIGRATED and record.mode == "kv", record
-        rest = await _drain(dst.worker.resume("parts"))
+        rest = await _drain(dst.worker.resume("parts", OWNER))
         assert _tokens(await stream) + _tokens(rest) == reference
         parts = record.downtime
         assert parts is not None and record.downtime_s is not None
@@ -181,7 +189,8 @@ async def test_stop_strings_hold_across_a_migration() -> None:
         expected = text[: text.find(stop)]
         request, gen = _source_gen("stops", PROMPT, MAX_TOKENS)
         request = replace(request, sampling=request.sampling.model_copy(update={"stop": (stop,)}))
-        gen = Generation(request, num_prompt_tokens=len(request.prompt_token_ids))
+        gen = Generation(request, num_prompt_tokens=len(request.prompt_token_ids),
+                         resume_token=OWNER)  # fmt: skip
         stream = asyncio.ensure_future(_drain(src.worker.run(request, gen, migratable=True)))
         await _until(lambda: len(gen.delivered) >= 3 * BS)
         record = await migrate_out(gen, source=src.worker.config.address,
@@ -189,7 +198,7 @@ async def test_stop_strings_hold_across_a_migration() -> None:
                                    port=src.port, block_size=BS, mode="kv")  # fmt: skip
         assert record.outcome is Outcome.MIGRATED, record
         here = await stream
-        rest = await _drain(dst.worker.resume("stops"))
+        rest = await _drain(dst.worker.resume("stops", OWNER))
         assert "".join(c.text for c in here + rest) == expected
         assert rest[-1].finish_reason == "stop"
         await _until(lambda: _idle(src) and _idle(dst))

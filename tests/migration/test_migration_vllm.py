@@ -23,6 +23,7 @@ import openai
 import psutil
 import pytest
 
+from infra.cluster_auth import RESUME_TOKEN_HEADER
 from tests.helpers import (
     VLLM_NAMESPACE,
     WorkerProcess,
@@ -105,9 +106,13 @@ def _prompt(tag: int) -> list[int]:
     return [*PROMPT, 100 + tag]
 
 
+OWNER = "the-owners-resume-token"
+"""The resume token these tests, as the requests' gateway, dispatch with."""
+
+
 def _body(prompt: list[int], **extra: Any) -> dict[str, Any]:
     return {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "migratable": True, **extra}  # fmt: skip
+            "stream": True, "migratable": True, "resume_token": OWNER, **extra}  # fmt: skip
 
 
 def _reference(w: WorkerProcess, prompt: list[int]) -> list[int]:
@@ -145,7 +150,8 @@ class Follower:
 
     def _open(self, url: str, body: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
         method = "POST" if body is not None else "GET"
-        with self.client.stream(method, url, json=body, timeout=120) as resp:
+        headers = {RESUME_TOKEN_HEADER: OWNER}
+        with self.client.stream(method, url, json=body, timeout=120, headers=headers) as resp:
             assert resp.status_code == 200, resp.read()
             for line in resp.iter_lines():
                 if line:

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from infra.cluster_auth import RESUME_TOKEN_HEADER
 from infra.contract import GenerateChunk, SamplingSpec
 from infra.records import Priority
 from infra.telemetry import new_registry
@@ -260,9 +261,14 @@ async def _drain(chunks: Any) -> list[GenerateChunk]:
     return [c async for c in chunks]
 
 
+OWNER = "the-owners-resume-token"
+"""The resume token of the tests' migrated requests (their gateway's secret)."""
+
+
 def _source_gen(rid: str, prompt: int, max_tokens: int) -> tuple[EngineRequest, Generation]:
     request = _req(rid, prompt, max_tokens)
-    return request, Generation(request, num_prompt_tokens=prompt, migratable=True)
+    return request, Generation(request, num_prompt_tokens=prompt, migratable=True,
+                               resume_token=OWNER)  # fmt: skip
 
 
 async def _until(predicate: Any, timeout_s: float = 30.0) -> None:
@@ -307,7 +313,7 @@ async def test_migrate_out_between_sim_engines_moves_kv_and_skips_prefill() -> N
         moved = dst.worker.generation("r1")
         assert moved is not None
         context = len(request.prompt_token_ids) + len(moved.earlier_output)
-        rest = await _drain(dst.worker.resume("r1"))
+        rest = await _drain(dst.worker.resume("r1", OWNER))
         # Every full block of the frozen context crossed over, and nothing else.
         assert record.blocks == (context - 1) // BS
         assert record.bytes == record.blocks * BS * LINK.bytes_per_token
@@ -352,7 +358,7 @@ async def test_a_waiting_request_moves_by_recompute_even_when_kv_is_asked() -> N
         assert record.outcome is Outcome.MIGRATED and record.mode == "recompute", record
         assert record.blocks == 0 and record.bytes == 0 and dst.transfers.calls == []
         here = await stream
-        rest = await _drain(dst.worker.resume("r2"))
+        rest = await _drain(dst.worker.resume("r2", OWNER))
         assert sum(len(c.token_ids) for c in here + rest) == 200
         assert rest[-1].finish_reason == "length"
         assert len(await hog_stream) > 0
@@ -402,7 +408,9 @@ def _http_idle(w: WorkerProcess) -> bool:
 
 
 def _lines(client: httpx.Client, method: str, url: str, body: Any = None) -> Iterator[Any]:
-    with client.stream(method, url, json=body, timeout=60) as resp:
+    """A stream's chunks; the tests' gateway, it resumes with its token."""
+    headers = {RESUME_TOKEN_HEADER: OWNER}
+    with client.stream(method, url, json=body, timeout=60, headers=headers) as resp:
         assert resp.status_code == 200, resp.read()
         for line in resp.iter_lines():
             if line:
@@ -417,7 +425,7 @@ def test_sim_workers_migrate_a_stream_by_kv_over_http(
     loaded_before = _get(b, "/migrations/kv")["loaded_blocks"]
     rid = f"sim-kv-{uuid.uuid4().hex[:6]}"
     body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "stream": True, "migratable": True,
-            "request_id": rid}  # fmt: skip
+            "request_id": rid, "resume_token": OWNER}  # fmt: skip
     tokens: list[int] = []
     hops = [a.base_url]
     last: dict[str, Any] = {}

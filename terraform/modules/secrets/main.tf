@@ -1,4 +1,5 @@
-# API keys and the read-only identity that syncs secrets into the cluster.
+# API keys, the cluster secret and the read-only identity that syncs secrets
+# into the cluster.
 #
 # Keys file (docs/KEYS.md): either an existing Secrets Manager secret
 # (api_keys_secret_arn), or one created here holding a generated admin key as
@@ -6,6 +7,13 @@
 # (`aws secretsmanager get-secret-value`). Neither appears in an output or a
 # variable; like every Terraform-generated secret, the generated key is in the
 # state, which must be stored encrypted (examples/backend.tf.example).
+#
+# Cluster secret (docs/SECURITY.md): generated here, JSON {secret, previous}
+# (previous empty but present: the External Secret reads both properties);
+# the gateway and autoscaler read it, the autoscaler hands it on to the
+# instances. Rotate it with the two-secret procedure (infra/deploy/README.md,
+# "Cluster secret") by writing new versions with the AWS CLI, not by tainting
+# the random_password: that would drop the old secret in one step.
 #
 # The IAM role of service account `<namespace>/<service_account>` (IRSA) may
 # read exactly the secrets listed, and decrypt only through Secrets Manager.
@@ -63,9 +71,33 @@ resource "aws_secretsmanager_secret_version" "admin_key" {
   secret_string = "sk-shoal-${random_password.admin_key[0].result}"
 }
 
+resource "random_password" "cluster_secret" {
+  length  = 48
+  special = false
+}
+
+resource "aws_secretsmanager_secret" "cluster" {
+  #checkov:skip=CKV2_AWS_57:The cluster secret rotates with the two-secret procedure (docs/SECURITY.md, infra/deploy/README.md): every member accepts the current and the previous secret and is restarted onto the new one; a rotation Lambda cannot restart the gateways, autoscaler and instances
+  name                    = "${var.name}/cluster-secret"
+  description             = "Shoal: cluster secret of internal calls (SHOAL_CLUSTER_SECRET, SHOAL_CLUSTER_SECRET_PREVIOUS)"
+  kms_key_id              = var.kms_key_arn
+  recovery_window_in_days = var.secret_recovery_window_days
+}
+
+resource "aws_secretsmanager_secret_version" "cluster" {
+  secret_id = aws_secretsmanager_secret.cluster.id
+  secret_string = jsonencode({
+    secret   = random_password.cluster_secret.result
+    previous = ""
+  })
+}
+
 locals {
   api_keys_secret_arn = local.create_keys ? aws_secretsmanager_secret.api_keys[0].arn : var.api_keys_secret_arn
-  readable_arns       = concat(var.readable_secret_arns, [local.api_keys_secret_arn])
+  readable_arns = concat(var.readable_secret_arns, [
+    local.api_keys_secret_arn,
+    aws_secretsmanager_secret.cluster.arn,
+  ])
 }
 
 # ------------------------------------------------------ reader role (IRSA) ---

@@ -13,6 +13,16 @@ output "admin_api_key_secret_arn" {
   value       = one(aws_secretsmanager_secret.admin_key[*].arn)
 }
 
+output "cluster_secret_name" {
+  description = "Name of the secret holding the cluster secret (JSON keys `secret` and `previous`)."
+  value       = aws_secretsmanager_secret.cluster.name
+}
+
+output "cluster_secret_arn" {
+  description = "Secret holding the cluster secret (JSON keys `secret` and `previous`)."
+  value       = aws_secretsmanager_secret.cluster.arn
+}
+
 output "reader_role_arn" {
   description = "IAM role of the External Secrets store's service account."
   value       = aws_iam_role.reader.arn

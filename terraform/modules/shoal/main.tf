@@ -26,7 +26,7 @@ locals {
       # One GPU per tensor-parallel rank of each instance.
       SHOAL_TENSOR_PARALLEL_SIZE = tostring(var.tensor_parallel_size)
       SHOAL_RAY_NUM_GPUS         = tostring(var.tensor_parallel_size)
-      SHOAL_INSTANCE_ARGS = trimspace(join(" ", [local.port_args, var.instance_extra_args]))
+      SHOAL_INSTANCE_ARGS        = trimspace(join(" ", [local.port_args, var.instance_extra_args]))
     },
     var.served_model_name == null ? {} : { SHOAL_SERVED_MODEL_NAME = var.served_model_name },
   )
@@ -62,6 +62,13 @@ locals {
     redis_secret = {
       target = { group = "external-secrets.io", kind = "ExternalSecret", name = "shoal-redis" }
       ops    = [{ op = "replace", path = "/spec/data/0/remoteRef/key", value = var.redis_secret_name }]
+    }
+    cluster_secret = {
+      target = { group = "external-secrets.io", kind = "ExternalSecret", name = "shoal-cluster" }
+      ops = [
+        { op = "replace", path = "/spec/data/0/remoteRef/key", value = var.cluster_secret_name },
+        { op = "replace", path = "/spec/data/1/remoteRef/key", value = var.cluster_secret_name },
+      ]
     }
     api_keys_secret = {
       target = { group = "external-secrets.io", kind = "ExternalSecret", name = "shoal-api-keys" }

@@ -28,6 +28,11 @@ variable "redis_secret_name" {
   type        = string
 }
 
+variable "cluster_secret_name" {
+  description = "Secrets Manager secret with the cluster secret (JSON keys `secret` and `previous`)."
+  type        = string
+}
+
 variable "api_keys_secret_key" {
   description = "Name or ARN of the Secrets Manager secret holding the keys file."
   type        = string
