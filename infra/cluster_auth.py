@@ -97,6 +97,25 @@ class ClusterKeys:
                 ok |= hmac.compare_digest(given, _derive(secret, purpose).encode())
         return ok
 
+    def prove(self, nonce: str, who: str) -> str:
+        """``who``'s answer to a challenge: proof that it holds the current
+        secret ("" in an open cluster)."""
+        if self.current is None:
+            return ""
+        return _mac(self.current, f"shoal/cluster/hello/v1/{nonce}/{who}")
+
+    def verify_proof(self, nonce: str, who: str, proof: str) -> bool:
+        """Whether ``proof`` answers ``nonce`` for ``who`` with the current or
+        the previous secret (always, in an open cluster)."""
+        if self.current is None:
+            return True
+        ok = False
+        for secret in (self.current, self.previous):
+            if secret is not None:
+                expected = _mac(secret, f"shoal/cluster/hello/v1/{nonce}/{who}")
+                ok |= hmac.compare_digest(proof.encode(), expected.encode())
+        return ok
+
     def env(self) -> dict[str, str]:
         """These secrets as ``SHOAL_*`` variables, for the processes this one
         starts (vLLM's, with the KV connector in them; instances on Ray nodes)."""
@@ -114,5 +133,8 @@ class ClusterKeys:
 
 
 def _derive(secret: bytes, purpose: Purpose) -> str:
-    label = f"shoal/cluster/{purpose.value}/v1".encode()
-    return hmac.new(secret, label, hashlib.sha256).hexdigest()
+    return _mac(secret, f"shoal/cluster/{purpose.value}/v1")
+
+
+def _mac(secret: bytes, label: str) -> str:
+    return hmac.new(secret, label.encode(), hashlib.sha256).hexdigest()

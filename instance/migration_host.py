@@ -24,6 +24,21 @@ class WorkerMigrationHost:
         return self._worker.config.address
 
     @property
+    def instance_id(self) -> str:
+        return self._worker.config.instance_id
+
+    async def peer(self, address: str) -> str | None:
+        store, me = self._worker.store, self._worker.config
+        if store is None:  # no registry: nothing to check a destination against
+            return None
+        for view in await store.list_instances():
+            info = view.info
+            if (info.address == address and info.model == me.served_model_name
+                    and info.status is InstanceStatus.ACTIVE):  # fmt: skip
+                return info.instance_id
+        return None
+
+    @property
     def block_size(self) -> int:
         return self._worker.engine.limits.block_size
 

@@ -48,6 +48,19 @@ class ReserveRequest(BaseModel):
     num_blocks: int = Field(ge=0)
 
 
+class HelloRequest(BaseModel):
+    """A source's challenge to a destination before anything moves."""
+
+    nonce: str = Field(min_length=16, max_length=128)
+
+
+class HelloReply(BaseModel):
+    """Who the destination is, and its proof that it holds the cluster secret."""
+
+    instance_id: str
+    proof: str
+
+
 class ReserveReply(BaseModel):
     reserved_blocks: int
     """Blocks the destination now holds for incoming migrations, in all."""

@@ -9,6 +9,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
@@ -29,6 +30,8 @@ from migration.protocol import (
     AbortMigration,
     AbortReply,
     CommitReply,
+    HelloReply,
+    HelloRequest,
     KvPortStatus,
     MigrateRequest,
     MigrationRecord,
@@ -50,9 +53,13 @@ HISTORY = 256
 class HttpDestination:
     """:class:`migration.source.DestinationApi` over the destination's HTTP API."""
 
-    def __init__(self, session: aiohttp.ClientSession, address: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, address: str,
+                 instance_id: str) -> None:  # fmt: skip
+        """``instance_id``: the instance the registry has at ``address`` (its
+        reservation must come from it)."""
         self._session = session
         self.address = address.rstrip("/")
+        self.instance_id = instance_id
 
     async def _post(self, path: str, body: str) -> bytes:
         headers = {"content-type": "application/json"}
@@ -63,6 +70,20 @@ class HttpDestination:
             if resp.status >= 400:
                 raise RuntimeError(f"{path} answered {resp.status}: {raw[:300]!r}")
             return raw
+
+    async def verify(self, keys: ClusterKeys) -> None:
+        """Check, before anything moves, that the destination is the instance
+        the registry has at its address and a member of the cluster (it
+        answers a fresh challenge with the cluster secret). Raises :class:`Refused`."""
+        nonce = secrets.token_urlsafe(24)
+        reply = HelloReply.model_validate_json(
+            await self._post("/migration/hello", HelloRequest(nonce=nonce).model_dump_json())
+        )
+        if reply.instance_id != self.instance_id:
+            raise Refused(f"{self.address} is {reply.instance_id!r}, not the registered "
+                          f"{self.instance_id!r}")  # fmt: skip
+        if not keys.verify_proof(nonce, reply.instance_id, reply.proof):
+            raise Refused(f"{self.address} could not prove it is a member of the cluster")
 
     async def reserve(self, key: str, num_blocks: int) -> None:
         await self._post("/migration/reserve", ReserveRequest(key=key, num_blocks=num_blocks)
@@ -107,7 +128,15 @@ class MigrationHost(Adopter, SourceEngine, Protocol):
     def block_size(self) -> int: ...
 
     @property
+    def instance_id(self) -> str: ...
+
+    @property
     def kv_port(self) -> KvPort | None: ...
+
+    async def peer(self, address: str) -> str | None:
+        """The id of the instance registered at ``address`` if it is an active
+        instance of this one's model, else None (no migration goes there)."""
+        ...
 
     def free_blocks(self) -> int:
         """KV blocks free in the engine now (reservations not counted)."""
@@ -189,8 +218,17 @@ class MigrationService:
         host = self.host
         if body.destination.rstrip("/") == host.address:
             raise BadRequestError("the destination is this instance", param="destination")
+        peer = await host.peer(body.destination.rstrip("/"))
+        if peer is None:
+            raise BadRequestError("the destination is not an active instance of this model in "
+                                  "the registry", param="destination")  # fmt: skip
         gens = self._chosen(body)
-        destination = HttpDestination(self._session, body.destination)
+        destination = HttpDestination(self._session, body.destination, peer)
+        try:
+            await destination.verify(self.keys)
+        except (Refused, RuntimeError, aiohttp.ClientError, ValueError) as exc:
+            raise BadRequestError(f"the destination was not verified, nothing moved: {exc}",
+                                  param="destination") from exc  # fmt: skip
         records = []
         for gen in gens:
             self.outgoing.add(gen.request_id)
@@ -245,6 +283,11 @@ def add_migration_routes(app: FastAPI, service: MigrationService) -> None:
         _check_serving(host)
         inbox.reserve(body.key, body.num_blocks)
         return ReserveReply(reserved_blocks=inbox.reserved_blocks)
+
+    @app.post("/migration/hello", response_model=HelloReply)
+    async def hello(body: HelloRequest) -> HelloReply:
+        me = host.instance_id
+        return HelloReply(instance_id=me, proof=service.keys.prove(body.nonce, me))
 
     @app.post("/migration/stage", response_model=StageReply)
     async def stage(body: StageRequest) -> StageReply:
