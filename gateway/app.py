@@ -16,7 +16,7 @@ from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.auth import ApiKey, KeyRing
-from gateway.dispatcher import Dispatcher, clamp_priority
+from gateway.dispatcher import Dispatcher
 from gateway.metrics import GatewayMetrics
 from gateway.probes import add_probe_routes
 from gateway.upstream import InstanceClient, UpstreamRefused
@@ -64,7 +64,7 @@ class GatewayState:
 
 
 def _priority(header: str | None, maximum: Priority) -> Priority:
-    return clamp_priority(priority_from_header(header), maximum)
+    return priority_from_header(header).at_most(maximum)
 
 
 def _refused(exc: UpstreamRefused) -> ShoalError:

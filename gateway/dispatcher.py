@@ -30,7 +30,6 @@ from gateway.view import Snapshot
 from infra.contract import ChunkBatch, Continuation, GenerateChunk, GenerateRequest
 from infra.errors import NotFoundError, ServiceUnavailableError, ShoalError
 from infra.openai_protocol.render import StreamBroken
-from infra.records import Priority
 from infra.telemetry import inject_context
 
 log = logging.getLogger(__name__)
@@ -527,8 +526,3 @@ async def _quietly(coro: object) -> None:
         await coro  # type: ignore[misc]
     except Exception as exc:
         log.debug("ignored: %s", exc)
-
-
-def clamp_priority(asked: Priority, maximum: Priority) -> Priority:
-    """The effective priority: what was asked, but no higher than allowed."""
-    return asked if asked.rank >= maximum.rank else maximum

@@ -81,17 +81,31 @@ class _TooLarge(Exception):
     pass
 
 
+_DIRECT = "shoal_direct"
+
+
+def is_direct(request: Request) -> bool:
+    """Whether the call came without the cluster credential, let in by
+    :class:`ClusterAuthMiddleware`'s ``direct_prefixes`` (not from the
+    control plane: it gets no more than ``normal`` priority)."""
+    return bool(request.scope.get("state", {}).get(_DIRECT))
+
+
 class ClusterAuthMiddleware:
     """Refuse calls without the cluster credential (:mod:`infra.cluster_auth`)
     with an OpenAI-format 401, but for the paths in ``open_paths`` (probes
-    and metrics); ``on_refused`` is told each refused path."""
+    and metrics) and those starting with one of ``direct_prefixes`` (let in
+    for debugging, marked as *direct*: see :func:`is_direct`); ``on_refused``
+    is told each refused path."""
 
     def __init__(self, app: ASGIApp, keys: ClusterKeys, open_paths: frozenset[str],
-                 on_refused: Callable[[str], None]) -> None:  # fmt: skip
+                 on_refused: Callable[[str], None],
+                 direct_prefixes: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.app = app
         self.keys = keys
         self.open_paths = open_paths
         self.on_refused = on_refused
+        self.direct_prefixes = direct_prefixes
         self._header = CLUSTER_HEADER.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -100,6 +114,10 @@ class ClusterAuthMiddleware:
             return
         token = next((v for k, v in scope.get("headers", ()) if k == self._header), None)
         if self.keys.accepts(token.decode("latin-1") if token else None, Purpose.HTTP):
+            await self.app(scope, receive, send)
+            return
+        if self.direct_prefixes and scope["path"].startswith(self.direct_prefixes):
+            scope.setdefault("state", {})[_DIRECT] = True
             await self.app(scope, receive, send)
             return
         self.on_refused(scope["path"])

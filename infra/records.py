@@ -25,6 +25,10 @@ class Priority(StrEnum):
         """Scheduling rank: lower runs first (vLLM's convention)."""
         return _PRIORITY_RANK[self]
 
+    def at_most(self, maximum: Priority) -> Priority:
+        """This priority, but no higher than ``maximum`` (what a caller may have)."""
+        return self if self.rank >= maximum.rank else maximum
+
 
 _PRIORITY_RANK = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
 

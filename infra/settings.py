@@ -195,6 +195,13 @@ class InstanceSettings(CommonSettings):
     bandwidth (and on CPU for cores): a bound trades migration time for a
     smaller decode slowdown (measured in docs/BENCHMARKS.md)."""
 
+    allow_direct_requests: bool = False
+    """For debugging: let callers without the cluster credential use this
+    instance's ``/generate``, ``/v1/*``, ``/tokenize`` and ``/detokenize``
+    (never its control or migration surfaces). Their requests get at most
+    ``normal`` priority, are never migrated, and are counted in
+    ``shoal_instance_direct_requests_total``."""
+
     tool_call_parser: str | None = None
     """vLLM's tool-call parser for the model (``hermes``, ``pythonic``,
     ``llama3_json``, ...: vLLM's ``--tool-call-parser``), run for chat requests

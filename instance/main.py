@@ -166,6 +166,7 @@ async def serve(settings: InstanceSettings) -> None:
         app = create_app(
             worker,
             keys=keys,
+            allow_direct=settings.allow_direct_requests,
             tracer=make_tracer("shoal-instance", settings.otlp_endpoint),
             max_body_bytes=settings.max_body_bytes,
         )

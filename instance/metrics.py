@@ -42,6 +42,11 @@ class InstanceMetrics:
             p + "unauthenticated_calls", "Calls refused for want of the cluster credential, "
             "by the first segment of their path", ["path"], registry=registry,
         )  # fmt: skip
+        self.direct = Counter(
+            p + "direct_requests", "Requests served without the cluster credential "
+            "(SHOAL_ALLOW_DIRECT_REQUESTS, for debugging; at most normal priority), by path",
+            ["path"], registry=registry,
+        )  # fmt: skip
         self.running = Gauge(p + "running_requests", "Requests running", registry=registry)
         self.waiting = Gauge(p + "waiting_requests", "Requests waiting", registry=registry)
         self.blocks_used = Gauge(p + "kv_blocks_used", "KV blocks in use", registry=registry)

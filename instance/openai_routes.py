@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 
 from infra.contract import ChunkBatch, GenerateChunk
 from infra.errors import ServiceUnavailableError
-from infra.http import unless_disconnected
+from infra.http import is_direct, unless_disconnected
 from infra.openai_protocol.choices import choice_requests, open_choices
 from infra.openai_protocol.models import (
     PRIORITY_HEADER,
@@ -42,6 +42,7 @@ from infra.openai_protocol.models import (
 from infra.openai_protocol.render import sse_events, whole_response
 from infra.openai_protocol.routes import add_completion_routes
 from infra.openai_protocol.translate import BestOf, to_generate
+from infra.records import Priority
 from instance.engine import chat_messages
 from instance.worker import InstanceWorker
 
@@ -86,6 +87,9 @@ def add_openai_routes(app: FastAPI, worker: InstanceWorker) -> None:
         priority_header: str | None,
     ) -> Response:
         priority = priority_from_header(priority_header)
+        if is_direct(request):  # not from the control plane: no more than normal
+            priority = priority.at_most(Priority.NORMAL)
+            worker.metrics.direct.labels(request.url.path).inc()
         chat = isinstance(body, ChatCompletionRequest)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         requests = choice_requests(to_generate(body, rid, priority), body.samples)

@@ -20,9 +20,9 @@ from infra.contract import (
     Usage,
 )
 from infra.errors import BadRequestError, ServiceUnavailableError, install_error_handlers
-from infra.http import BodyLimitMiddleware, ClusterAuthMiddleware, unless_disconnected
+from infra.http import BodyLimitMiddleware, ClusterAuthMiddleware, is_direct, unless_disconnected
 from infra.ndjson import NDJSON_MEDIA_TYPE, ndjson
-from infra.records import InstanceInfo, InstanceStatus, LoadReport, StatusChange
+from infra.records import InstanceInfo, InstanceStatus, LoadReport, Priority, StatusChange
 from infra.telemetry import extract_context
 from instance.engine import EngineRequest
 from instance.migration_host import WorkerMigrationHost
@@ -37,16 +37,23 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/version"})
 """What an instance answers without the cluster credential: probes and metrics
 (no prompt, output or request id in them)."""
 
+DIRECT_PREFIXES = ("/generate", "/v1/", "/tokenize", "/detokenize")
+"""What a caller without the credential may use when direct requests are
+allowed (debugging): generation, never the control or migration surfaces."""
+
 
 def create_app(
     worker: InstanceWorker,
     *,
     keys: ClusterKeys,
+    allow_direct: bool = False,
     tracer: trace.Tracer | None = None,
     max_body_bytes: int = 4 * 1024 * 1024,
 ) -> FastAPI:
     """The instance's HTTP API; every call but :data:`OPEN_PATHS` needs the
-    cluster credential of ``keys`` (none, in an open cluster)."""
+    cluster credential of ``keys`` (none, in an open cluster). With
+    ``allow_direct``, :data:`DIRECT_PREFIXES` serve calls without it too, as
+    direct requests (at most ``normal``, never migrated)."""
     migrations = MigrationService(WorkerMigrationHost(worker), keys=keys)
 
     @asynccontextmanager
@@ -65,7 +72,8 @@ def create_app(
     def refused(path: str) -> None:
         worker.metrics.unauthenticated.labels("/" + path.strip("/").split("/")[0]).inc()
 
-    app.add_middleware(ClusterAuthMiddleware, keys=keys, open_paths=OPEN_PATHS, on_refused=refused)
+    app.add_middleware(ClusterAuthMiddleware, keys=keys, open_paths=OPEN_PATHS, on_refused=refused,
+                       direct_prefixes=DIRECT_PREFIXES if allow_direct else ())  # fmt: skip
     _add_generation_routes(app, worker, tracer or trace.NoOpTracer())
     _add_control_routes(app, worker)
     add_openai_routes(app, worker)
@@ -78,6 +86,10 @@ def _add_generation_routes(app: FastAPI, worker: InstanceWorker, tracer: trace.T
 
     @app.post("/generate", response_model=GenerateResponse)
     async def generate(body: GenerateRequest, request: Request) -> Response:
+        if is_direct(request):  # not from the control plane: no more than normal, never moved
+            worker.metrics.direct.labels("/generate").inc()
+            body = body.model_copy(update={"priority": body.priority.at_most(Priority.NORMAL),
+                                           "migratable": False, "resume_token": None})  # fmt: skip
         ctx = extract_context(dict(request.headers))
         with tracer.start_as_current_span("instance.generate", context=ctx) as span:
             ereq = worker.prepare(body)

@@ -147,3 +147,36 @@ def test_credentials_are_per_purpose_and_secret() -> None:
     assert not ROTATED.accepts(None, Purpose.HTTP) and not ROTATED.accepts("", Purpose.HTTP)
     assert ClusterKeys.open().accepts(None, Purpose.KV)  # an open cluster lets anyone in
     assert ClusterKeys.open().headers() == {}
+
+
+async def test_direct_requests_when_allowed_are_capped_at_normal_and_counted() -> None:
+    """With direct requests allowed (debugging), a caller without the
+    credential may generate, at no more than normal priority and counted,
+    but still not reach the control or migration surfaces."""
+    worker = make_worker(None)
+    app = create_app(worker, keys=ROTATED, allow_direct=True)
+    await worker.start()
+    outsider = {CLUSTER_HEADER: ""}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://w") as c:
+            chat = await c.post("/v1/completions", json={"model": "sim", "prompt": "hi",
+                                "max_tokens": 2}, headers={**outsider,
+                                "x-request-priority": "high"})  # fmt: skip
+            assert chat.status_code == 200 and chat.headers["x-request-priority"] == "normal"
+            asked = {"prompt": "hi", "max_tokens": 2, "priority": "high", "migratable": True}
+            gen = await c.post("/generate", json=asked, headers=outsider)
+            assert gen.status_code == 200, gen.text
+            member = await c.post("/v1/completions", json={"model": "sim", "prompt": "hi",
+                                  "max_tokens": 2}, headers={"x-request-priority": "high",
+                                  CLUSTER_HEADER: _token("new-secret")})  # fmt: skip
+            assert member.headers["x-request-priority"] == "high"  # the control plane's stands
+            for method, path in INTERNAL:
+                if not path.startswith(("/generate", "/v1/", "/tokenize")):
+                    assert (await c.request(method, path, headers=outsider)).status_code == 401
+            metrics = (await c.get("/metrics")).text
+    finally:
+        await worker.stop()
+    assert 'shoal_instance_direct_requests_total{path="/generate"} 1.0' in metrics
+    assert 'shoal_instance_direct_requests_total{path="/v1/completions"} 1.0' in metrics
+    assert 'shoal_instance_requests_total{finish_reason="length",priority="high"} 1.0' in metrics
+    assert 'shoal_instance_requests_total{finish_reason="length",priority="normal"} 2.0' in metrics
