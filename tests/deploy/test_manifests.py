@@ -4,7 +4,9 @@ every `shoal` command a container or an image runs names an existing
 subcommand with existing flags (checked against `python -m shoal <sub>
 --help` and parsed by the real parser); every SHOAL_* variable set is a field
 of the settings class of the component that reads it, with a valid value;
-probes hit endpoints the component serves; the dashboard's metrics exist."""
+secrets are the expected ones (the cluster secret in the gateway and the
+autoscaler, as the variables the autoscaler hands on to instances); probes
+hit endpoints the component serves; the dashboard's metrics exist."""
 
 from __future__ import annotations
 
