@@ -27,8 +27,9 @@ def _scalar(annotation: Any) -> Any:
 
 
 def _flag_kwargs(info: FieldInfo) -> dict[str, Any] | None:
-    """argparse keywords for a field, or None if it has no flag form (lists,
-    mappings: those are set through the environment)."""
+    """argparse keywords for a field, or None if it has no flag form: lists
+    and mappings are set through the environment, and so are secrets
+    (``SecretStr``: a command line is visible to every user of the host)."""
     kind = _scalar(info.annotation)
     help_text = (info.description or "").split("\n\n", 1)[0].replace("%", "%%")
     if kind is bool:
@@ -50,8 +51,7 @@ def add_settings_flags(
     for name, info in settings.model_fields.items():
         if only is not None and name not in only:
             continue
-        kwargs = _flag_kwargs(info)
-        if kwargs is not None:
+        if (kwargs := _flag_kwargs(info)) is not None:
             parser.add_argument("--" + name.replace("_", "-"), dest=name, **kwargs)
 
 

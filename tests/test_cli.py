@@ -3,15 +3,17 @@ subcommand loads nothing of the other components."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
+from infra.cluster_auth import SECRET_VARIABLES
 from infra.flags import given
 from infra.settings import AutoscalerSettings, GatewaySettings, InstanceSettings
 from shoal.cli import build_parser
-from tests.helpers import REPO
+from tests.helpers import REPO, SHOAL
 
 
 @pytest.mark.parametrize(("command", "settings"), [
@@ -28,8 +30,21 @@ def test_every_scalar_setting_is_a_flag_with_its_documentation(
     for name, info in settings.model_fields.items():
         if info.annotation in (dict, list) or str(info.annotation).startswith(("dict", "list")):
             continue
+        if "SecretStr" in str(info.annotation):  # never on a command line: see infra.flags
+            assert name not in flags, f"{command}: the secret {name} is a flag"
+            continue
         assert name in flags, f"{command}: no flag for {name}"
         assert flags[name].help, f"{command} --{name}: undocumented"
+
+
+@pytest.mark.parametrize("command", ["instance", "gateway", "autoscaler"])
+def test_a_server_without_a_cluster_secret_does_not_start(command: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
+    flags = ["--engine", "sim"] if command == "instance" else ["--port", "0"]
+    out = subprocess.run([*SHOAL, command, *flags], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "no cluster secret" in out.stderr and "SHOAL_CLUSTER_SECRET_FILE" in out.stderr
 
 
 def test_flags_parse_into_settings() -> None:

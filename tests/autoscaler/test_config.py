@@ -19,6 +19,7 @@ import bench.simulator.config
 from autoscaler.controller import ControllerConfig
 from autoscaler.main import controller_config, worker_launch
 from autoscaler.policies import PairingConfig, ScalingConfig
+from infra.cluster_auth import ClusterSecretMissing
 from infra.settings import AutoscalerSettings
 
 
@@ -99,8 +100,12 @@ def test_gpus_that_do_not_fit_the_ranks_are_refused(no_env: None, tp: int, gpus:
 
 
 def test_instances_get_the_tensor_parallel_size(no_env: None) -> None:
-    s = AutoscalerSettings(tensor_parallel_size=2, model="m", instance_args="--port 8100")
+    s = AutoscalerSettings(tensor_parallel_size=2, model="m", instance_args="--port 8100",
+                           cluster_secret="s3cret")  # fmt: skip
     launch = worker_launch(s, "redis://r:6379/0")
     assert launch.args == ("--port", "8100", "--tensor-parallel-size", "2", "--model", "m")
+    assert launch.env["SHOAL_CLUSTER_SECRET"] == "s3cret"  # the instances join its cluster
+    with pytest.raises(ClusterSecretMissing):  # no secret, no instances
+        worker_launch(AutoscalerSettings(), "redis://r:6379/0")
     with pytest.raises(ValueError, match="set tensor_parallel_size instead"):
         AutoscalerSettings(instance_args="--tensor-parallel-size 2")
