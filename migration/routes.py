@@ -218,11 +218,11 @@ class MigrationService:
         host = self.host
         if body.destination.rstrip("/") == host.address:
             raise BadRequestError("the destination is this instance", param="destination")
+        gens = self._chosen(body)
         peer = await host.peer(body.destination.rstrip("/"))
         if peer is None:
             raise BadRequestError("the destination is not an active instance of this model in "
                                   "the registry", param="destination")  # fmt: skip
-        gens = self._chosen(body)
         destination = HttpDestination(self._session, body.destination, peer)
         try:
             await destination.verify(self.keys)
