@@ -86,34 +86,31 @@ class ClusterKeys:
     def accepts(self, token: str | None, purpose: Purpose) -> bool:
         """Whether ``token`` is the credential of the current or the previous
         secret (always, in an open cluster); compared in constant time."""
-        if self.current is None:
-            return True
-        if not token:
-            return False
-        given = token.encode()
-        ok = False
-        for secret in (self.current, self.previous):
-            if secret is not None:  # no early exit: the time does not tell which
-                ok |= hmac.compare_digest(given, _derive(secret, purpose).encode())
-        return ok
+        return self._matches(token, _label(purpose))
 
     def prove(self, nonce: str, who: str) -> str:
         """``who``'s answer to a challenge: proof that it holds the current
         secret ("" in an open cluster)."""
         if self.current is None:
             return ""
-        return _mac(self.current, f"shoal/cluster/hello/v1/{nonce}/{who}")
+        return _mac(self.current, _hello(nonce, who))
 
     def verify_proof(self, nonce: str, who: str, proof: str) -> bool:
         """Whether ``proof`` answers ``nonce`` for ``who`` with the current or
         the previous secret (always, in an open cluster)."""
+        return self._matches(proof, _hello(nonce, who))
+
+    def _matches(self, given: str | None, label: str) -> bool:
+        """Whether ``given`` is ``label``'s MAC under the current or the
+        previous secret (always, in an open cluster)."""
         if self.current is None:
             return True
+        if not given:
+            return False
         ok = False
         for secret in (self.current, self.previous):
-            if secret is not None:
-                expected = _mac(secret, f"shoal/cluster/hello/v1/{nonce}/{who}")
-                ok |= hmac.compare_digest(proof.encode(), expected.encode())
+            if secret is not None:  # no early exit: the time does not tell which
+                ok |= hmac.compare_digest(given.encode(), _mac(secret, label).encode())
         return ok
 
     def env(self) -> dict[str, str]:
@@ -133,7 +130,15 @@ class ClusterKeys:
 
 
 def _derive(secret: bytes, purpose: Purpose) -> str:
-    return _mac(secret, f"shoal/cluster/{purpose.value}/v1")
+    return _mac(secret, _label(purpose))
+
+
+def _label(purpose: Purpose) -> str:
+    return f"shoal/cluster/{purpose.value}/v1"
+
+
+def _hello(nonce: str, who: str) -> str:
+    return f"shoal/cluster/hello/v1/{nonce}/{who}"
 
 
 def _mac(secret: bytes, label: str) -> str:
