@@ -219,29 +219,39 @@ class MigrationService:
         if body.destination.rstrip("/") == host.address:
             raise BadRequestError("the destination is this instance", param="destination")
         gens = self._chosen(body)
-        peer = await host.peer(body.destination.rstrip("/"))
-        if peer is None:
-            raise BadRequestError("the destination is not an active instance of this model in "
-                                  "the registry", param="destination")  # fmt: skip
-        destination = HttpDestination(self._session, body.destination, peer)
+        # Claimed before the first await: a concurrent /migrate must not choose them too.
+        claimed = {g.request_id for g in gens}
+        self.outgoing |= claimed
         try:
-            await destination.verify(self.keys)
-        except (Refused, RuntimeError, aiohttp.ClientError, ValueError) as exc:
-            raise BadRequestError(f"the destination was not verified, nothing moved: {exc}",
-                                  param="destination") from exc  # fmt: skip
-        records = []
-        for gen in gens:
-            self.outgoing.add(gen.request_id)
-            try:
+            destination = await self._verified(body.destination.rstrip("/"))
+            records = []
+            for gen in gens:
                 record = await migrate_out(
                     gen, source=host.address, destination=destination, engine=host,
                     port=host.kv_port, block_size=host.block_size, mode=body.mode,
                 )  # fmt: skip
-            finally:
                 self.outgoing.discard(gen.request_id)
-            self._record(record)
-            records.append(record)
-        return records
+                self._record(record)
+                records.append(record)
+            return records
+        finally:
+            self.outgoing -= claimed
+
+    async def _verified(self, address: str) -> HttpDestination:
+        """The destination at ``address`` once the registry has it as an active
+        instance of this model and it has answered the cluster's challenge."""
+        assert self._session is not None
+        peer = await self.host.peer(address)
+        if peer is None:
+            raise BadRequestError("the destination is not an active instance of this model in "
+                                  "the registry", param="destination")  # fmt: skip
+        destination = HttpDestination(self._session, address, peer)
+        try:
+            await destination.verify(self.keys)
+        except (Refused, RuntimeError, aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise BadRequestError(f"the destination was not verified, nothing moved: {exc}",
+                                  param="destination") from exc  # fmt: skip
+        return destination
 
     def _record(self, record: MigrationRecord) -> None:
         self.history.append(record)

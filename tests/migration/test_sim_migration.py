@@ -19,8 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from infra.cluster_auth import RESUME_TOKEN_HEADER
+from infra.cluster_auth import RESUME_TOKEN_HEADER, ClusterKeys
 from infra.contract import GenerateChunk, SamplingSpec
+from infra.errors import BadRequestError
 from infra.records import Priority
 from infra.telemetry import new_registry
 from instance.engine import EngineRequest, KvLoad
@@ -35,7 +36,8 @@ from instance.sim.latency import LatencyModel
 from instance.worker import InstanceWorker, WorkerConfig
 from migration.destination import Inbox, NoRoom
 from migration.ports import KvStatus
-from migration.protocol import CommitReply, MigrationRecord, Outcome, ResumeSpec
+from migration.protocol import CommitReply, MigrateRequest, MigrationRecord, Outcome, ResumeSpec
+from migration.routes import MigrationService
 from migration.source import Refused, migrate_out
 from migration.wire import BlocksRead, Endpoint, ReadBlocks, WireError, call
 from tests.helpers import WorkerProcess, start_worker, wait_for
@@ -291,6 +293,42 @@ def _idle(sim: Sim) -> bool:
     core = sim.engine.core
     return (not core.pinned and not core.held and not core.staging and not core.has_work
             and core.num_free_blocks == core.config.num_blocks)  # fmt: skip
+
+
+class GatedHost(WorkerMigrationHost):
+    """A source host whose registry look-up waits for the test: the first
+    ``/migrate`` holds there while a second one asks."""
+
+    def __init__(self, worker: InstanceWorker) -> None:
+        super().__init__(worker)
+        self.asked, self.answer = asyncio.Event(), asyncio.Event()
+
+    async def peer(self, address: str) -> str | None:
+        self.asked.set()
+        await self.answer.wait()
+        return None  # not registered: the first move ends in a 400, nothing moved
+
+
+async def test_a_request_being_moved_is_not_chosen_by_a_concurrent_migrate() -> None:
+    async with _sim("src", speedup=20) as src:
+        request, gen = _source_gen("r-twice", prompt=30, max_tokens=1500)
+        stream = asyncio.ensure_future(_drain(src.worker.run(request, gen, migratable=True)))
+        await _until(lambda: gen.num_output > 4)
+        host = GatedHost(src.worker)
+        service = MigrationService(host, keys=ClusterKeys.of("s" * 32))
+        body = MigrateRequest(destination="http://dst", request_ids=["r-twice"])
+        async with service.running():
+            first = asyncio.ensure_future(service.migrate(body))
+            await host.asked.wait()
+            with pytest.raises(BadRequestError, match="already moving"):
+                await asyncio.wait_for(service.migrate(body), 30)  # (a bound: no hang if not)
+            host.answer.set()
+            with pytest.raises(BadRequestError, match="not an active instance"):
+                await first
+            assert service.outgoing == set()  # the claim ends with the move
+            assert [g.request_id for g in host.movable()] == ["r-twice"]
+        await src.engine.abort(gen.engine_request_id)
+        await stream
 
 
 async def test_migrate_out_between_sim_engines_moves_kv_and_skips_prefill() -> None:
