@@ -46,17 +46,13 @@ class View(Protocol):
     def snapshot(self) -> Snapshot:
         """The latest instances, their loads and reservation counts."""
 
-    @property
-    def reservation_grace_s(self) -> float:
-        """Reservations this much older than an instance's report still count."""
-
 
 class ReservationBook(Protocol):
     """The reservations in Redis (``gateway.reservations.Reservations``)."""
 
-    async def reserve(self, instance_id: str, request_id: str, *, since: float) -> int:
-        """Reserve a slot; the instance's count of reservations newer than
-        ``since`` (its report time), this one included."""
+    async def reserve(self, instance_id: str, request_id: str) -> int:
+        """Reserve a slot; the instance's count of reservations its reports do
+        not count yet, this one included."""
 
     async def release(self, instance_id: str, request_id: str) -> None:
         """Give a reservation back."""
@@ -442,7 +438,7 @@ class Dispatcher:
         started = time.perf_counter()
         try:
             count = await asyncio.wait_for(
-                self._reservations.reserve(c.instance_id, request_id, since=self._since(c)),
+                self._reservations.reserve(c.instance_id, request_id),
                 self._reservation_timeout_s,
             )
         except (RedisError, TimeoutError) as exc:
@@ -454,10 +450,6 @@ class Dispatcher:
             self._metrics.redis_call.labels("reserve").observe(time.perf_counter() - started)
         self._view.snapshot.note_reserved(c.instance_id, count)
         return count
-
-    def _since(self, c: Candidate) -> float:
-        """Reservations newer than this are not yet reflected in ``c``'s report."""
-        return c.load.timestamp - self._view.reservation_grace_s
 
     # -- holding for an instance (scale from zero) ----------------------------
 

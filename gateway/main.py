@@ -69,7 +69,6 @@ def _assemble(settings: GatewaySettings, policy: DispatchPolicy, max_priority: P
     view = ClusterView(StateStore(redis, keys_schema), reservations,
                        refresh_interval_s=settings.view_refresh_interval_s,
                        max_staleness_s=settings.view_max_staleness_s,
-                       reservation_grace_s=settings.reservation_grace_s,
                        demand=demand,
                        on_refresh=metrics.redis_call.labels("refresh").observe)  # fmt: skip
     metrics.view_age.set_function(lambda: view.age_s)

@@ -85,7 +85,6 @@ class ClusterView:
         *,
         refresh_interval_s: float,
         max_staleness_s: float,
-        reservation_grace_s: float = 0.1,
         demand: DemandBoard | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_refresh: Callable[[float], None] | None = None,
@@ -98,7 +97,6 @@ class ClusterView:
         self._reservations = reservations
         self._interval = refresh_interval_s
         self._max_staleness = max_staleness_s
-        self.reservation_grace_s = reservation_grace_s
         self._clock = clock
         self.snapshot = Snapshot()
         self._last_ok: float | None = None
@@ -106,12 +104,9 @@ class ClusterView:
 
     async def refresh(self) -> None:
         views = await self._store.list_instances()
-        since = {
-            v.info.instance_id: v.load.timestamp - self.reservation_grace_s
-            for v in views
-            if v.load is not None
-        }
-        reserved = await self._reservations.counts(since)
+        reserved = await self._reservations.counts(
+            [v.info.instance_id for v in views if v.load is not None]
+        )
         scalable = tuple(await self._demand.scalable()) if self._demand is not None else ()
         self.snapshot = Snapshot(tuple(views), reserved, self._clock(), scalable)
         self._last_ok = self._clock()

@@ -288,10 +288,6 @@ class GatewaySettings(CommonSettings):
     reservation_ttl_s: float = Field(default=10.0, gt=0.0)
     """Lifetime of an in-flight reservation that is never released."""
 
-    reservation_grace_s: float = Field(default=0.1, ge=0.0)
-    """A reservation keeps counting until a LoadReport this much newer than it
-    exists (covers the request's trip to the instance and the report period)."""
-
     reservation_timeout_s: float = Field(default=0.1, gt=0.0)
     """Longest wait for Redis to record a reservation; past it the request is
     dispatched from the current view (Redis starved or down must not add

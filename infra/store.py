@@ -7,6 +7,7 @@ client, so tests and production use the same code against a real server.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 from redis.asyncio import Redis
 
@@ -27,14 +28,25 @@ class StateStore:
     def redis(self) -> Redis:
         return self._redis
 
-    async def publish(self, info: InstanceInfo, load: LoadReport | None, ttl_s: float) -> None:
+    async def publish(
+        self,
+        info: InstanceInfo,
+        load: LoadReport | None,
+        ttl_s: float,
+        reflected: Collection[str] = (),
+    ) -> None:
         """Write the registry entry and (optionally) the load report, both
-        expiring after ``ttl_s``; this is the heartbeat."""
+        expiring after ``ttl_s``; this is the heartbeat. ``reflected``: the
+        requests the report counts for the first time, whose gateway
+        reservations end in the same transaction (a request is always counted
+        once: in a reservation or in the report, never in neither)."""
         ttl_ms = max(1, int(ttl_s * 1000))
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self.keys.instance(info.instance_id), info.model_dump_json(), px=ttl_ms)
             if load is not None:
                 pipe.set(self.keys.load(info.instance_id), load.model_dump_json(), px=ttl_ms)
+                if reflected:
+                    pipe.zrem(self.keys.reserved(info.instance_id), *reflected)
             pipe.sadd(self.keys.instances_index, info.instance_id)
             await pipe.execute()
 

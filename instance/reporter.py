@@ -90,6 +90,12 @@ class LoadReporter:
         self._seq = 0
         self._history: deque[tuple[float, int]] = deque()
         self.latest: LoadReport | None = None
+        self._admitted: set[str] = set()
+
+    def admitted(self, request_id: str) -> None:
+        """The engine has taken ``request_id``: from the next report on, that
+        report counts it, and its gateway reservation ends with that report."""
+        self._admitted.add(request_id)
 
     def build_report(self) -> LoadReport:
         info = self._info()
@@ -117,9 +123,16 @@ class LoadReporter:
         return (total - n0) / (now - t0) if now > t0 else 0.0
 
     async def publish_once(self) -> LoadReport:
+        # Taken with the engine's load, before any await: a request admitted
+        # while the report travels waits for the next one.
+        reflected, self._admitted = self._admitted, set()
         report = self.build_report()
         if self._store is not None:
-            await self._store.publish(self._info(), report, self._config.ttl_s)
+            try:
+                await self._store.publish(self._info(), report, self._config.ttl_s, reflected)
+            except BaseException:
+                self._admitted |= reflected
+                raise
         if self._metrics is not None:
             self._metrics.reports.inc()
         return report

@@ -314,7 +314,12 @@ class InstanceWorker:
     ) -> AsyncGenerator[GenerateChunk, None]:
         """The chunks of one engine request of ``gen``, until it ends or
         the request is frozen for a migration."""
-        deltas = self.engine.generate(gen.next_segment(), gen.admitted.set)
+
+        def admitted() -> None:
+            gen.admitted.set()
+            self.reporter.admitted(gen.request_id)
+
+        deltas = self.engine.generate(gen.next_segment(), admitted)
         async with contextlib.aclosing(deltas):
             async for delta in deltas:
                 if gen.frozen:

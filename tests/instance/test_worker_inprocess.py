@@ -4,6 +4,7 @@ caller's trace, and an engine that dies takes the instance out of the registry."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import httpx
@@ -12,10 +13,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 
+from gateway.reservations import Reservations
 from infra.cluster_auth import CLUSTER_HEADER, ClusterKeys, Purpose
+from infra.contract import SamplingSpec
 from infra.keys import KeySchema
+from infra.records import LoadReport
 from infra.store import StateStore
 from infra.telemetry import new_registry
+from instance.engine import EngineRequest
 from instance.metrics import InstanceMetrics
 from instance.reporter import ReporterConfig
 from instance.server import create_app
@@ -180,3 +185,45 @@ async def test_direct_requests_when_allowed_are_capped_at_normal_and_counted() -
     assert 'shoal_instance_direct_requests_total{path="/v1/completions"} 1.0' in metrics
     assert 'shoal_instance_requests_total{finish_reason="length",priority="high"} 1.0' in metrics
     assert 'shoal_instance_requests_total{finish_reason="length",priority="normal"} 2.0' in metrics
+
+
+async def test_a_reservation_ends_with_the_first_report_that_counts_its_request(
+    redis_url: str,
+) -> None:
+    """However long a request takes to reach its instance, Redis counts it
+    exactly once at every moment: in the gateway's reservation until the load
+    report that counts it, which removes the reservation in its transaction."""
+    keys = KeySchema(f"resv-{uuid.uuid4().hex[:6]}")
+    redis = Redis.from_url(redis_url)
+    worker = make_worker(StateStore(redis, keys))
+    me = worker.config.instance_id
+    reservations = Reservations(redis, keys, ttl_s=60)
+    await worker.start()
+    try:
+        assert await reservations.reserve(me, "r-counted") == 1
+        await asyncio.sleep(0.1)  # reports go out while the request is on its way
+        seen: list[tuple[int, int]] = []
+
+        async def observe() -> None:
+            while True:
+                async with redis.pipeline(transaction=True) as pipe:  # one consistent read
+                    pipe.get(keys.load(me)).zcard(keys.reserved(me))
+                    raw, reserved = await pipe.execute()
+                report = LoadReport.model_validate_json(raw)
+                seen.append((report.num_running + report.num_waiting, int(reserved)))
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.ensure_future(observe())
+        request = EngineRequest("r-counted", tuple(range(1, 20)), SamplingSpec(max_tokens=300))
+        async for chunk in worker.run(request, migratable=True):
+            if chunk.finish_reason is not None:
+                break
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        assert (0, 1) in seen and (1, 0) in seen  # reserved first, then in the report
+        assert all(counted + reserved == 1 for counted, reserved in seen), set(seen)
+        assert await reservations.counts([me]) == {me: 0}
+    finally:
+        await worker.stop()
+        await redis.aclose()
