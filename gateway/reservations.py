@@ -14,7 +14,7 @@ released at once; a reservation whose request never arrived expires after
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from redis.asyncio import Redis
 
@@ -53,14 +53,7 @@ class Reservations:
     async def release(self, instance_id: str, request_id: str) -> None:
         await self._redis.zrem(self._keys.reserved(instance_id), request_id)
 
-    async def counts(self, instance_ids: Sequence[str]) -> dict[str, int]:
-        """Unreflected, unexpired reservations per instance."""
-        ids = list(instance_ids)
-        if not ids:
-            return {}
-        live_since = int(self._clock() * 1000) - self._ttl_ms
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for i in ids:
-                pipe.zcount(self._keys.reserved(i), live_since, "+inf")
-            results = await pipe.execute()
-        return {i: int(n) for i, n in zip(ids, results, strict=True)}
+    def live_since_ms(self) -> int:
+        """Reservations scored before this (ms) have expired: their request
+        never reached its instance."""
+        return int(self._clock() * 1000) - self._ttl_ms

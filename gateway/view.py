@@ -103,9 +103,8 @@ class ClusterView:
         self._failures = 0
 
     async def refresh(self) -> None:
-        views = await self._store.list_instances()
-        reserved = await self._reservations.counts(
-            [v.info.instance_id for v in views if v.load is not None]
+        views, reserved = await self._store.list_with_reservations(
+            self._reservations.live_since_ms()
         )
         scalable = tuple(await self._demand.scalable()) if self._demand is not None else ()
         self.snapshot = Snapshot(tuple(views), reserved, self._clock(), scalable)

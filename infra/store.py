@@ -59,14 +59,31 @@ class StateStore:
     async def list_instances(self) -> list[InstanceView]:
         """Every live instance with its latest load, sorted by id. Ids whose
         registry entry has expired are pruned from the index."""
+        views, _ = await self.list_with_reservations(None)
+        return views
+
+    async def list_with_reservations(
+        self, reserved_since_ms: int | None
+    ) -> tuple[list[InstanceView], dict[str, int]]:
+        """:meth:`list_instances`, and each instance's count of gateway
+        reservations its load report does not count yet (those scored from
+        ``reserved_since_ms`` on; none asked when None). Loads and counts come
+        from one transaction: a report published between two reads would
+        otherwise have its requests counted in neither."""
         ids = sorted(
             m.decode() if isinstance(m, bytes) else m
             for m in await self._redis.smembers(self.keys.instances_index)
         )
         if not ids:
-            return []
-        infos = await self._redis.mget([self.keys.instance(i) for i in ids])
-        loads = await self._redis.mget([self.keys.load(i) for i in ids])
+            return [], {}
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.mget([self.keys.instance(i) for i in ids])
+            pipe.mget([self.keys.load(i) for i in ids])
+            if reserved_since_ms is not None:
+                for i in ids:
+                    pipe.zcount(self.keys.reserved(i), reserved_since_ms, "+inf")
+            infos, loads, *counts = await pipe.execute()
+        reserved = {i: int(n) for i, n in zip(ids, counts, strict=False)}
         views: list[InstanceView] = []
         dead: list[str] = []
         for instance_id, raw_info, raw_load in zip(ids, infos, loads, strict=True):
@@ -79,7 +96,7 @@ class StateStore:
         if dead:
             log.info("pruning %d expired instance(s): %s", len(dead), dead)
             await self._redis.srem(self.keys.instances_index, *dead)
-        return views
+        return views, reserved
 
     async def get_instance(self, instance_id: str) -> InstanceView | None:
         raw_info, raw_load = await self._redis.mget(
