@@ -209,7 +209,8 @@ async def test_a_reservation_ends_with_the_first_report_that_counts_its_request(
         async def observe() -> None:
             while not stop.is_set():
                 async with redis.pipeline(transaction=True) as pipe:  # one consistent read
-                    pipe.get(keys.load(me)).zcard(keys.reserved(me))
+                    pipe.get(keys.load(me))
+                    pipe.zcard(keys.reserved(me))
                     raw, reserved = await pipe.execute()
                 if raw is None:
                     raise AssertionError("the instance's load report is missing")
