@@ -68,14 +68,19 @@ def _caches(model: Model, num_blocks: int) -> dict[str, Any]:
     return {f"layers.{i}.attn": torch.randn(shape).to(dtype) for i in range(model.layers)}
 
 
+GRANT = "the-benchmark-migrations-read-grant"
+
+
 def _source(port: int, model: Model, num_blocks: int, transport: str, ready: Event,
             stop: Event) -> None:  # fmt: skip
     from migration.kv_connector import ShoalMetadata, _WorkerState
+    from migration.wire import Grant
 
     state = _WorkerState("127.0.0.1", port, num_blocks, transport=transport)
     state.register(_caches(model, num_blocks))
     # One request holding every block but the first, in reverse order.
     state.apply(ShoalMetadata(tables_set={"req-0123abcd": list(range(num_blocks - 1, 0, -1))}))
+    state.handle(Grant(request_id="req", token=GRANT))  # as a migration's source does
     ready.set()
     stop.wait()
     state.close()
@@ -146,7 +151,7 @@ def connector_mib_s(model: Model, tokens: int, transport: str,
         for i in range(repeats):
             key = f"k{i}"
             request = StageBlocks(key=key, source=f"127.0.0.1:{port}", request_id="req",
-                                  first=0, count=count)  # fmt: skip
+                                  first=0, count=count, grant=GRANT)  # fmt: skip
             t0 = time.perf_counter()
             reply, _ = call(Endpoint("127.0.0.1", dst_port), request, BlocksStaged)
             stage_s.append(time.perf_counter() - t0)

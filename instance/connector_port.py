@@ -20,9 +20,11 @@ from migration.wire import (
     Drop,
     Endpoint,
     GetStatus,
+    Grant,
     Pin,
     R,
     Reply,
+    Revoke,
     StageBlocks,
     StatusReply,
     Unpin,
@@ -66,17 +68,26 @@ class ConnectorPort:
                 raise result
         return [answer for answer, _ in results]  # type: ignore[misc]
 
-    async def stage(self, key: str, source: str, request_id: str, first: int, count: int) -> int:
+    async def stage(
+        self, key: str, source: str, request_id: str, first: int, count: int, grant: str
+    ) -> int:
         src = Endpoint.parse(source)
 
         def make(rank: int) -> BaseModel:
             return StageBlocks(key=key, source=str(Endpoint(src.host, src.port + rank)),
-                               request_id=request_id, first=first, count=count)  # fmt: skip
+                               request_id=request_id, first=first, count=count,
+                               grant=grant)  # fmt: skip
 
         return sum(r.bytes for r in await self._call_all(make, BlocksStaged))
 
     async def drop(self, key: str) -> None:
         await self._call_all(lambda _: Drop(key=key), Reply)
+
+    async def grant(self, request_id: str, token: str) -> None:
+        await self._call_all(lambda _: Grant(request_id=request_id, token=token), Reply)
+
+    async def revoke(self, request_id: str) -> None:
+        await self._call_all(lambda _: Revoke(request_id=request_id), Reply)
 
     async def pin(self, request_id: str) -> None:
         await self._call_all(lambda _: Pin(request_id=request_id), Reply)

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from infra.records import LoadReport
 from migration.metrics import MigrationMetrics
+from migration.ports import KvStatus
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -47,6 +48,12 @@ class InstanceMetrics:
             "(SHOAL_ALLOW_DIRECT_REQUESTS, for debugging; at most normal priority), by path",
             ["path"], registry=registry,
         )  # fmt: skip
+        self.kv_refusals = Counter(
+            p + "kv_port_refusals", "Calls the KV port refused: without the cluster's KV "
+            "credential (unauthenticated) or reads without their migration's grant "
+            "(not_granted)", ["reason"], registry=registry,
+        )  # fmt: skip
+        self._kv_refused: dict[str, int] = {}
         self.running = Gauge(p + "running_requests", "Requests running", registry=registry)
         self.waiting = Gauge(p + "waiting_requests", "Requests waiting", registry=registry)
         self.blocks_used = Gauge(p + "kv_blocks_used", "KV blocks in use", registry=registry)
@@ -63,6 +70,15 @@ class InstanceMetrics:
         )
         self.migration = MigrationMetrics(registry)
         self._last_preempted = 0
+
+    def observe_kv(self, status: KvStatus) -> None:
+        """Bring the KV port refusal counters up to the port's own totals."""
+        for reason, total in (("unauthenticated", status.unauthenticated),
+                              ("not_granted", status.not_granted)):  # fmt: skip
+            delta = total - self._kv_refused.get(reason, 0)
+            if delta > 0:
+                self.kv_refusals.labels(reason).inc(delta)
+            self._kv_refused[reason] = total
 
     def observe_load(self, report: LoadReport) -> None:
         self.running.set(report.num_running)

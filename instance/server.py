@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -151,6 +152,11 @@ def _add_control_routes(app: FastAPI, worker: InstanceWorker) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         worker.reporter.build_report()
+        if (port := worker.engine.kv_port) is not None:
+            try:  # a scrape answers even when the KV port does not
+                worker.metrics.observe_kv(await asyncio.wait_for(port.status(), 2.0))
+            except Exception as exc:
+                log.debug("KV port status for /metrics failed: %s", exc)
         return Response(generate_latest(worker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

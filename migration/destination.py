@@ -100,14 +100,14 @@ class Inbox:
         entry.touched = self._clock()
 
     async def stage(self, key: str, source: str, engine_request_id: str, first: int,
-                    count: int) -> int:  # fmt: skip
+                    count: int, grant: str) -> int:  # fmt: skip
         if key not in self._incoming:
             raise NoRoom(f"migration {key} holds no reservation here")
         if self._port is None:
             raise NoRoom("this instance cannot receive KV (no KV port)")
         self._incoming[key].touched = self._clock()
         try:
-            return await self._port.stage(key, source, engine_request_id, first, count)
+            return await self._port.stage(key, source, engine_request_id, first, count, grant)
         except WireError as exc:
             raise StageFailed(str(exc)) from exc
 
@@ -122,7 +122,7 @@ class Inbox:
                 raise StageFailed(f"final stage of {f.key!r} in the commit of {spec.key!r}")
             self.reserve(spec.key, f.first + f.count)
             final_bytes = await self.stage(spec.key, f.source, f.engine_request_id, f.first,
-                                           f.count)  # fmt: skip
+                                           f.count, f.grant)  # fmt: skip
         t1 = self._clock()
         self._incoming.pop(spec.key, None)  # its blocks now belong to the request
         try:

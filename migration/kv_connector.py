@@ -56,6 +56,7 @@ from migration.kv_blocks import BlockMover, distinct_layers
 from migration.pacing import Pacer
 from migration.transport import AfterLayer, Staged, Transport, make_transport
 from migration.wire import (
+    NOT_GRANTED,
     TRANSFER_KEY,
     UNAUTHENTICATED,
     BlocksRead,
@@ -63,9 +64,12 @@ from migration.wire import (
     Drop,
     Endpoint,
     GetStatus,
+    Grant,
+    Grants,
     Pin,
     ReadBlocks,
     Reply,
+    Revoke,
     StageBlocks,
     StatusReply,
     Unpin,
@@ -280,6 +284,7 @@ class _WorkerState:
         self._tables: dict[str, list[int]] = {}
         self._versions: dict[str, int] = {}
         self._pins: dict[str, float] = {}
+        self._grants = Grants()
         self._delayed: set[str] = set()
         self._release: set[str] = set()
         self._staging: dict[str, list[Staged]] = {}
@@ -403,6 +408,12 @@ class _WorkerState:
                 raise AssertionError("reads are served by serve_read")
             case StageBlocks():
                 return self._stage(request)
+            case Grant():
+                with self._lock:
+                    self._grants.grant(request.request_id, request.token)
+            case Revoke():
+                with self._lock:
+                    self._grants.revoke(request.request_id)
             case Pin():
                 with self._lock:
                     self._pins[request.request_id] = time.monotonic()
@@ -425,7 +436,8 @@ class _WorkerState:
                         loaded_blocks=self.loaded_blocks,
                         load_s={k: v[1] for k, v in self._loads.items()},
                         load_at={k: v[0] for k, v in self._loads.items()},
-                        unauthenticated=self.refused,
+                        unauthenticated=self.refused, granted=self._grants.granted,
+                        not_granted=self._grants.refused,
                     )  # fmt: skip
         return Reply()
 
@@ -433,6 +445,11 @@ class _WorkerState:
         """Gather the blocks and send them with the transport, or refuse."""
         first, count = request.first, request.count
         with self._lock:
+            if not self._grants.allows(request):
+                log.warning("KV port: refused a read of %s without its migration's grant",
+                            request.request_id)  # fmt: skip
+                send_frame(sock, refusal(NOT_GRANTED))
+                return
             req_id = self._internal(request.request_id)
             table = list(self._tables.get(req_id, ()))
             version = self._versions.get(req_id, 0)
@@ -457,7 +474,8 @@ class _WorkerState:
 
     def _stage(self, request: StageBlocks) -> Reply:
         """Pull blocks from the source into staging (they load at the first step)."""
-        read = ReadBlocks(request_id=request.request_id, first=request.first, count=request.count)
+        read = ReadBlocks(request_id=request.request_id, first=request.first, count=request.count,
+                          grant=request.grant)  # fmt: skip
         source = Endpoint.parse(request.source)
         try:
             with socket.create_connection((source.host, source.port), timeout=30.0) as sock:

@@ -29,6 +29,10 @@ class KvStatus(BaseModel):
     clock, shared by the engine's processes and the worker)."""
     unauthenticated: int = 0
     """Connections refused for want of the cluster's KV credential, in total."""
+    granted: list[str] = Field(default_factory=list)
+    """Engine requests whose blocks a migration's destination may read now."""
+    not_granted: int = 0
+    """Reads refused for want of the migration's read grant, in total."""
 
 
 class KvPort(Protocol):
@@ -46,10 +50,20 @@ class KvPort(Protocol):
     @property
     def block_bytes(self) -> int: ...
 
-    async def stage(self, key: str, source: str, request_id: str, first: int, count: int) -> int:
+    async def stage(
+        self, key: str, source: str, request_id: str, first: int, count: int, grant: str
+    ) -> int:
         """Pull blocks ``[first, first + count)`` of ``request_id`` from the
-        instance at ``source`` into staging under ``key``; returns bytes."""
+        instance at ``source`` into staging under ``key``, with the read
+        ``grant`` the source issued for this migration; returns bytes."""
         ...
+
+    async def grant(self, request_id: str, token: str) -> None:
+        """Serve the request's blocks to reads carrying ``token`` (and no
+        others) until revoked: one migration's destination."""
+        ...
+
+    async def revoke(self, request_id: str) -> None: ...
 
     async def drop(self, key: str) -> None:
         """Forget what is staged under ``key``."""

@@ -84,6 +84,7 @@ class StageRequest(BaseModel):
     engine_request_id: str
     first: int = Field(ge=0)
     count: int = Field(ge=1)
+    grant: str = Field(min_length=16, description="the source's read grant for this migration")
 
 
 class StageReply(BaseModel):

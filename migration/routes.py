@@ -90,9 +90,9 @@ class HttpDestination:
                          .model_dump_json())  # fmt: skip
 
     async def stage(self, key: str, source: str, engine_request_id: str, first: int,
-                    count: int) -> int:  # fmt: skip
+                    count: int, grant: str) -> int:  # fmt: skip
         body = StageRequest(key=key, source=source, engine_request_id=engine_request_id,
-                            first=first, count=count)  # fmt: skip
+                            first=first, count=count, grant=grant)  # fmt: skip
         return StageReply.model_validate_json(
             await self._post("/migration/stage", body.model_dump_json())
         ).bytes
@@ -302,7 +302,7 @@ def add_migration_routes(app: FastAPI, service: MigrationService) -> None:
     @app.post("/migration/stage", response_model=StageReply)
     async def stage(body: StageRequest) -> StageReply:
         n = await inbox.stage(body.key, body.source, body.engine_request_id, body.first,
-                              body.count)  # fmt: skip
+                              body.count, body.grant)  # fmt: skip
         return StageReply(bytes=n)
 
     @app.post("/migration/commit", response_model=CommitReply)

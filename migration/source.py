@@ -20,6 +20,7 @@ output there as soon as it comes.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -53,7 +54,7 @@ class DestinationApi(Protocol):
 
     async def reserve(self, key: str, num_blocks: int) -> None: ...
     async def stage(self, key: str, source: str, engine_request_id: str, first: int,
-                    count: int) -> int: ...  # fmt: skip
+                    count: int, grant: str) -> int: ...  # fmt: skip
     async def commit(self, spec: ResumeSpec) -> CommitReply: ...
     async def abort(self, key: str) -> None: ...
 
@@ -127,9 +128,11 @@ async def migrate_out(
     move.record.key = move.key
     t0 = clock()
     try:
-        if await move.live_stages(plan) and await move.stop(engine):
+        if await move.granted() and await move.live_stages(plan) and await move.stop(engine):
             await move.hand_off()
     finally:
+        if move.kv is not None:
+            await _quietly(move.kv.revoke(gen.engine_request_id))
         move.record.duration_s = clock() - t0
     return move.record
 
@@ -150,9 +153,23 @@ class _Move:
     stopped_at: float = 0.0
     stop_s: float = 0.0
     tokens: list[int] = field(default_factory=list)
+    grant: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    """The read grant of this migration: the source's KV port serves the
+    request's blocks only to reads carrying it, which only this destination
+    is given (in its stage requests)."""
 
     def __post_init__(self) -> None:
         self.key = f"{self.gen.request_id}/{uuid.uuid4().hex[:8]}"
+
+    async def granted(self) -> bool:
+        """Register the read grant with the source's KV port (KV moves only)."""
+        if self.kv is None:
+            return True
+        try:
+            await self.kv.grant(self.gen.engine_request_id, self.grant)
+        except Exception as exc:
+            return await self._end(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
+        return True
 
     def _gone(self) -> bool:
         """It ended here (or is ending: every token is out) or another move froze it."""
@@ -162,7 +179,12 @@ class _Move:
         assert self.kv is not None
         await self.destination.reserve(self.key, full)
         self.record.bytes += await self.destination.stage(
-            self.key, self.kv.endpoint, engine_request_id, self.copied, full - self.copied
+            self.key,
+            self.kv.endpoint,
+            engine_request_id,
+            self.copied,
+            full - self.copied,
+            self.grant,
         )
         self.record.blocks += full - self.copied
         self.copied = full
@@ -228,7 +250,8 @@ class _Move:
             return None
         return StageRequest(key=self.key, source=self.kv.endpoint,
                             engine_request_id=self.gen.engine_request_id,
-                            first=self.copied, count=full - self.copied)  # fmt: skip
+                            first=self.copied, count=full - self.copied,
+                            grant=self.grant)  # fmt: skip
 
     async def hand_off(self) -> None:
         """Commit, with the last full blocks for the destination to pull; the

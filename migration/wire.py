@@ -14,6 +14,7 @@ process, and the worker calls it through ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+import hmac
 import json
 import socket
 import struct
@@ -46,6 +47,8 @@ class ReadBlocks(BaseModel):
     """The engine's id of the request on the source."""
     first: int = Field(ge=0)
     count: int = Field(ge=1)
+    grant: str = ""
+    """The migration's read grant (:class:`Grant`): only its holder reads."""
 
 
 class StageBlocks(BaseModel):
@@ -58,6 +61,22 @@ class StageBlocks(BaseModel):
     request_id: str
     first: int = Field(ge=0)
     count: int = Field(ge=1)
+    grant: str = ""
+    """The read grant the source issued for this migration."""
+
+
+class Grant(BaseModel):
+    """Source side: let reads of the request's blocks that carry ``token``
+    (one migration's destination) through, until revoked."""
+
+    op: Literal["grant"] = "grant"
+    request_id: str
+    token: str = Field(min_length=16)
+
+
+class Revoke(BaseModel):
+    op: Literal["revoke"] = "revoke"
+    request_id: str
 
 
 class Pin(BaseModel):
@@ -84,7 +103,8 @@ class GetStatus(BaseModel):
 
 
 WireRequest = Annotated[
-    ReadBlocks | StageBlocks | Pin | Unpin | Drop | GetStatus, Field(discriminator="op")
+    ReadBlocks | StageBlocks | Grant | Revoke | Pin | Unpin | Drop | GetStatus,
+    Field(discriminator="op"),
 ]
 _REQUEST: TypeAdapter[WireRequest] = TypeAdapter(WireRequest)
 
@@ -158,6 +178,36 @@ def authenticated(header: dict[str, Any], keys: ClusterKeys) -> bool:
 
 
 UNAUTHENTICATED = "unauthenticated: the KV port serves members of the cluster only"
+NOT_GRANTED = "not granted: the request's blocks go only to its migration's destination"
+
+
+class Grants:
+    """The read grants of a source's KV port: a request's blocks are read
+    only with the token its current migration issued (thread-safe callers
+    hold their own lock)."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, str] = {}
+        self.refused = 0
+        """Reads refused for want of the grant, in total."""
+
+    def grant(self, request_id: str, token: str) -> None:
+        self._tokens[request_id] = token
+
+    def revoke(self, request_id: str) -> None:
+        self._tokens.pop(request_id, None)
+
+    def allows(self, read: ReadBlocks) -> bool:
+        """Whether ``read`` carries its request's grant; counts a refusal."""
+        token = self._tokens.get(read.request_id)
+        if token is not None and hmac.compare_digest(token.encode(), read.grant.encode()):
+            return True
+        self.refused += 1
+        return False
+
+    @property
+    def granted(self) -> list[str]:
+        return sorted(self._tokens)
 
 
 def parse_reply(header: dict[str, Any], kind: type[R], what: str) -> R:

@@ -40,9 +40,11 @@ from instance.sim.core import SimCore
 from migration.ports import KvStatus
 from migration.wire import (
     MAX_HEADER_BYTES,
+    NOT_GRANTED,
     UNAUTHENTICATED,
     BlocksRead,
     Endpoint,
+    Grants,
     ReadBlocks,
     Reply,
     WireError,
@@ -139,6 +141,7 @@ class SimKvPort:
         self._sleep = sleep
         self._clock = clock
         self._pinned_at: dict[str, float] = {}
+        self._grants = Grants()
         self._server: asyncio.Server | None = None
         self._refused = 0
         self._reaper: asyncio.Task[None] | None = None
@@ -186,8 +189,10 @@ class SimKvPort:
                 del self._pinned_at[request_id]
 
     # -- KvPort -------------------------------------------------------------
-    async def stage(self, key: str, source: str, request_id: str, first: int, count: int) -> int:
-        read = ReadBlocks(request_id=request_id, first=first, count=count)
+    async def stage(
+        self, key: str, source: str, request_id: str, first: int, count: int, grant: str
+    ) -> int:
+        read = ReadBlocks(request_id=request_id, first=first, count=count, grant=grant)
         auth = self.options.keys.token(Purpose.KV)
         num_bytes = (await _call(Endpoint.parse(source), read, auth)).bytes
         if num_bytes != count * self.block_bytes:
@@ -199,6 +204,12 @@ class SimKvPort:
 
     async def drop(self, key: str) -> None:
         self.core.drop(key)
+
+    async def grant(self, request_id: str, token: str) -> None:
+        self._grants.grant(request_id, token)
+
+    async def revoke(self, request_id: str) -> None:
+        self._grants.revoke(request_id)
 
     async def pin(self, request_id: str) -> None:
         self._pinned_at[request_id] = self._clock()
@@ -212,12 +223,17 @@ class SimKvPort:
         return KvStatus(pinned=self.core.pinned, delayed=self.core.held,
                         staging=self.core.staging, block_bytes=self.block_bytes,
                         loaded_blocks=self.core.num_loaded_blocks_total,
-                        unauthenticated=self._refused)  # fmt: skip
+                        unauthenticated=self._refused, granted=self._grants.granted,
+                        not_granted=self._grants.refused)  # fmt: skip
 
     # -- the wire (source side) ---------------------------------------------
     def read(self, request: ReadBlocks) -> Reply:
         """Answer a peer's read of blocks ``[first, first + count)``."""
         first, count = request.first, request.count
+        if not self._grants.allows(request):
+            log.warning("sim KV port: refused a read of %s without its migration's grant",
+                        request.request_id)  # fmt: skip
+            return refusal(NOT_GRANTED)
         full = self.core.num_full_blocks(request.request_id)
         if full is None:
             return refusal(f"{request.request_id} holds no KV here")

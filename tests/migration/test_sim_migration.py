@@ -43,6 +43,7 @@ from migration.wire import BlocksRead, Endpoint, ReadBlocks, WireError, call
 from tests.helpers import WorkerProcess, start_worker, wait_for
 
 BS = 4
+GRANT = "a-migrations-read-grant"
 LINK = KvTransferModel(bytes_per_token=1000, bandwidth_bytes_per_s=1e6, latency_s=0.5)
 """Round numbers: 4,000 bytes and 4 ms per block, plus 0.5 s per stage. The
 sleeps are recorded, not waited, so the model's size does not slow the test."""
@@ -156,23 +157,31 @@ async def test_stage_reads_the_source_and_waits_the_modelled_transfer_time() -> 
     src_core.step()  # 13 computed tokens: 3 full blocks
     sleep = Recorder()
     async with _port(src_core) as src, _port(dst_core, sleep=sleep) as dst:
-        assert await dst.stage("k", src.endpoint, "r", 0, 2) == 2 * 4000
-        assert await dst.stage("k", src.endpoint, "r", 2, 1) == 4000
+        await src.grant("r", GRANT)
+        await src.grant("nope", GRANT)
+        with pytest.raises(WireError, match="not granted"):
+            await dst.stage("k", src.endpoint, "r", 0, 2, "another-migrations-grant")
+        assert (await src.status()).not_granted == 1
+        assert await dst.stage("k", src.endpoint, "r", 0, 2, GRANT) == 2 * 4000
+        assert await dst.stage("k", src.endpoint, "r", 2, 1, GRANT) == 4000
         assert sleep.calls == [pytest.approx(0.5 + 0.008), pytest.approx(0.5 + 0.004)]
         assert (await dst.status()).staging == {"k": 3}
         with pytest.raises(WireError, match="3 full blocks"):
-            await dst.stage("k", src.endpoint, "r", 2, 2)  # block 3 is still filling
+            await dst.stage("k", src.endpoint, "r", 2, 2, GRANT)  # block 3 is still filling
         with pytest.raises(WireError, match="holds no KV"):
-            await dst.stage("k2", src.endpoint, "nope", 0, 1)
+            await dst.stage("k2", src.endpoint, "nope", 0, 1, GRANT)
         assert len(sleep.calls) == 2  # failed reads move nothing
         await dst.drop("k")
         # The blocking client of migration.wire speaks to the sim port too.
-        read = ReadBlocks(request_id="r", first=0, count=3)
+        read = ReadBlocks(request_id="r", first=0, count=3, grant=GRANT)
         reply, payload = await asyncio.to_thread(call, Endpoint.parse(src.endpoint), read,
                                                  BlocksRead)  # fmt: skip
         assert reply.bytes == 3 * 4000 and payload == b""
         status = await dst.status()
         assert status == KvStatus(block_bytes=4000)  # all empty
+        await src.revoke("r")
+        with pytest.raises(WireError, match="not granted"):
+            await dst.stage("k", src.endpoint, "r", 0, 2, GRANT)  # that migration ended
 
 
 async def test_a_pin_expires_after_its_ttl() -> None:
@@ -209,8 +218,8 @@ class InboxDestination:
             raise Refused(str(exc)) from exc
 
     async def stage(self, key: str, source: str, engine_request_id: str, first: int,
-                    count: int) -> int:  # fmt: skip
-        return await self.inbox.stage(key, source, engine_request_id, first, count)
+                    count: int, grant: str) -> int:  # fmt: skip
+        return await self.inbox.stage(key, source, engine_request_id, first, count, grant)
 
     async def commit(self, spec: ResumeSpec) -> CommitReply:
         return await self.inbox.commit(spec, self.host)

@@ -23,6 +23,7 @@ class Destination:
                  on_stage: object = None) -> None:  # fmt: skip
         self.refuse, self.fail_commit, self.on_stage = refuse, fail_commit, on_stage
         self.staged: list[tuple[int, int]] = []
+        self.grants: set[str] = set()
         self.aborted: list[str] = []
         self.committed: ResumeSpec | None = None
 
@@ -31,8 +32,9 @@ class Destination:
             raise Refused("no room")
 
     async def stage(self, key: str, source: str, engine_request_id: str, first: int,
-                    count: int) -> int:  # fmt: skip
+                    count: int, grant: str) -> int:  # fmt: skip
         self.staged.append((first, count))
+        self.grants.add(grant)
         if callable(self.on_stage):
             self.on_stage()
         return count * 100
@@ -56,10 +58,21 @@ class Port:
 
     def __init__(self) -> None:
         self.pinned: set[str] = set()
+        self.granted: dict[str, str] = {}
         self.log: list[str] = []
 
-    async def stage(self, key: str, source: str, request_id: str, first: int, count: int) -> int:
+    async def stage(
+        self, key: str, source: str, request_id: str, first: int, count: int, grant: str
+    ) -> int:
         raise AssertionError("the source never stages")
+
+    async def grant(self, request_id: str, token: str) -> None:
+        self.granted[request_id] = token
+        self.log.append("grant")
+
+    async def revoke(self, request_id: str) -> None:
+        self.granted.pop(request_id, None)
+        self.log.append("revoke")
 
     async def drop(self, key: str) -> None: ...
 
@@ -124,7 +137,10 @@ async def test_kv_migration_copies_in_stages_then_commits() -> None:
     assert record.downtime.admit_s == 0.01
     assert dest.committed is not None and dest.committed.num_kv_tokens == record.blocks * BS
     assert dest.committed.output_token_ids == list(gen.tokens[10:])
-    assert port.log == ["pin", "unpin"] and not port.pinned
+    assert port.log == ["grant", "pin", "unpin", "revoke"] and not port.pinned
+    # Every read of this migration carried the one grant, revoked at its end.
+    assert len(dest.grants) == 1 and dest.committed.final.grant in dest.grants
+    assert not port.granted
     assert engine.aborted == [gen.engine_request_id]
     assert await gen.outcome() == "http://dest"
 
@@ -134,7 +150,7 @@ async def test_refused_destination_leaves_the_request_alone() -> None:
     dest = Destination(refuse=True)
     record, engine, port = await _run(gen, dest)
     assert record.outcome is Outcome.REFUSED
-    assert not gen.frozen and engine.aborted == [] and port.log == []
+    assert not gen.frozen and engine.aborted == [] and port.log == ["grant", "revoke"]
     assert len(dest.aborted) == 1  # the reservation is returned
 
 
@@ -155,7 +171,8 @@ async def test_destination_dying_after_the_stop_rolls_back_to_the_source() -> No
     dest = Destination(fail_commit=True)
     record, engine, port = await _run(gen, dest)
     assert record.outcome is Outcome.ROLLED_BACK and "destination died" in (record.error or "")
-    assert engine.aborted and port.log == ["pin", "unpin"] and len(dest.aborted) == 1
+    assert engine.aborted and port.log == ["grant", "pin", "unpin", "revoke"]
+    assert len(dest.aborted) == 1 and not port.granted
     assert await gen.outcome() is None  # resumes here
     assert not gen.frozen
 

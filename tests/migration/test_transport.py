@@ -16,11 +16,15 @@ from migration.kv_connector import LoadOp, ShoalMetadata, _WorkerState
 from migration.pacing import Pacer
 from migration.transport import TRANSPORTS, ShmTransport
 from migration.wire import (
+    BlocksRead,
     BlocksStaged,
     Drop,
     Endpoint,
     GetStatus,
+    Grant,
+    ReadBlocks,
     Reply,
+    Revoke,
     StageBlocks,
     StatusReply,
     WireError,
@@ -33,6 +37,7 @@ NUM_BLOCKS = 16
 REQUEST = "req-1"
 ENGINE_ID = REQUEST + "-0123abcd"  # vLLM's internal id of the request
 SOURCE_TABLE = [9, 3, 14, 1, 7, 12]
+GRANT = "the-migrations-read-grant"
 
 
 def _caches(dtype: torch.dtype = torch.float16, fill: bool = True) -> dict[str, torch.Tensor]:
@@ -56,12 +61,14 @@ class Pair:
         self.source.register(self.source_caches)
         self.dest.register(self.dest_caches)
         self.source.apply(ShoalMetadata(tables_set={ENGINE_ID: list(SOURCE_TABLE)}))
+        self.source.handle(Grant(request_id=REQUEST, token=GRANT))  # the migration's source
         self.source_port = self.source._server.server_address[1]
         self.dest_port = self.dest._server.server_address[1]
 
-    def stage(self, key: str, first: int, count: int) -> BlocksStaged:
+    def stage(self, key: str, first: int, count: int, grant: str = "") -> BlocksStaged:
         request = StageBlocks(key=key, source=f"127.0.0.1:{self.source_port}",
-                              request_id=REQUEST, first=first, count=count)  # fmt: skip
+                              request_id=REQUEST, first=first, count=count,
+                              grant=grant or GRANT)  # fmt: skip
         reply, _ = call(Endpoint("127.0.0.1", self.dest_port), request, BlocksStaged,
                         auth=self.auth)  # fmt: skip
         return reply
@@ -221,5 +228,30 @@ def test_a_destination_of_another_cluster_cannot_read_blocks() -> None:
         assert pair.status().staging == {}
         pair.auth = SECRET.token(Purpose.KV)
         assert pair.status(pair.source_port).unauthenticated == 1
+    finally:
+        pair.close()
+
+
+def test_a_member_without_the_migrations_grant_cannot_read_blocks() -> None:
+    """A member of the cluster that does not hold the migration (another
+    grant, none, or the grant once revoked) is refused, counted, and nothing
+    is staged; the migration's own destination reads."""
+    pair = Pair("tcp", source_keys=SECRET, dest_keys=SECRET, auth=SECRET.token(Purpose.KV))
+    try:
+        source = Endpoint("127.0.0.1", pair.source_port)
+        for grant in ("another-migrations-grant", "x"):
+            with pytest.raises(WireError, match="not granted"):
+                pair.stage("g1", 0, 2, grant=grant)
+        with pytest.raises(WireError, match="not granted"):  # a direct read, no grant
+            call(source, ReadBlocks(request_id=REQUEST, first=0, count=1), BlocksRead,
+                 auth=pair.auth)  # fmt: skip
+        assert pair.status().staging == {}
+        status = pair.status(pair.source_port)
+        assert status.not_granted == 3 and status.granted == [REQUEST]
+        assert pair.stage("g2", 0, 2).bytes == 2 * pair.source.block_bytes
+        call(source, Revoke(request_id=REQUEST), Reply, auth=pair.auth)
+        with pytest.raises(WireError, match="not granted"):
+            pair.stage("g3", 2, 2)
+        assert pair.status(pair.source_port).granted == []
     finally:
         pair.close()

@@ -21,11 +21,12 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from infra.cluster_auth import RESUME_TOKEN_HEADER, SECRET_VARIABLES
+from infra.cluster_auth import RESUME_TOKEN_HEADER, SECRET_VARIABLES, Purpose
 from infra.keys import KeySchema
 from infra.records import InstanceInfo, InstanceStatus
 from infra.store import StateStore
-from tests.helpers import REPO, WorkerProcess, free_port, start_worker
+from migration.wire import BlocksRead, Endpoint, ReadBlocks, WireError, call
+from tests.helpers import CLUSTER, REPO, WorkerProcess, free_port, start_worker
 
 NAMESPACE = f"security-{uuid.uuid4().hex[:6]}"
 OWNER = "the-owners-resume-token"
@@ -118,6 +119,34 @@ def test_an_outsider_on_loopback_reads_aborts_drains_and_outranks_nothing(
     metrics = httpx.get(a.base_url + "/metrics").text
     assert 'shoal_instance_unauthenticated_calls_total{path="/abort"} 1.0' in metrics
     assert httpx.get(a.base_url + "/migrations/kv").json()["unauthenticated"] >= 2
+    assert _metric(metrics, 'shoal_instance_kv_port_refusals_total{reason="unauthenticated"}') >= 2
+
+
+def _metric(text: str, series: str) -> float:
+    line = next(line for line in text.splitlines() if line.startswith(series + " "))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_a_member_that_does_not_hold_the_migration_reads_no_kv(
+    pair: tuple[WorkerProcess, WorkerProcess],
+) -> None:
+    """A member of the cluster (it has the credential) that knows a running
+    request's engine id reads none of its KV blocks: they go only to the
+    destination of a migration of it, with that migration's grant."""
+    a, _ = pair
+    stream = _Stream(a)
+    stream.read(16)
+    (running,) = [r for r in httpx.get(a.base_url + "/requests").json()
+                  if r["request_id"] == stream.rid]  # fmt: skip
+    endpoint = Endpoint.parse(httpx.get(a.base_url + "/migrations/kv").json()["kv_port"])
+    auth = CLUSTER.token(Purpose.KV)
+    for grant in ("", "a-grant-it-guessed-at-random"):
+        read = ReadBlocks(request_id=running["engine_request_id"], first=0, count=1, grant=grant)
+        with pytest.raises(WireError, match="not granted"):
+            call(endpoint, read, BlocksRead, auth=auth)
+    metrics = httpx.get(a.base_url + "/metrics").text
+    assert _metric(metrics, 'shoal_instance_kv_port_refusals_total{reason="not_granted"}') >= 2
+    assert stream.finish()["finish_reason"] == "length" and stream.tokens == MAX_TOKENS
 
 
 def test_a_migration_goes_only_to_a_registered_instance(
