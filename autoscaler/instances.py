@@ -10,6 +10,7 @@ import aiohttp
 
 from infra.cluster_auth import ClusterKeys
 from infra.records import InstanceStatus, StatusChange
+from infra.tls import PLAIN, ClusterTls
 from migration.protocol import MigrateRequest, MigrationRecord
 
 
@@ -24,11 +25,17 @@ class InstanceCallFailed(Exception):
 
 
 class HttpInstanceApi:
-    def __init__(self, keys: ClusterKeys, timeout_s: float = 300.0) -> None:
-        """``keys``: the cluster credential every call carries."""
+    def __init__(self, keys: ClusterKeys, timeout_s: float = 300.0,
+                 tls: ClusterTls = PLAIN) -> None:  # fmt: skip
+        """``keys``: the cluster credential every call carries; ``tls``: how
+        ``https://`` instances are verified."""
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5)
-        self._session = aiohttp.ClientSession(timeout=timeout, trust_env=False,
-                                              headers=keys.headers())  # fmt: skip
+        self._session = aiohttp.ClientSession(
+            timeout=timeout,
+            trust_env=False,
+            headers=keys.headers(),
+            connector=aiohttp.TCPConnector(ssl=tls.client_context()),
+        )
 
     async def _post(self, url: str, body: dict[str, object]) -> object:
         try:

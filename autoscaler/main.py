@@ -66,7 +66,12 @@ def worker_launch(s: AutoscalerSettings, redis_url: str) -> WorkerLaunch:
         args += ["--model", s.model]
     if s.served_model_name:
         args += ["--served-model-name", s.served_model_name]
-    env = {"SHOAL_REDIS_URL": redis_url, "SHOAL_NAMESPACE": s.namespace, **s.cluster_keys().env()}
+    env = {
+        "SHOAL_REDIS_URL": redis_url,
+        "SHOAL_NAMESPACE": s.namespace,
+        **s.cluster_keys().env(),
+        **s.cluster_tls().env(),
+    }
     return WorkerLaunch(engine=s.engine, args=tuple(args), env=env)
 
 
@@ -103,7 +108,7 @@ async def serve(settings: AutoscalerSettings) -> None:
     keys = KeySchema(settings.namespace)
     me = settings.autoscaler_id or f"autoscaler-{uuid.uuid4().hex[:6]}"
     metrics = AutoscalerMetrics(new_registry())
-    instances = HttpInstanceApi(settings.cluster_keys())
+    instances = HttpInstanceApi(settings.cluster_keys(), tls=settings.cluster_tls())
     provider = await build_provider(settings, worker_launch(settings, url))
     controller = Controller(
         config=controller_config(settings), registry=StateStore(redis, keys), provider=provider,

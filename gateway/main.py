@@ -38,7 +38,9 @@ def build_app(settings: GatewaySettings, redis_url: str) -> FastAPI:
     @contextlib.asynccontextmanager
     async def state() -> AsyncIterator[GatewayState]:
         redis = Redis(connection_pool=_redis_pool(redis_url))
-        session = make_session(settings.connect_timeout_s, settings.cluster_keys())
+        session = make_session(
+            settings.connect_timeout_s, settings.cluster_keys(), settings.cluster_tls()
+        )
         try:
             gateway = _assemble(settings, policy, max_priority, redis, session)
             async with _refreshing(gateway):

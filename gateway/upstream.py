@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from infra.cluster_auth import RESUME_TOKEN_HEADER, ClusterKeys
 from infra.contract import ChunkBatch, GenerateChunk, GenerateRequest
 from infra.errors import ErrorDetail
+from infra.tls import PLAIN, ClusterTls
 
 MAX_LINE_BYTES = 1 << 22
 """Longest NDJSON line accepted from an instance (a chunk's text and ids)."""
@@ -33,10 +34,13 @@ class UpstreamRefused(Exception):
         self.detail = detail
 
 
-def make_session(connect_timeout_s: float, keys: ClusterKeys) -> aiohttp.ClientSession:
+def make_session(connect_timeout_s: float, keys: ClusterKeys,
+                 tls: ClusterTls = PLAIN) -> aiohttp.ClientSession:  # fmt: skip
     """One pooled session per gateway: unlimited connections, kept alive,
-    every call carrying the cluster credential of ``keys``."""
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+    every call carrying the cluster credential of ``keys``, ``https://``
+    instances verified as ``tls`` says."""
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True,
+                                     ssl=tls.client_context())  # fmt: skip
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
     return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False,
                                  headers=keys.headers())  # fmt: skip

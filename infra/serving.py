@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.types import ASGIApp
 
+from infra.tls import ClusterTls
+
 
 class _Server(uvicorn.Server):
     """uvicorn re-raises SIGINT/SIGTERM after shutdown, which kills the process
@@ -25,11 +27,13 @@ KEEP_ALIVE_S = 75
 makes clients that reuse a connection just as it is closed see read errors)."""
 
 
-async def run_server(app: ASGIApp, host: str, port: int, *, log_level: str = "warning") -> None:
-    """Serve until SIGINT/SIGTERM, then return (so ``finally`` blocks run)."""
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_keep_alive=KEEP_ALIVE_S
-    )
+async def run_server(app: ASGIApp, host: str, port: int, *, log_level: str = "warning",
+                     tls: ClusterTls | None = None) -> None:  # fmt: skip
+    """Serve until SIGINT/SIGTERM, then return (so ``finally`` blocks run);
+    over TLS when ``tls`` serves it."""
+    options = tls.uvicorn_options() if tls is not None else {}
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_keep_alive=KEEP_ALIVE_S, **options)  # type: ignore[arg-type]  # fmt: skip
     server = _Server(config)
     loop = asyncio.get_running_loop()
 

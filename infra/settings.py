@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infra.cluster_auth import SECRET_VARIABLES, ClusterKeys, ClusterSecretMissing, new_secret
+from infra.tls import ClusterTls
 
 EngineKind = Literal["vllm", "sim"]
 
@@ -67,6 +68,35 @@ class CommonSettings(BaseSettings):
     """Run without a cluster secret: every internal surface (instances'
     ``/generate``, ``/migrate``, ``/resume``, the KV port) serves anyone who
     reaches it. Off, a process with no secret refuses to start."""
+
+    tls_cert_file: Path | None = None
+    """PEM certificate chain of this member: set (with ``tls_key_file``), its
+    instance HTTP server and KV port speak TLS only and it registers an
+    ``https://`` address (docs/SECURITY.md). It is also presented as the client
+    certificate for mutual TLS."""
+
+    tls_key_file: Path | None = None
+    """PEM private key of ``tls_cert_file``."""
+
+    tls_ca_file: Path | None = None
+    """PEM bundle of the CA that signs the members' certificates: clients
+    (gateways, the autoscaler, instances) verify instances against it; unset,
+    the system's trust store."""
+
+    tls_check_hostname: bool = True
+    """Whether an instance's certificate must name the host it is reached at.
+    Off (with the cluster's own ``tls_ca_file``), any certificate that CA signed
+    is a member's: one certificate serves a fleet whose addresses change."""
+
+    tls_mutual: bool = False
+    """Servers also require a client certificate signed by ``tls_ca_file``."""
+
+    def cluster_tls(self) -> ClusterTls:
+        """This process's TLS; raises :class:`TlsConfigError` for settings that
+        contradict each other or name missing files."""
+        return ClusterTls(cert_file=self.tls_cert_file, key_file=self.tls_key_file,
+                          ca_file=self.tls_ca_file, check_hostname=self.tls_check_hostname,
+                          mutual=self.tls_mutual)  # fmt: skip
 
     def cluster_keys(self) -> ClusterKeys:
         """The cluster secrets; raises :class:`ClusterSecretMissing` when none

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel
 
+from infra.tls import PLAIN, ClusterTls
 from migration.ports import KvStatus
 from migration.wire import (
     BlocksStaged,
@@ -35,12 +36,15 @@ from migration.wire import (
 class ConnectorPort:
     """:class:`KvPort` over the wire to Shoal's KV connector on each rank."""
 
-    def __init__(self, endpoint: Endpoint, ranks: int = 1, auth: str | None = None) -> None:
-        """``auth``: the cluster's KV credential (None: an open cluster)."""
+    def __init__(self, endpoint: Endpoint, ranks: int = 1, auth: str | None = None,
+                 tls: ClusterTls = PLAIN) -> None:  # fmt: skip
+        """``auth``: the cluster's KV credential (None: an open cluster);
+        ``tls``: how the connectors serve (TLS or plain TCP)."""
         if ranks < 1:
             raise ValueError(f"ranks must be >= 1, got {ranks}")
         self._ranks = [Endpoint(endpoint.host, endpoint.port + r) for r in range(ranks)]
         self._auth = auth
+        self._tls = tls
         self._block_bytes = 0
 
     @property
@@ -58,7 +62,7 @@ class ConnectorPort:
         every call has ended (no rank is left mid-call)."""
         results = await asyncio.gather(
             *(
-                asyncio.to_thread(call, ep, make(r), reply, auth=self._auth)
+                asyncio.to_thread(call, ep, make(r), reply, auth=self._auth, tls=self._tls)
                 for r, ep in enumerate(self._ranks)
             ),
             return_exceptions=True,

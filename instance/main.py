@@ -17,6 +17,7 @@ from infra.serving import run_server
 from infra.settings import InstanceSettings
 from infra.store import StateStore
 from infra.telemetry import make_tracer, new_registry
+from infra.tls import PLAIN, ClusterTls
 from instance.engine import Engine
 from instance.engine_args import CPU, detect_platform, engine_args
 from instance.metrics import InstanceMetrics
@@ -29,18 +30,22 @@ log = logging.getLogger(__name__)
 SIM_DEFAULT_BLOCK_SIZE = 16
 
 
-def build_engine(settings: InstanceSettings, keys: ClusterKeys) -> tuple[Engine, str, int | None]:
+def build_engine(
+    settings: InstanceSettings, keys: ClusterKeys, tls: ClusterTls = PLAIN
+) -> tuple[Engine, str, int | None]:
     """The engine, the served model name and the vocabulary size (if known);
-    its KV port serves holders of ``keys``' KV credential."""
+    its KV port serves holders of ``keys``' KV credential, over TLS if ``tls``
+    says so."""
     if settings.engine == "sim":
-        return _build_sim(settings, keys)
+        return _build_sim(settings, keys, tls)
 
     from instance.tiny_model import TINY_MODEL_NAME
     from instance.vllm_engine import VllmEngine, VllmOptions, resolve_model
 
     if settings.cpu_threads_bind:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
-    os.environ.update(keys.env())  # the KV connector reads them in vLLM's processes
+    # The KV connector reads them in vLLM's processes.
+    os.environ.update({**keys.env(), **tls.env()})
     model = resolve_model(settings.model, settings.cache_dir)
     args = engine_args(settings, detect_platform(), model)
     log.info("vLLM engine arguments\n%s", args.describe())
@@ -54,6 +59,7 @@ def build_engine(settings: InstanceSettings, keys: ClusterKeys) -> tuple[Engine,
                 else None
             ),
             kv_auth=keys.token(Purpose.KV),
+            kv_tls=tls,
             kv_transport=settings.kv_transport,
             kv_pace_bytes_per_s=settings.kv_pace_mib_s * 1024 * 1024,
             tool_call_parser=settings.tool_call_parser
@@ -66,7 +72,9 @@ def build_engine(settings: InstanceSettings, keys: ClusterKeys) -> tuple[Engine,
     return engine, name, engine.tokenizer.vocab_size
 
 
-def _build_sim(settings: InstanceSettings, keys: ClusterKeys) -> tuple[Engine, str, int | None]:
+def _build_sim(
+    settings: InstanceSettings, keys: ClusterKeys, tls: ClusterTls
+) -> tuple[Engine, str, int | None]:
     """The sim engine; with ``kv_transfer`` it serves simulated KV blocks on
     ``kv_port`` and models transfer time from the ``sim_kv_*`` settings."""
     from instance.sim.core import SimConfig
@@ -95,6 +103,7 @@ def _build_sim(settings: InstanceSettings, keys: ClusterKeys) -> tuple[Engine, s
             model=link.scaled(settings.sim_speedup),
             listen_host=settings.host,
             keys=keys,
+            tls=tls,
         )
     name = settings.served_model_name or settings.model or "sim-model"
     engine = SimEngine(config, max_model_len=limits.max_model_len, kv=kv,
@@ -137,6 +146,7 @@ async def serve(settings: InstanceSettings) -> None:
     """Run the worker until interrupted; owns every resource it opens. With
     no cluster secret (and no explicit open cluster) it does not start."""
     keys = settings.cluster_keys()
+    tls = settings.cluster_tls()
     if keys.is_open:
         log.warning(
             "OPEN CLUSTER (SHOAL_INSECURE_OPEN_CLUSTER): this instance serves "
@@ -147,12 +157,12 @@ async def serve(settings: InstanceSettings) -> None:
     redis = Redis.from_url(url)
     try:
         store = StateStore(redis, KeySchema(settings.namespace))
-        engine, served_name, vocab = build_engine(settings, keys)
+        engine, served_name, vocab = build_engine(settings, keys, tls)
         port = _pick_port(settings.host, settings.port)
         instance_id = settings.instance_id or f"{settings.engine}-{uuid.uuid4().hex[:8]}"
         config = WorkerConfig(
             instance_id=instance_id,
-            address=f"http://{settings.public_host}:{port}",
+            address=f"{tls.scheme}://{settings.public_host}:{port}",
             served_model_name=served_name,
             vocab_size=vocab,
             resume_timeout_s=settings.resume_timeout_s,
@@ -166,12 +176,13 @@ async def serve(settings: InstanceSettings) -> None:
         app = create_app(
             worker,
             keys=keys,
+            tls=tls,
             allow_direct=settings.allow_direct_requests,
             tracer=make_tracer("shoal-instance", settings.otlp_endpoint),
             max_body_bytes=settings.max_body_bytes,
         )
         log.info("instance %s serving %s on %s", instance_id, served_name, config.address)
-        await run_server(app, settings.host, port)
+        await run_server(app, settings.host, port, tls=tls)
     finally:
         await redis.aclose()
         if owned_redis is not None:

@@ -25,6 +25,7 @@ from infra.http import BodyLimitMiddleware, ClusterAuthMiddleware, is_direct, un
 from infra.ndjson import NDJSON_MEDIA_TYPE, ndjson
 from infra.records import InstanceInfo, InstanceStatus, LoadReport, Priority, StatusChange
 from infra.telemetry import extract_context
+from infra.tls import PLAIN, ClusterTls
 from instance.engine import EngineRequest
 from instance.migration_host import WorkerMigrationHost
 from instance.openai_routes import add_openai_routes
@@ -47,6 +48,7 @@ def create_app(
     worker: InstanceWorker,
     *,
     keys: ClusterKeys,
+    tls: ClusterTls = PLAIN,
     allow_direct: bool = False,
     tracer: trace.Tracer | None = None,
     max_body_bytes: int = 4 * 1024 * 1024,
@@ -54,8 +56,9 @@ def create_app(
     """The instance's HTTP API; every call but :data:`OPEN_PATHS` needs the
     cluster credential of ``keys`` (none, in an open cluster). With
     ``allow_direct``, :data:`DIRECT_PREFIXES` serve calls without it too, as
-    direct requests (at most ``normal``, never migrated)."""
-    migrations = MigrationService(WorkerMigrationHost(worker), keys=keys)
+    direct requests (at most ``normal``, never migrated). ``tls``: how it
+    reaches other instances' ``https://`` addresses."""
+    migrations = MigrationService(WorkerMigrationHost(worker), keys=keys, tls=tls)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from infra.contract import PromptLogprob, SamplingSpec, TokenLogprob, TopLogprob
 from infra.errors import BadRequestError
+from infra.tls import PLAIN, ClusterTls
 from instance.connector_port import ConnectorPort
 from instance.engine import (
     ChatMessage,
@@ -51,6 +52,8 @@ class VllmOptions:
     """The cluster's KV credential, sent to the connector (None: an open
     cluster). The connector, in vLLM's processes, reads the cluster secret
     from the same settings."""
+    kv_tls: ClusterTls = PLAIN
+    """How the connector serves, TLS or plain TCP (it reads the same settings)."""
     kv_transport: str = "tcp"
     """How KV blocks move between instances (``migration.transport``)."""
     kv_pace_bytes_per_s: float = 0.0
@@ -181,6 +184,7 @@ class VllmEngine:
                 Endpoint.parse(options.kv_endpoint),
                 ranks=chosen.tensor_parallel_size,
                 auth=options.kv_auth,
+                tls=options.kv_tls,
             )
             if options.kv_endpoint
             else None

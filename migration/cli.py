@@ -31,7 +31,8 @@ async def migrate(settings: CommonSettings, source: str, destination: str, *,
         raise MigrateError("source and destination are the same instance")
     body = MigrateRequest(destination=addresses[destination], request_ids=request_ids,
                           count=count, mode=mode, policy=policy)  # fmt: skip
-    async with httpx.AsyncClient(timeout=timeout_s) as client:
+    verify = settings.cluster_tls().client_context()
+    async with httpx.AsyncClient(timeout=timeout_s, verify=verify) as client:
         resp = await client.post(addresses[source] + "/migrate",
                                  content=body.model_dump_json(exclude_none=True),
                                  headers={"content-type": "application/json",

@@ -37,6 +37,7 @@ import collections
 import logging
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from vllm.v1.request import RequestStatus
 
 from infra.cluster_auth import ClusterKeys, Purpose
 from infra.settings import CommonSettings
+from infra.tls import PLAIN, ClusterTls
 from migration.kv_blocks import BlockMover, distinct_layers
 from migration.pacing import Pacer
 from migration.transport import AfterLayer, Staged, Transport, make_transport
@@ -76,6 +78,7 @@ from migration.wire import (
     WireError,
     WireRequest,
     authenticated,
+    connect,
     parse_reply,
     parse_request,
     recv_frame,
@@ -151,6 +154,7 @@ class ShoalKVConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 # The secret is not in vLLM's config (which vLLM logs): the
                 # connector reads it from the instance's settings, as it does.
                 keys=CommonSettings().cluster_keys(),
+                tls=CommonSettings().cluster_tls(),
             )
 
     # -- scheduler side ----------------------------------------------------
@@ -270,11 +274,14 @@ class _WorkerState:
     tensor-parallel rank), and the TCP server that exposes them."""
 
     def __init__(self, host: str, port: int, num_blocks: int, transport: str = "tcp",
-                 pace_bytes_per_s: float = 0.0,
-                 keys: ClusterKeys | None = None) -> None:  # fmt: skip
+                 pace_bytes_per_s: float = 0.0, keys: ClusterKeys | None = None,
+                 tls: ClusterTls = PLAIN) -> None:  # fmt: skip
         self._lock = threading.Lock()
         self.keys = keys or ClusterKeys.open()
         """Who may use the port: peers and the worker with the cluster's KV credential."""
+        self.tls = tls
+        """How the port serves (and reads from its peers): TLS or plain TCP."""
+        self.server_tls = tls.server_context()
         self.refused = 0
         self._num_blocks = num_blocks
         self._transport_name = transport
@@ -293,7 +300,8 @@ class _WorkerState:
         self.loaded_blocks = 0
         self._server = _Server((host, port), self)
         threading.Thread(target=self._server.serve_forever, name="shoal-kv", daemon=True).start()
-        log.info("Shoal KV connector serving on %s:%d (%s transport)", host, port, transport)
+        log.info("Shoal KV connector serving on %s:%d (%s transport%s)", host, port, transport,
+                 ", TLS" if tls.serves else "")  # fmt: skip
 
     # KV cache layout -------------------------------------------------------
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -394,12 +402,18 @@ class _WorkerState:
                 if req_id in self._delayed and self._external(req_id) not in self._pins:
                     self._release.add(req_id)
                 elif req_id not in self._delayed:
-                    self._forget(req_id)
+                    self._end(req_id)
             done, self._release = self._release, set()
             for req_id in done:
                 self._delayed.discard(req_id)
-                self._forget(req_id)
+                self._end(req_id)
             return done
+
+    def _end(self, req_id: str) -> None:
+        """The request's blocks are free: forget its table, and its read grant
+        (if its migration's own revoke never came, the source being unreachable)."""
+        self._forget(req_id)
+        self._grants.revoke(self._external(req_id))
 
     # Requests from the wire (server threads) ------------------------------
     def handle(self, request: WireRequest) -> Reply:
@@ -478,8 +492,7 @@ class _WorkerState:
                           grant=request.grant)  # fmt: skip
         source = Endpoint.parse(request.source)
         try:
-            with socket.create_connection((source.host, source.port), timeout=30.0) as sock:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with connect(source, self.tls) as sock:
                 send_frame(sock, read, auth=self.keys.token(Purpose.KV))
                 header, _ = recv_header(sock)
                 reply = parse_reply(header, BlocksRead, f"read from {source}")
@@ -515,7 +528,14 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        context = self.server.state.server_tls
         try:
+            if context is not None:
+                try:
+                    sock = context.wrap_socket(sock, server_side=True)
+                except (ssl.SSLError, OSError) as exc:
+                    log.warning("KV port: refused a connection without TLS: %s", exc)
+                    return
             header, _ = recv_frame(sock)
             if not authenticated(header, self.server.state.keys):
                 log.warning("KV port: refused a connection without the cluster credential")

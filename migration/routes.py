@@ -22,6 +22,7 @@ from infra.contract import GenerateChunk
 from infra.errors import BadRequestError, ServiceUnavailableError
 from infra.ndjson import NDJSON_MEDIA_TYPE, ndjson
 from infra.records import Priority
+from infra.tls import PLAIN, ClusterTls
 from migration.destination import Adopter, Inbox
 from migration.metrics import MigrationMetrics
 from migration.policies import SELECTION, Movable, select
@@ -164,10 +165,12 @@ class MigrationHost(Adopter, SourceEngine, Protocol):
 
 class MigrationService:
     def __init__(self, host: MigrationHost, *, keys: ClusterKeys, watermark_blocks: int = 4,
-                 timeout_s: float = 30.0) -> None:  # fmt: skip
-        """``keys``: the cluster credential its calls to destinations carry."""
+                 timeout_s: float = 30.0, tls: ClusterTls = PLAIN) -> None:  # fmt: skip
+        """``keys``: the cluster credential its calls to destinations carry;
+        ``tls``: how ``https://`` destinations are verified."""
         self.host = host
         self.keys = keys
+        self.tls = tls
         self.inbox = Inbox(host.free_blocks, host.kv_port, watermark_blocks=watermark_blocks,
                            timeout_s=timeout_s, on_arrival=host.metrics.arrived)  # fmt: skip
         self.history: collections.deque[MigrationRecord] = collections.deque(maxlen=HISTORY)
@@ -177,8 +180,12 @@ class MigrationService:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         timeout = aiohttp.ClientTimeout(total=120, sock_connect=5)
-        self._session = aiohttp.ClientSession(timeout=timeout, trust_env=False,
-                                              headers=self.keys.headers())  # fmt: skip
+        self._session = aiohttp.ClientSession(
+            timeout=timeout,
+            trust_env=False,
+            headers=self.keys.headers(),
+            connector=aiohttp.TCPConnector(ssl=self.tls.client_context()),
+        )
 
         async def expire() -> None:
             while True:

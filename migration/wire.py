@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, Field, TypeAdapter
 
 from infra.cluster_auth import ClusterKeys, Purpose
+from infra.tls import PLAIN, ClusterTls
 from migration.kv_layout import KvLayout
 from migration.ports import KvStatus
 
@@ -276,15 +277,25 @@ class Endpoint:
         return cls(host or "127.0.0.1", int(port))
 
 
+def connect(endpoint: Endpoint, tls: ClusterTls, timeout_s: float = 30.0) -> socket.socket:
+    """A connection to a KV port, over TLS when the cluster speaks it."""
+    sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout_s)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return tls.wrap_client(sock, endpoint.host)
+    except BaseException:
+        sock.close()
+        raise
+
+
 def call(
     endpoint: Endpoint, request: BaseModel, reply: type[R], timeout_s: float = 30.0,
-    auth: str | None = None,
+    auth: str | None = None, tls: ClusterTls = PLAIN,
 ) -> tuple[R, bytes]:  # fmt: skip
     """One request/reply exchange on a fresh connection."""
     what = f"{getattr(request, 'op', '?')} to {endpoint}"
     try:
-        with socket.create_connection((endpoint.host, endpoint.port), timeout=timeout_s) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with connect(endpoint, tls, timeout_s) as sock:
             send_frame(sock, request, auth=auth)
             header, payload = recv_frame(sock)
     except OSError as exc:

@@ -25,6 +25,7 @@ from infra.settings import (
     InstanceSettings,
     local_cluster,
 )
+from infra.tls import TlsConfigError
 
 log = logging.getLogger("shoal")
 
@@ -110,7 +111,8 @@ def _add_server(sub: Subparsers, name: str) -> None:
         setup_logging(settings.log_level)
         try:
             settings.cluster_keys()  # no secret, no start (unless declared open)
-        except ClusterSecretMissing as exc:
+            settings.cluster_tls()  # nor with TLS settings that cannot work
+        except (ClusterSecretMissing, TlsConfigError) as exc:
             log.error("shoal %s: %s", name, exc)
             return 2
         _run_server(serve(settings))

@@ -36,6 +36,7 @@ from types import FrameType
 from infra.embedded_redis import EmbeddedRedis, resolve_redis
 from infra.procs import Child, ChildExited, shoal_command, start_child, stop_all, wait_ready
 from infra.settings import CommonSettings, GatewaySettings
+from infra.tls import TlsConfigError
 
 GRACE_S = 10.0
 """SIGTERM to SIGKILL when stopping a stack that is up: a vLLM worker stops
@@ -200,6 +201,7 @@ class _Stack:
 def _start(stack: _Stack, *, instances: int, engine: str, model: str | None, port: int,
            base_port: int) -> None:  # fmt: skip
     cores = os.cpu_count() or 1
+    scheme = CommonSettings().cluster_tls().scheme  # instances with a certificate serve TLS
     started = []
     for i in range(instances):
         p = base_port + i
@@ -208,7 +210,7 @@ def _start(stack: _Stack, *, instances: int, engine: str, model: str | None, por
             args += ["--model", model]
         if engine == "vllm":
             args += ["--cpu-threads-bind", str(i % cores)]
-        started.append(stack.spawn(f"instance-{i}", args, f"http://127.0.0.1:{p}/ready"))
+        started.append(stack.spawn(f"instance-{i}", args, f"{scheme}://127.0.0.1:{p}/ready"))
     gw = ["gateway", "--port", str(port)]
     started.append(stack.spawn("gateway", gw, f"http://127.0.0.1:{port}/readyz"))
     print(f"starting {instances} {engine} instance(s) and the gateway "
@@ -231,6 +233,11 @@ def run_up(*, instances: int, engine: str, model: str | None, port: int, base_po
         print(taken, file=sys.stderr)
         return 1
     settings = CommonSettings()
+    try:
+        settings.cluster_tls()
+    except TlsConfigError as exc:
+        print(f"shoal up: {exc}", file=sys.stderr)
+        return 2
     logs = (settings.run_dir / "logs").resolve()
     logs.mkdir(parents=True, exist_ok=True)
     with _Signals().installed() as signals:

@@ -84,8 +84,10 @@ class WorkerProcess:
 
 def launch(name: str, cmd: list[str], env: dict[str, str], log_dir: Path, port: int,
            ready_path: str) -> WorkerProcess:  # fmt: skip
-    """Start ``shoal <cmd>`` on loopback (not yet ready: see ``wait_ready``)."""
-    child = start_child(name, [*SHOAL, *cmd], ready_url=f"http://127.0.0.1:{port}{ready_path}",
+    """Start ``shoal <cmd>`` on loopback (not yet ready: see ``wait_ready``);
+    an instance with a certificate in ``env`` serves ``https://``."""
+    scheme = "https" if env.get("SHOAL_TLS_CERT_FILE") and cmd[0] == "instance" else "http"
+    child = start_child(name, [*SHOAL, *cmd], ready_url=f"{scheme}://127.0.0.1:{port}{ready_path}",
                         log=log_dir / f"{name}.log", env=env, cwd=REPO)  # fmt: skip
     return WorkerProcess(child, name)
 

@@ -36,6 +36,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from infra.cluster_auth import ClusterKeys, Purpose
+from infra.tls import PLAIN, ClusterTls
 from instance.sim.core import SimCore
 from migration.ports import KvStatus
 from migration.wire import (
@@ -121,6 +122,8 @@ class SimKvOptions:
     """A pin its migration never releases is dropped after this long (the peer is gone)."""
     keys: ClusterKeys = field(default_factory=ClusterKeys.open)
     """Who may read: peers with the cluster's KV credential."""
+    tls: ClusterTls = PLAIN
+    """How the port serves and reads from its peers: TLS or plain TCP."""
 
 
 class SimKvPort:
@@ -157,7 +160,8 @@ class SimKvPort:
     # -- lifecycle (with the engine) ----------------------------------------
     async def start(self) -> None:
         host = self.options.listen_host or self._endpoint.host
-        self._server = await asyncio.start_server(self._serve, host, self._endpoint.port)
+        tls = self.options.tls.server_context()
+        self._server = await asyncio.start_server(self._serve, host, self._endpoint.port, ssl=tls)
         if self._endpoint.port == 0:
             port = int(self._server.sockets[0].getsockname()[1])
             self._endpoint = Endpoint(self._endpoint.host, port)
@@ -194,7 +198,7 @@ class SimKvPort:
     ) -> int:
         read = ReadBlocks(request_id=request_id, first=first, count=count, grant=grant)
         auth = self.options.keys.token(Purpose.KV)
-        num_bytes = (await _call(Endpoint.parse(source), read, auth)).bytes
+        num_bytes = (await _call(Endpoint.parse(source), read, auth, self.options.tls)).bytes
         if num_bytes != count * self.block_bytes:
             raise WireError(f"got {num_bytes} bytes for {count} blocks of {self.block_bytes} "
                             "(the instances model different KV sizes)")  # fmt: skip
@@ -282,13 +286,15 @@ async def _recv(reader: asyncio.StreamReader) -> dict[str, Any]:
     return header
 
 
-async def _call(endpoint: Endpoint, request: ReadBlocks, auth: str | None,
+async def _call(endpoint: Endpoint, request: ReadBlocks, auth: str | None, tls: ClusterTls,
                 timeout_s: float = 30.0) -> BlocksRead:  # fmt: skip
     """One read on a fresh connection (as :func:`migration.wire.call`)."""
     what = f"read to {endpoint}"
+    secure = {"ssl": tls.client_context(), "server_hostname": endpoint.host} if tls.serves else {}
     try:
         async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+            reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port,
+                                                           **secure)  # type: ignore[arg-type]  # fmt: skip
             try:
                 await _send(writer, request, auth)
                 header = await _recv(reader)

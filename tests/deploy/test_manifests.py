@@ -10,6 +10,7 @@ hit endpoints the component serves; the dashboard's metrics exist."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -30,7 +31,7 @@ from gateway.metrics import GatewayMetrics
 from infra.cluster_auth import SECRET_VARIABLES, ClusterKeys
 from infra.flags import given
 from infra.procs import shoal_command
-from infra.settings import AutoscalerSettings, InstanceSettings
+from infra.settings import AutoscalerSettings, GatewaySettings, InstanceSettings
 from instance.engine_args import Platform, engine_args
 from instance.metrics import InstanceMetrics
 from shoal.cli import build_parser
@@ -628,3 +629,79 @@ def test_collector_pipelines_are_complete(files: tuple[str, ...]) -> None:
             for part in spec.get(kind, []):
                 assert part in config[kind], f"{files}: {pipeline} uses undefined {kind} {part}"
     assert "prometheus" in config["receivers"] and "otlp" in config["receivers"]
+
+
+# ----------------------------------------------------- TLS component ---
+TLS_KEYS = {"tls.crt", "tls.key", "ca.crt"}
+"""Keys of secret `shoal-tls` (as cert-manager writes them)."""
+
+
+def _json_patch_add(doc: dict[str, Any], path: str, value: Any) -> None:
+    """RFC 6902 ``add`` (what the component uses): a key, or ``-`` to append."""
+    *parents, last = [p for p in path.split("/") if p]
+    node: Any = doc
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if isinstance(node, list):
+        node.append(value) if last == "-" else node.insert(int(last), value)
+    else:
+        node[last] = value
+
+
+def _with_tls() -> dict[str, dict[str, Any]]:
+    """The base manifests the TLS component patches, patched, by name."""
+    component = yaml.safe_load((DEPLOY / "components/tls/kustomization.yaml").read_text())
+    assert component["kind"] == "Component"
+    patched = {}
+    for p in component["patches"]:
+        target = p["target"]
+        (doc,) = [copy.deepcopy(d) for _, d in manifests() if d["kind"] == target["kind"]
+                  and d["metadata"]["name"] == target["name"]]  # fmt: skip
+        for op in yaml.safe_load(p["patch"]):
+            assert op["op"] == "add", op
+            _json_patch_add(doc, op["path"], op["value"])
+        patched[target["name"]] = doc
+    return patched
+
+
+def test_the_tls_component_gives_every_member_the_same_certificate_files() -> None:
+    """Every `SHOAL_TLS_*` file the gateway and the autoscaler name is a key of
+    secret `shoal-tls` mounted where they read it; the Ray workers (where the
+    autoscaler's instances run, with its variables) mount it at the same
+    path; the settings validate."""
+    patched = _with_tls()
+    assert set(patched) == {"shoal-gateway", "shoal-autoscaler", "shoal-ray"}
+    ray_pod = patched["shoal-ray"]["spec"]["workerGroupSpecs"][0]["template"]
+    ray_mounts = {
+        m["name"]: m["mountPath"] for m in ray_pod["spec"]["containers"][0]["volumeMounts"]
+    }
+    tls_variables = {}
+    for name, settings in (
+        ("shoal-gateway", GatewaySettings),
+        ("shoal-autoscaler", AutoscalerSettings),
+    ):
+        pod = patched[name]["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        volume = next(v for v in pod["volumes"] if v["name"] == "shoal-tls")
+        assert volume["secret"]["secretName"] == "shoal-tls"
+        keys = {i["key"] for i in volume["secret"].get("items", [])} or TLS_KEYS
+        assert keys <= TLS_KEYS
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "shoal-tls")
+        env = {
+            v["name"]: v["value"] for v in container["env"] if v["name"].startswith("SHOAL_TLS_")
+        }
+        for var, value in env.items():
+            if var.endswith("_FILE"):
+                directory, key = value.rsplit("/", 1)
+                assert directory == mount["mountPath"] and key in keys, (name, var, value)
+                assert ray_mounts["shoal-tls"] == directory
+        values: dict[str, str] = {}
+        for var, value in env.items():
+            field = setting_field(settings, var)
+            assert field, f"{var} is no {settings.__name__} field"
+            values[field] = value
+        settings.model_validate(values)
+        tls_variables[name] = env
+    gateway, autoscaler = tls_variables["shoal-gateway"], tls_variables["shoal-autoscaler"]
+    assert "SHOAL_TLS_CA_FILE" in gateway and "SHOAL_TLS_CERT_FILE" in autoscaler
+    assert gateway["SHOAL_TLS_CHECK_HOSTNAME"] == autoscaler["SHOAL_TLS_CHECK_HOSTNAME"]

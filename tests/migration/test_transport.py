@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from infra.cluster_auth import ClusterKeys, Purpose
+from infra.tls import PLAIN, ClusterTls
 from migration.kv_connector import LoadOp, ShoalMetadata, _WorkerState
 from migration.pacing import Pacer
 from migration.transport import TRANSPORTS, ShmTransport
@@ -32,6 +33,7 @@ from migration.wire import (
 )
 from tests.helpers import free_port
 from tests.migration.device import DEVICE
+from tests.pki import ThrowawayCa
 
 NUM_BLOCKS = 16
 REQUEST = "req-1"
@@ -49,19 +51,24 @@ def _caches(dtype: torch.dtype = torch.float16, fill: bool = True) -> dict[str, 
 class Pair:
     def __init__(self, transport: str, dest_dtype: torch.dtype = torch.float16,
                  source_keys: ClusterKeys | None = None, dest_keys: ClusterKeys | None = None,
-                 auth: str | None = None) -> None:  # fmt: skip
-        """``auth``: the credential the test's own calls carry."""
+                 auth: str | None = None, source_tls: ClusterTls = PLAIN,
+                 dest_tls: ClusterTls = PLAIN) -> None:  # fmt: skip
+        """``auth``: the credential the test's own calls carry (over the
+        destination's TLS)."""
         self.source_caches = _caches()
         self.dest_caches = _caches(dest_dtype, fill=False)
         self.source = _WorkerState("127.0.0.1", free_port(), NUM_BLOCKS, transport=transport,
-                                   keys=source_keys)  # fmt: skip
+                                   keys=source_keys, tls=source_tls)  # fmt: skip
         self.dest = _WorkerState("127.0.0.1", free_port(), NUM_BLOCKS, transport=transport,
-                                 keys=dest_keys)  # fmt: skip
+                                 keys=dest_keys, tls=dest_tls)  # fmt: skip
         self.auth = auth
+        self.tls = dest_tls
         self.source.register(self.source_caches)
         self.dest.register(self.dest_caches)
         self.source.apply(ShoalMetadata(tables_set={ENGINE_ID: list(SOURCE_TABLE)}))
-        self.source.handle(Grant(request_id=REQUEST, token=GRANT))  # the migration's source
+        self.source.handle(
+            Grant(request_id=REQUEST, token=GRANT)
+        )  # the migration's source (in-process)
         self.source_port = self.source._server.server_address[1]
         self.dest_port = self.dest._server.server_address[1]
 
@@ -70,12 +77,12 @@ class Pair:
                               request_id=REQUEST, first=first, count=count,
                               grant=grant or GRANT)  # fmt: skip
         reply, _ = call(Endpoint("127.0.0.1", self.dest_port), request, BlocksStaged,
-                        auth=self.auth)  # fmt: skip
+                        auth=self.auth, tls=self.tls)  # fmt: skip
         return reply
 
     def status(self, port: int | None = None) -> StatusReply:
         endpoint = Endpoint("127.0.0.1", port or self.dest_port)
-        return call(endpoint, GetStatus(), StatusReply, auth=self.auth)[0]
+        return call(endpoint, GetStatus(), StatusReply, auth=self.auth, tls=self.tls)[0]
 
     def close(self) -> None:
         self.source.close()
@@ -252,6 +259,77 @@ def test_a_member_without_the_migrations_grant_cannot_read_blocks() -> None:
         call(source, Revoke(request_id=REQUEST), Reply, auth=pair.auth)
         with pytest.raises(WireError, match="not granted"):
             pair.stage("g3", 2, 2)
+        assert pair.status(pair.source_port).granted == []
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("transport", sorted(TRANSPORTS))
+def test_over_tls_blocks_move_byte_exact_and_plain_tcp_is_refused(
+    transport: str, tmp_path: Path
+) -> None:
+    """Two members with certificates of the cluster's CA move blocks over TLS
+    (and the shm transport's handshake through it); a plain-TCP caller and a
+    member of another CA get nothing."""
+    ca = ThrowawayCa.create(tmp_path / "ca")
+    member = ca.member("member")
+    pair = Pair(transport, source_tls=member, dest_tls=member)
+    try:
+        assert pair.stage("t1", 0, 6).bytes == 6 * pair.source.block_bytes
+        local = [2, 5, 11, 0, 15, 8]
+        pair.dest.load(LoadOp(ENGINE_ID, "t1", list(range(6)), local))
+        assert not pair.dest.take_load_errors()
+        for src, dst in zip(SOURCE_TABLE, local, strict=True):
+            assert _same(pair.source_caches, src, pair.dest_caches, dst)
+        port = Endpoint("127.0.0.1", pair.dest_port)
+        with pytest.raises(WireError):
+            call(port, GetStatus(), StatusReply, timeout_s=5)  # plain TCP to a TLS port
+        stranger = ThrowawayCa.create(tmp_path / "other", "another-ca").member("stranger")
+        with pytest.raises(WireError, match="CERTIFICATE_VERIFY_FAILED"):
+            call(port, GetStatus(), StatusReply, timeout_s=5, tls=stranger)
+        assert pair.status().loaded_blocks == 6  # the port still serves its members
+    finally:
+        pair.close()
+
+
+def test_a_tls_port_refuses_a_certificate_for_another_host(tmp_path: Path) -> None:
+    """Hostname checking: a member whose certificate names another host is not
+    trusted, unless the cluster trusts its CA's every certificate."""
+    ca = ThrowawayCa.create(tmp_path)
+    elsewhere = ca.member("elsewhere", hosts=("10.9.8.7",))
+    pair = Pair("tcp", source_tls=elsewhere, dest_tls=elsewhere)
+    try:
+        with pytest.raises(WireError, match="CERTIFICATE_VERIFY_FAILED"):
+            pair.status()
+        pair.tls = ca.member("any-member", check_hostname=False)
+        assert pair.status().ok
+    finally:
+        pair.close()
+
+
+def test_mutual_tls_needs_a_client_certificate_of_the_cluster(tmp_path: Path) -> None:
+    ca = ThrowawayCa.create(tmp_path / "ca")
+    member = ca.member("member", mutual=True)
+    pair = Pair("tcp", source_tls=member, dest_tls=member)
+    try:
+        assert pair.stage("m1", 0, 2).bytes == 2 * pair.source.block_bytes
+        port = Endpoint("127.0.0.1", pair.dest_port)
+        stranger = ThrowawayCa.create(tmp_path / "other", "another-ca").member("stranger")
+        trusting = ClusterTls(cert_file=stranger.cert_file, key_file=stranger.key_file,
+                              ca_file=ca.ca_file)  # fmt: skip
+        with pytest.raises(WireError):  # the server refuses its certificate
+            call(port, GetStatus(), StatusReply, timeout_s=5, tls=trusting)
+    finally:
+        pair.close()
+
+
+def test_a_finished_request_takes_its_read_grant_with_it() -> None:
+    """A grant whose revoke never came (the source's revoke call failed) ends
+    when vLLM frees the request's blocks."""
+    pair = Pair("tcp")
+    try:
+        assert pair.status(pair.source_port).granted == [REQUEST]
+        assert pair.source.finished({ENGINE_ID}) == set()
         assert pair.status(pair.source_port).granted == []
     finally:
         pair.close()
