@@ -16,13 +16,17 @@ from bench.traces import (
     DEFAULT_ARRIVALS,
     DEFAULT_LENGTH_PRESET,
     LENGTH_PRESETS,
+    SOURCES,
     ArrivalError,
+    ConvertOptions,
     LengthSpecError,
     PriorityMix,
     Replay,
+    Trace,
     TraceConfig,
     TraceError,
     arrival_process,
+    convert,
     generate_trace,
     load_trace,
     parse_lengths,
@@ -62,7 +66,43 @@ def _trace_config(args: argparse.Namespace) -> TraceConfig:
     )
 
 
+def _convert(args: argparse.Namespace) -> Trace:
+    options = ConvertOptions(
+        start_s=args.start,
+        duration_s=args.duration,
+        speedup=args.speedup,
+        rate_scale=args.rate_scale,
+        target_rate=args.target_rate,
+        length_scale=args.length_scale,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output_tokens=args.max_output_tokens,
+        max_total_tokens=args.max_total_tokens,
+        priorities=PriorityMix(args.high_fraction, args.low_fraction),
+        seed=args.seed,
+    )
+    return convert(args.source, options)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        trace = _convert(args)
+        if args.out is not None:
+            save_trace(trace, args.out)
+    except USER_ERRORS as exc:
+        print(f"shoal bench trace: {exc}", file=sys.stderr)
+        return 1
+    assert trace.header is not None and trace.header.source is not None
+    print(f"from {trace.header.source['attribution']}")
+    print(f"rate scale {trace.header.arrivals['rate_scale']:.4g}, seed {args.seed}")
+    print(render_stats(trace_stats(trace.requests)))
+    if args.out is not None:
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_trace(args: argparse.Namespace) -> int:
+    if args.source is not None:
+        return _cmd_convert(args)
     try:
         config = _trace_config(args)
         trace = generate_trace(config)
@@ -158,6 +198,19 @@ def _add_trace(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="redraw lengths until prompt + output fit (a model's context)",
     )
     p.add_argument("--out", type=Path, help="write the trace here (JSONL)")
+    real = p.add_argument_group(
+        "real traces", "convert a shipped production trace (bench/traces/data/NOTICE) instead "
+        "of generating one; --arrivals, --rate, --lengths and --num-requests do not apply"
+    )  # fmt: skip
+    real.add_argument("--from", dest="source", choices=list(SOURCES), help="the source trace")
+    real.add_argument("--start", type=float, default=0.0, help="skip the first source seconds")
+    real.add_argument("--duration", type=float, help="keep this many source seconds")
+    real.add_argument("--speedup", type=float, default=1.0, help="compress time (10: 10x faster)")
+    real.add_argument("--rate-scale", type=float, help="thin (< 1) or replicate (> 1), seeded")
+    real.add_argument("--target-rate", type=float, help="or: scale to this mean req/s")
+    real.add_argument("--length-scale", type=float, default=1.0, help="multiply every length")
+    real.add_argument("--max-prompt-tokens", type=int, help="cap prompt lengths")
+    real.add_argument("--max-output-tokens", type=int, help="cap output lengths")
     p.set_defaults(func=_cmd_trace)
 
 

@@ -6,6 +6,8 @@ counts, priority) drawn from an arrival process (``Poisson``, ``Gamma``,
 ``lognormal`` or a named preset: the Llumnix S/M/L Zipf sets, ShareGPT- and
 BurstGPT-like fits) and a ``PriorityMix``. The same ``TraceConfig`` always
 gives the same trace; ``save_trace`` writes JSONL with a header line.
+``convert`` turns a shipped production trace (Azure 2023, Mooncake; see
+``bench/traces/data/NOTICE``) into one.
 
     config = TraceConfig(1000, Poisson(5.0), *preset_lengths("M-M"),
                          PriorityMix(high=0.1), seed=0)
@@ -43,6 +45,7 @@ from bench.traces.presets import (
     LengthPreset,
     preset_lengths,
 )
+from bench.traces.real import SOURCES, ConvertOptions, RawRequest, convert, read_source
 from bench.traces.stats import LengthStats, TraceStats, percentile, render_stats, trace_stats
 from bench.traces.trace import (
     PriorityMix,
@@ -61,8 +64,10 @@ __all__ = [
     "DEFAULT_ARRIVALS",
     "DEFAULT_LENGTH_PRESET",
     "LENGTH_PRESETS",
+    "SOURCES",
     "ArrivalError",
     "ArrivalProcess",
+    "ConvertOptions",
     "Gamma",
     "LengthDistribution",
     "LengthPreset",
@@ -70,6 +75,7 @@ __all__ = [
     "LengthStats",
     "Poisson",
     "PriorityMix",
+    "RawRequest",
     "Replay",
     "Trace",
     "TraceConfig",
@@ -78,6 +84,7 @@ __all__ = [
     "TraceRequest",
     "TraceStats",
     "arrival_process",
+    "convert",
     "fixed",
     "generate_trace",
     "llumnix_zipf",
@@ -86,6 +93,7 @@ __all__ = [
     "parse_lengths",
     "percentile",
     "preset_lengths",
+    "read_source",
     "render_stats",
     "save_trace",
     "solve_zipf_alpha",

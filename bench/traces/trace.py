@@ -100,6 +100,9 @@ class TraceHeader:
     low_fraction: float = 0.0
     lengths_preset: str | None = None
     max_total_tokens: int | None = None
+    source: dict[str, Any] | None = None
+    """A converted real trace: its source, attribution and conversion options
+    (``bench.traces.real``); None for a generated trace."""
     format: str = TRACE_FORMAT
     version: int = TRACE_VERSION
 
