@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from infra.records import InstanceStatus, LoadReport
+from infra.traffic import Traffic
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class Snapshot:
     """Requests gateways are holding because no instance could take them."""
     migrating: frozenset[str] = field(default_factory=frozenset)
     """Instances with a migration in or out in flight."""
+    traffic: Traffic | None = None
+    """Arrivals and per-priority latency the gateways recorded (None: not
+    known; the ``slo`` policy then sizes by the current load alone)."""
 
     def with_status(self, *statuses: InstanceStatus) -> list[InstanceState]:
         return [i for i in self.instances if i.status in statuses]

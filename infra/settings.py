@@ -409,8 +409,32 @@ class AutoscalerSettings(CommonSettings):
     idle_timeout_s: float = Field(default=60.0, ge=0.0)
     """With ``min_instances = 0``: stop every instance after this long idle."""
     scaling_policy: str | None = None
-    """Registered scaling policy (``band``, ``static``); unset: the registry's
-    default (``band``)."""
+    """Registered scaling policy (``band``, ``static``, ``slo``); unset: the
+    registry's default (``band``)."""
+    slo_ttft_high_s: float = Field(default=1.0, gt=0.0)
+    """``slo`` policy: TTFT P99 target of high-priority requests."""
+    slo_ttft_normal_s: float = Field(default=5.0, gt=0.0)
+    """``slo`` policy: TTFT P99 target of normal-priority requests."""
+    slo_ttft_low_s: float = Field(default=30.0, gt=0.0)
+    """``slo`` policy: TTFT P99 target of low-priority requests."""
+    slo_tpot_high_s: float = Field(default=0.2, gt=0.0)
+    """``slo`` policy: TPOT P99 target of high-priority requests."""
+    slo_tpot_normal_s: float = Field(default=0.5, gt=0.0)
+    """``slo`` policy: TPOT P99 target of normal-priority requests."""
+    slo_tpot_low_s: float = Field(default=2.0, gt=0.0)
+    """``slo`` policy: TPOT P99 target of low-priority requests."""
+    slo_min_samples: int = Field(default=20, ge=1)
+    """``slo`` policy: requests a priority's P99 needs before it is compared."""
+    forecast_interval_s: float = Field(default=5.0, gt=0.0)
+    """``slo`` policy: the forecasters observe the rates this often."""
+    forecast_z: float = Field(default=2.0, ge=0.0)
+    """``slo`` policy: headroom in standard deviations of the forecast error."""
+    assumed_cold_start_s: float = Field(default=30.0, ge=0.0)
+    """``slo`` policy: cold start assumed until one is observed."""
+    panic_window_s: float = Field(default=60.0, ge=0.0)
+    """``slo`` policy: no scale in this long after a breach."""
+    panic_scale: float = Field(default=1.5, ge=1.0)
+    """``slo`` policy: in a breach, at least this many times the active instances."""
     pairing_policy: str | None = None
     """Registered migration-pairing policy (``llumnix``, ``none``); unset: the
     registry's default (``llumnix``)."""

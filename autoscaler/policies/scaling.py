@@ -15,9 +15,11 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from autoscaler.decisions import Decision, Drain, ScaleOut, Stop
+from autoscaler.policies.forecast import HoltState
 from autoscaler.snapshot import InstanceState, Snapshot
 from infra.registry import Registry
 
@@ -50,6 +52,33 @@ class ScalingConfig:
     """An instance still starting this long after its launch is stopped
     (:func:`autoscaler.policies.tick.start_timeouts`); the floor then starts
     another."""
+    # -- the ``slo`` policy (autoscaler.policies.slo) --
+    slo_ttft_high_s: float = 1.0
+    """TTFT P99 target of high-priority requests."""
+    slo_ttft_normal_s: float = 5.0
+    """TTFT P99 target of normal-priority requests."""
+    slo_ttft_low_s: float = 30.0
+    """TTFT P99 target of low-priority requests."""
+    slo_tpot_high_s: float = 0.2
+    """TPOT P99 target (seconds per output token after the first), high priority."""
+    slo_tpot_normal_s: float = 0.5
+    """TPOT P99 target, normal priority."""
+    slo_tpot_low_s: float = 2.0
+    """TPOT P99 target, low priority."""
+    slo_min_samples: int = 20
+    """A priority's P99 is compared with its target only over this many requests."""
+    forecast_interval_s: float = 5.0
+    """The forecasters take one observation of the rates this often (the
+    gateways' rate window: non-overlapping samples)."""
+    forecast_z: float = 2.0
+    """Headroom: the fleet is sized for the forecast plus this many standard
+    deviations of its error."""
+    assumed_cold_start_s: float = 30.0
+    """Cold start assumed until the policy has seen an instance become ready."""
+    panic_window_s: float = 60.0
+    """After an SLO breach or held requests: no scale in for this long."""
+    panic_scale: float = 1.5
+    """In a breach, at least this many times the active instances (once per cold start)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_instances <= self.max_instances or self.max_instances < 1:
@@ -57,6 +86,15 @@ class ScalingConfig:
                 f"need 0 <= min_instances ({self.min_instances}) <= max_instances "
                 f"({self.max_instances}) and max_instances >= 1"
             )
+        targets = (self.slo_ttft_high_s, self.slo_ttft_normal_s, self.slo_ttft_low_s,
+                   self.slo_tpot_high_s, self.slo_tpot_normal_s, self.slo_tpot_low_s)  # fmt: skip
+        if (
+            min(targets) <= 0
+            or self.forecast_interval_s <= 0
+            or self.assumed_cold_start_s < 0
+            or self.panic_scale < 1
+        ):
+            raise ValueError("SLO targets must be > 0, assumed_cold_start_s >= 0, panic_scale >= 1")
         if self.freeness_low >= self.freeness_high:
             raise ValueError(
                 f"freeness_low ({self.freeness_low}) must be below freeness_high "
@@ -76,6 +114,46 @@ class ScalingState:
     """When the last scale-out or drain was decided (the snapshot's clock)."""
     idle_since_s: float | None = None
     """Since when no active instance has had a request (None: busy)."""
+    # -- what the ``slo`` policy learns and carries --
+    arrivals: HoltState = field(default_factory=HoltState)
+    """Forecaster of the arrival rate (requests/s)."""
+    tokens: HoltState = field(default_factory=HoltState)
+    """Forecaster of the token rate (prompt + requested output tokens/s)."""
+    last_observed_s: float = -math.inf
+    """When the forecasters last took an observation."""
+    rps_per_instance: float | None = None
+    """Learned: requests/s one instance takes at the band's middle."""
+    tps_per_instance: float | None = None
+    """Learned: tokens/s one instance takes at the band's middle."""
+    cold_start_s: float | None = None
+    """Learned: the last observed launch-to-active time."""
+    starting: tuple[tuple[str, float], ...] = ()
+    """Instances starting at the previous tick, with their launch times."""
+    last_tick_s: float | None = None
+    """The previous tick's clock."""
+    tick_s: float | None = None
+    """Learned: the interval between ticks (smoothed)."""
+    panic_until_s: float = -math.inf
+    """No scale in before this (an SLO breach or held requests)."""
+    last_panic_s: float = -math.inf
+    """When the last breach-driven scale-out was decided."""
+    num_queue_growth_ticks: int = 0
+    """Consecutive ticks with more requests waiting than the tick before."""
+    num_waiting: int = 0
+    """Requests waiting on the active instances at the previous tick."""
+    target: int | None = None
+    """The instance count the last tick aimed for (shown by ``shoal status``)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ScalingState:
+        values = dict(data)
+        values["arrivals"] = HoltState.from_json(values["arrivals"])
+        values["tokens"] = HoltState.from_json(values["tokens"])
+        values["starting"] = tuple((str(i), float(t)) for i, t in values["starting"])
+        return cls(**values)
 
 
 ScalingPolicy = Callable[
@@ -91,7 +169,7 @@ def cheapest_to_empty(candidates: list[InstanceState]) -> InstanceState:
     )
 
 
-def _stops(snap: Snapshot) -> list[Decision]:
+def stops(snap: Snapshot) -> list[Decision]:
     return [
         Stop(i.instance_id, "drained: no requests left")
         for i in snap.draining
@@ -99,7 +177,7 @@ def _stops(snap: Snapshot) -> list[Decision]:
     ]
 
 
-def _floor(snap: Snapshot, cfg: ScalingConfig) -> list[Decision]:
+def floor(snap: Snapshot, cfg: ScalingConfig) -> list[Decision]:
     live = len(snap.active) + len(snap.starting)
     if live == 0 and snap.num_held > 0:
         return [
@@ -115,21 +193,26 @@ def _floor(snap: Snapshot, cfg: ScalingConfig) -> list[Decision]:
     return []
 
 
-def instances_for_band(active: list[InstanceState], cfg: ScalingConfig) -> int:
-    """Instances (like the active ones) whose average freeness would sit in
-    the middle of the band under today's load: N such that
+def band_demand(active: list[InstanceState], cfg: ScalingConfig) -> float:
+    """Instances (like the active ones, fractional) whose average freeness
+    would sit in the middle of the band under today's load: N such that
     (N * blocks_per_instance - usage) / batch = target."""
     loads = [i.load for i in active if i.load is not None]
     if not loads:
-        return len(active)
+        return float(len(active))
     usage = sum(load.virtual_usage for load in loads)
     batch = sum(load.num_running + load.num_waiting for load in loads)
     per_instance = statistics.fmean(load.num_blocks_total for load in loads)
     target = (cfg.freeness_low + cfg.freeness_high) / 2
-    return math.ceil((target * batch + usage) / per_instance)
+    return (target * batch + usage) / per_instance
 
 
-def _projected_freeness(snap: Snapshot, leaving: InstanceState) -> float:
+def instances_for_band(active: list[InstanceState], cfg: ScalingConfig) -> int:
+    """:func:`band_demand`, in whole instances."""
+    return math.ceil(band_demand(active, cfg))
+
+
+def projected_freeness(snap: Snapshot, leaving: InstanceState) -> float:
     """Average freeness if ``leaving``'s requests moved onto the others."""
     rest = [i for i in snap.active if i is not leaving]
     free = sum(i.load.num_blocks_total - i.load.virtual_usage for i in rest if i.load)
@@ -148,7 +231,7 @@ def freeness_band(snap: Snapshot, cfg: ScalingConfig, state: ScalingState) -> St
 
     Drained instances stop and the floor holds first; then at most one of:
     scale out, scale to zero, scale in (drain one instance)."""
-    decisions = _stops(snap) + _floor(snap, cfg)
+    decisions = stops(snap) + floor(snap, cfg)
     if any(isinstance(d, ScaleOut) for d in decisions):
         return decisions, replace(state, num_low_ticks=0, last_change_s=snap.now)
     if not snap.active:
@@ -158,8 +241,8 @@ def freeness_band(snap: Snapshot, cfg: ScalingConfig, state: ScalingState) -> St
     cooling = snap.now - state.last_change_s < cfg.cooldown_s
     if (out := _scale_out(snap, cfg, state, avg, cooling)) is not None:
         return [*decisions, out], replace(state, num_low_ticks=0, last_change_s=snap.now)
-    state = _track_idle(snap, state)
-    if drains := _scale_to_zero(snap, cfg, state):
+    state = track_idle(snap, state)
+    if drains := scale_to_zero(snap, cfg, state):
         return [*decisions, *drains], replace(state, idle_since_s=None, last_change_s=snap.now)
     if (drain := _scale_in(snap, cfg, state, avg, cooling)) is not None:
         return [*decisions, drain], replace(state, num_high_ticks=0, last_change_s=snap.now)
@@ -199,13 +282,13 @@ def _scale_out(
     return ScaleOut(max(1, count), reason)
 
 
-def _track_idle(snap: Snapshot, state: ScalingState) -> ScalingState:
+def track_idle(snap: Snapshot, state: ScalingState) -> ScalingState:
     """Start (or keep) the idle clock while nothing runs or is held."""
     idle = all(i.num_requests == 0 for i in snap.active) and snap.num_held == 0
     return replace(state, idle_since_s=(state.idle_since_s or snap.now) if idle else None)
 
 
-def _scale_to_zero(snap: Snapshot, cfg: ScalingConfig, state: ScalingState) -> list[Decision]:
+def scale_to_zero(snap: Snapshot, cfg: ScalingConfig, state: ScalingState) -> list[Decision]:
     """With ``min_instances = 0``, idle for ``idle_timeout_s``: drain them all."""
     if cfg.min_instances != 0 or state.idle_since_s is None:
         return []
@@ -228,7 +311,7 @@ def _scale_in(
     ):
         return None
     victim = cheapest_to_empty(snap.active)
-    after = _projected_freeness(snap, victim)
+    after = projected_freeness(snap, victim)
     if after <= cfg.freeness_low:
         return None
     reason = (
@@ -241,4 +324,4 @@ def _scale_in(
 @SCALING.register("static")
 def static(snap: Snapshot, cfg: ScalingConfig, state: ScalingState) -> Step:
     """Exactly ``min_instances``, always (provisioned for the peak)."""
-    return _stops(snap) + _floor(snap, cfg), state
+    return stops(snap) + floor(snap, cfg), state

@@ -41,6 +41,7 @@ from bench.simulator.results import SimulationResult, collect
 from bench.traces import TraceRequest
 from gateway.policies import DispatchContext, DispatchRequest, make_policy
 from infra.records import InstanceStatus
+from infra.traffic import TrafficLog
 from instance.engine import KvLoad
 from instance.sim.core import SimStep
 
@@ -64,6 +65,8 @@ class Simulator:
         ]
         self._by_engine_id: dict[str, RequestState] = {}
         self.held: deque[RequestState] = deque()
+        self.traffic = TrafficLog()
+        """What the gateways would record: the ``slo`` policy's demand and SLO view."""
         self._rng = random.Random(config.seed)
         self._num_dispatched = 0
         self._num_launched = 0
@@ -135,6 +138,7 @@ class Simulator:
     def _arrive(self, req: RequestState, now: float) -> None:
         self._num_arrived += 1
         trace = req.trace
+        self.traffic.arrived(now, trace.prompt_tokens + trace.output_tokens)
         if not self.config.hardware.fits(trace.prompt_tokens + trace.output_tokens):
             req.error = (f"{trace.prompt_tokens} + {trace.output_tokens} tokens exceed an "
                          f"instance's {self.config.hardware.max_request_tokens}")  # fmt: skip
@@ -160,6 +164,9 @@ class Simulator:
     def _finish(self, req: RequestState, now: float) -> None:
         if req.error is None:
             req.finish_s = now
+            if req.first_token_s is not None and req.num_output > 1:
+                tpot = (now - req.first_token_s) / (req.num_output - 1)
+                self.traffic.finished(now, req.priority, tpot)
             req.instance_id = req.engine_id = None
         self._num_done += 1
         self.end_s = max(self.end_s, now)
@@ -191,7 +198,10 @@ class Simulator:
         by_id = self._by_engine_id
         for out in step.outputs:
             req = by_id[out.request_id]
+            first = req.first_token_s is None
             req.on_token(now)
+            if first:
+                self.traffic.first_token(now, req.priority, now - req.arrival_s)
             if out.finish_reason is not None:
                 del by_id[out.request_id]
                 self._finish(req, now)
@@ -216,7 +226,8 @@ class Simulator:
             )
             for i in self.instances.values()
         )  # fmt: skip
-        return Snapshot(now, states, len(self.held), frozenset(self.migrations.busy))
+        return Snapshot(now, states, len(self.held), frozenset(self.migrations.busy),
+                        self.traffic.summary(now))  # fmt: skip
 
     def _execute(self, decision: Decision, now: float) -> None:
         self.decisions[type(decision).__name__] += 1

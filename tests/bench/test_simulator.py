@@ -288,3 +288,31 @@ def test_cli_runs_an_inline_trace_and_writes_json(
 def test_cli_refuses_a_missing_rate(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--num-requests", "10"]) == 1
     assert "--rate" in capsys.readouterr().err
+
+
+# -- the slo policy over a rising and falling trace ------------------------------
+def _first_growth(result: SimulationResult, start: int) -> float:
+    return next(s.t_s for s in result.timeline if (s.num_instances or 0) > start)
+
+
+def test_the_slo_policy_scales_out_ahead_of_a_ramp_and_back_in_after_it() -> None:
+    from bench.reproduce import phased_trace
+
+    trace = list(phased_trace("poisson", [1, 2, 4, 7, 10, 7, 4, 2, 1], 6000, seed=0).requests)
+    results = {}
+    for policy in ("band", "slo"):
+        config = SimulationConfig(
+            num_instances=2, scaling=policy, cold_start_s=30.0,
+            scaling_config=ScalingConfig(min_instances=1, max_instances=16, freeness_low=40,
+                                         freeness_high=200, cooldown_s=5.0),
+        )  # fmt: skip
+        sim, result = run(trace, config)
+        assert_all_served(result)
+        results[policy] = (sim, result)
+    sim, result = results["slo"]
+    counts = [s.num_instances or 0 for s in result.timeline]
+    assert max(counts) > 2 and counts[-1] < max(counts)  # out with the ramp, in after it
+    assert sim.decisions["ScaleOut"] > 0 and sim.decisions["Drain"] > 0
+    assert sim.decisions["Migrate"] > 0  # drains move requests away
+    # It starts instances before the reactive band does, on the same trace.
+    assert _first_growth(result, 2) < _first_growth(results["band"][1], 2)

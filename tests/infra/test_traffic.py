@@ -1,0 +1,53 @@
+"""The traffic log: windowed rates and per-priority P99s, bounded."""
+
+from __future__ import annotations
+
+import pytest
+
+from infra.records import Priority
+from infra.traffic import TrafficLog, p99
+
+
+def test_rates_cover_the_rate_window_only() -> None:
+    log = TrafficLog(window_s=30, rate_window_s=5)
+    for k in range(100):
+        log.arrived(k * 0.1, tokens=10)  # 10 req/s for 10 s
+    s = log.summary(10.0)
+    assert s.arrival_rate == pytest.approx(10.0, rel=0.05)
+    assert s.token_rate == pytest.approx(100.0, rel=0.05)
+    assert log.summary(20.0).arrival_rate == 0.0
+
+
+def test_a_young_log_undercounts_rather_than_spikes() -> None:
+    log = TrafficLog(rate_window_s=5)
+    log.arrived(0.0, tokens=1)
+    assert log.summary(0.0).arrival_rate == pytest.approx(0.2)
+
+
+def test_latency_is_per_priority_over_the_window() -> None:
+    log = TrafficLog(window_s=30)
+    for k in range(100):
+        log.first_token(float(k) * 0.1, Priority.HIGH, 0.1 + (1.0 if k == 99 else 0.0))
+        log.first_token(float(k) * 0.1, Priority.NORMAL, 2.0)
+    log.finished(5.0, Priority.NORMAL, 0.05)
+    s = log.summary(10.0)
+    assert s.of(Priority.HIGH).num_first_tokens == 100
+    assert s.of(Priority.HIGH).ttft_p99_s == pytest.approx(0.1)  # one outlier in 100
+    assert s.of(Priority.NORMAL).ttft_p99_s == 2.0
+    assert s.of(Priority.NORMAL).tpot_p99_s == 0.05
+    assert s.of(Priority.LOW).ttft_p99_s is None
+    assert log.summary(100.0).of(Priority.HIGH).num_first_tokens == 0
+
+
+def test_the_log_is_bounded_and_says_so() -> None:
+    log = TrafficLog(window_s=30, rate_window_s=5, max_samples=10)
+    for k in range(50):
+        log.arrived(k * 0.01, tokens=1)
+    s = log.summary(1.0)
+    assert s.truncated and s.arrival_rate == pytest.approx(10 / 5)
+
+
+def test_p99_is_nearest_rank() -> None:
+    assert p99([]) is None
+    assert p99([3.0]) == 3.0
+    assert p99([float(v) for v in range(1, 101)]) == 99.0
