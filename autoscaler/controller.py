@@ -45,7 +45,7 @@ from autoscaler.policies import (
     decide,
     may_move_high,
 )
-from autoscaler.ports import Demand, Events, Lease, Registry, StateBoard
+from autoscaler.ports import Demand, Events, Lease, Registry, StateBoard, TrafficSource
 from autoscaler.providers import Provider
 from autoscaler.snapshot import InstanceState, Snapshot
 from infra.events import (
@@ -58,6 +58,7 @@ from infra.events import (
     StartedEvent,
 )
 from infra.records import AutoscalerState, InstanceStatus, InstanceView
+from infra.traffic import Traffic
 from migration.protocol import MigrateRequest
 
 log = logging.getLogger(__name__)
@@ -99,13 +100,14 @@ class Controller:
     def __init__(
         self, *, config: ControllerConfig, registry: Registry, provider: Provider,
         instances: InstanceApi, lease: Lease, events: Events, demand: Demand,
-        board: StateBoard, metrics: AutoscalerMetrics,
+        board: StateBoard, metrics: AutoscalerMetrics, traffic: TrafficSource | None = None,
         clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
     ) -> None:  # fmt: skip
         self.config = config
         self._registry, self._provider, self._instances = registry, provider, instances
         self._lease, self._events, self._demand, self._board = lease, events, demand, board
         self._metrics, self._clock, self._wall_clock = metrics, clock, wall_clock
+        self._traffic = traffic
         self._policies = TickPolicies(
             SCALING.get(config.scaling_policy), config.scaling,
             PAIRING.get(config.pairing_policy), config.pairing,
@@ -200,7 +202,19 @@ class Controller:
         for status in InstanceStatus:
             self._metrics.instances.labels(status.value).set(
                 sum(1 for s in states if s.status is status))  # fmt: skip
-        return Snapshot(now, tuple(states), held, frozenset(self._migrating))
+        traffic = await self._read_traffic()
+        return Snapshot(now, tuple(states), held, frozenset(self._migrating), traffic)
+
+    async def _read_traffic(self) -> Traffic | None:
+        """The gateways' traffic, or None (no source, or Redis did not answer:
+        the policy then sizes by the current load)."""
+        if self._traffic is None:
+            return None
+        try:
+            return await self._traffic.summary()
+        except Exception as exc:
+            log.debug("traffic unavailable this tick: %s", exc)
+            return None
 
     def _gone(self, instance_id: str) -> bool:
         return instance_id in self._stopping or instance_id in self._stopped

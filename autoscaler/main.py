@@ -33,6 +33,7 @@ from infra.settings import AutoscalerSettings
 from infra.status import AutoscalerBoard
 from infra.store import StateStore
 from infra.telemetry import new_registry
+from infra.traffic_board import TrafficBoard
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ async def serve(settings: AutoscalerSettings) -> None:
         config=controller_config(settings), registry=StateStore(redis, keys), provider=provider,
         instances=instances, lease=LeaderLease(redis, keys.leader, me, settings.lease_ttl_s),
         events=EventLog(redis, keys.events), demand=DemandBoard(redis, keys),
-        board=AutoscalerBoard(redis, keys), metrics=metrics,
+        board=AutoscalerBoard(redis, keys), metrics=metrics, traffic=TrafficBoard(redis, keys),
     )  # fmt: skip
     stop = asyncio.Event()
     loop_task = asyncio.create_task(controller.run(stop), name="autoscaler")

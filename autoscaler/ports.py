@@ -11,6 +11,7 @@ from typing import Protocol
 
 from infra.events import EventPayload
 from infra.records import AutoscalerState, InstanceView
+from infra.traffic import Traffic
 
 
 class Registry(Protocol):
@@ -27,6 +28,13 @@ class Demand(Protocol):
     async def num_held(self, max_age_s: float) -> int: ...
 
     async def publish_scalable(self, models: list[str], ttl_s: float) -> None: ...
+
+
+class TrafficSource(Protocol):
+    """Arrivals and per-priority latency every gateway recorded
+    (``infra.traffic_board.TrafficBoard``)."""
+
+    async def summary(self) -> Traffic: ...
 
 
 class Lease(Protocol):

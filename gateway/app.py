@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -19,6 +19,7 @@ from gateway.auth import ApiKey, KeyRing
 from gateway.dispatcher import Dispatcher
 from gateway.metrics import GatewayMetrics
 from gateway.probes import add_probe_routes
+from gateway.traffic import TrafficRecorder
 from gateway.upstream import InstanceClient, UpstreamRefused
 from gateway.view import ClusterView
 from infra.contract import GenerateChunk
@@ -39,6 +40,7 @@ from infra.openai_protocol.routes import add_completion_routes
 from infra.openai_protocol.translate import BestOf, to_generate
 from infra.records import Priority
 from infra.telemetry import extract_context
+from infra.traffic_board import TrafficBoard
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,10 @@ class GatewayState:
     """The API keys (none: authentication is off) and their rate limits."""
     client: InstanceClient
     """Calls to instances outside dispatch (``/tokenize``, ``/detokenize``)."""
+    traffic: TrafficRecorder = field(default_factory=TrafficRecorder)
+    """Arrivals and latencies for the autoscaler (flushed to ``traffic_board``)."""
+    traffic_board: TrafficBoard | None = None
+    """Where ``traffic`` goes (None: nowhere, as in tests of the app alone)."""
 
 
 def _priority(header: str | None, maximum: Priority) -> Priority:
@@ -110,9 +116,13 @@ class _Call:
     """``time.perf_counter()`` when the first token came (None: not yet)."""
     num_tokens: int = 0
     """Output tokens seen so far."""
+    traffic: TrafficRecorder | None = None
+    """Where the call's arrival, latencies and tokens are recorded for the autoscaler."""
 
     async def charge(self, usage: Usage | None) -> None:
         """Count the tokens against the caller's per-minute token limit."""
+        if usage is not None and self.traffic is not None:
+            self.traffic.served(usage.total_tokens)
         if usage is not None and self.key is not None and self.keys is not None:
             await self.keys.record_tokens(self.key, usage.total_tokens)
 
@@ -120,6 +130,8 @@ class _Call:
         if chunk.token_ids and self.first_at is None:
             self.first_at = time.perf_counter()
             self.metrics.ttft.labels(self.priority.value).observe(self.first_at - self.started)
+            if self.traffic is not None:
+                self.traffic.first_token(self.priority, self.first_at - self.started)
         self.num_tokens += len(chunk.token_ids)
 
     def done(self, status: str) -> None:
@@ -130,7 +142,10 @@ class _Call:
         self.metrics.requests.labels(status, p).inc()
         self.metrics.e2e.labels(p).observe(now - self.started)
         if self.first_at is not None and self.num_tokens > 1:
-            self.metrics.tpot.labels(p).observe((now - self.first_at) / (self.num_tokens - 1))
+            tpot = (now - self.first_at) / (self.num_tokens - 1)
+            self.metrics.tpot.labels(p).observe(tpot)
+            if self.traffic is not None:
+                self.traffic.finished(self.priority, tpot)
 
 
 def create_app(make_state: Callable[[], contextlib.AbstractAsyncContextManager[GatewayState]],
@@ -231,10 +246,11 @@ async def _open_call(st: GatewayState, request: Request,
     span = st.tracer.start_span("gateway.request", context=extract_context(request.headers))
     span.set_attribute("shoal.request_id", rid)
     span.set_attribute("shoal.priority", priority.value)
+    st.traffic.arrived()
     return _Call(rid, int(time.time()), body.model, chat, body.include_usage, priority,
                  time.perf_counter(), st.metrics, key, st.keys, span,
                  continuous_usage=body.continuous_usage, echo=body.echo_text,
-                 best_of=BestOf.of(body))  # fmt: skip
+                 best_of=BestOf.of(body), traffic=st.traffic)  # fmt: skip
 
 
 async def _first_batch(

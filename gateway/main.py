@@ -27,6 +27,7 @@ from infra.serving import run_server
 from infra.settings import GatewaySettings
 from infra.store import StateStore
 from infra.telemetry import make_tracer, new_registry
+from infra.traffic_board import TrafficBoard
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ def _assemble(settings: GatewaySettings, policy: DispatchPolicy, max_priority: P
                             reservation_timeout_s=settings.reservation_timeout_s)  # fmt: skip
     file_keys = load_keys_file(settings.keys_file) if settings.keys_file else {}
     keys = KeyRing(redis, keys_schema, file_keys)
-    return GatewayState(view, dispatcher, metrics, max_priority, tracer, keys, client)
+    return GatewayState(view, dispatcher, metrics, max_priority, tracer, keys, client,
+                        traffic_board=TrafficBoard(redis, keys_schema))  # fmt: skip
 
 
 @contextlib.asynccontextmanager
@@ -98,6 +100,9 @@ async def _refreshing(gateway: GatewayState) -> AsyncIterator[None]:
         asyncio.create_task(gateway.view.run(stop), name="cluster-view"),
         asyncio.create_task(_refresh_keys(gateway.keys, stop), name="api-keys"),
     ]
+    if gateway.traffic_board is not None:
+        flush = gateway.traffic.run(gateway.traffic_board, stop)
+        tasks.append(asyncio.create_task(flush, name="traffic"))
     try:
         yield
     finally:

@@ -15,6 +15,7 @@ key                     type / record           meaning
 ``<ns>:leader``         string                  holder of the autoscaler lease (expires)
 ``<ns>:autoscaler``     string / JSON           the leader's state for ``shoal status`` (expires)
 ``<ns>:events``         stream                  autoscaler decisions and outcomes (capped)
+``<ns>:traffic``        stream / TrafficBatch   gateways' arrivals and latencies (capped)
 ======================  ======================  ==========================================
 
 An id in the index whose ``instance`` key has expired is dead; readers prune it.
@@ -68,3 +69,7 @@ class KeySchema:
     @property
     def events(self) -> str:
         return f"{self.namespace}:events"
+
+    @property
+    def traffic(self) -> str:
+        return f"{self.namespace}:traffic"

@@ -56,7 +56,8 @@ class Traffic:
     arrival_rate: float
     """Requests per second over the rate window."""
     token_rate: float
-    """Prompt plus requested output tokens per second over the rate window."""
+    """Prompt plus output tokens per second of the requests that finished
+    over the rate window (exact: from their usage)."""
     latency: Mapping[Priority, Latency] = field(default_factory=dict)
     truncated: bool = False
     """Some series outgrew its bound within the window."""
@@ -65,9 +66,42 @@ class Traffic:
         return self.latency.get(priority, Latency())
 
 
+@dataclass
+class TrafficBatch:
+    """What one observer saw since its last flush: the unit gateways publish
+    (``TrafficBoard``) and a log merges at the batch's time."""
+
+    arrivals: int = 0
+    tokens: int = 0
+    """Prompt plus output tokens of the requests that finished."""
+    ttft: dict[Priority, list[float]] = field(default_factory=dict)
+    tpot: dict[Priority, list[float]] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.arrivals or self.tokens or self.ttft or self.tpot)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "arrivals": self.arrivals,
+            "tokens": self.tokens,
+            "ttft": {p.value: v for p, v in self.ttft.items()},
+            "tpot": {p.value: v for p, v in self.tpot.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrafficBatch:
+        def samples(key: str) -> dict[Priority, list[float]]:
+            return {Priority(p): [float(x) for x in v] for p, v in data.get(key, {}).items()}
+
+        return cls(int(data.get("arrivals", 0)), int(data.get("tokens", 0)),
+                   samples("ttft"), samples("tpot"))  # fmt: skip
+
+
 class TrafficLog:
-    """Arrivals (kept for ``rate_window_s``), first tokens and finishes
-    (kept for ``window_s``), with their times; at most ``max_samples`` of each."""
+    """Arrivals and served tokens (kept for ``rate_window_s``), first tokens
+    and finishes (kept for ``window_s``), with their times; at most
+    ``max_samples`` entries of each."""
 
     def __init__(
         self,
@@ -79,13 +113,19 @@ class TrafficLog:
             raise ValueError("windows must be > 0 and max_samples >= 1")
         self.window_s, self.rate_window_s = window_s, rate_window_s
         self._arrivals: deque[tuple[float, int]] = deque(maxlen=max_samples)
+        self._tokens: deque[tuple[float, int]] = deque(maxlen=max_samples)
         self._ttft: deque[tuple[float, Priority, float]] = deque(maxlen=max_samples)
         self._tpot: deque[tuple[float, Priority, float]] = deque(maxlen=max_samples)
         self._started_at: float | None = None
 
-    def arrived(self, now: float, tokens: int) -> None:
+    def arrived(self, now: float, count: int = 1) -> None:
         self._first(now)
-        self._arrivals.append((now, tokens))
+        self._arrivals.append((now, count))
+
+    def served(self, now: float, tokens: int) -> None:
+        """A request finished with ``tokens`` prompt plus output tokens."""
+        self._first(now)
+        self._tokens.append((now, tokens))
 
     def first_token(self, now: float, priority: Priority, ttft_s: float) -> None:
         self._first(now)
@@ -95,6 +135,19 @@ class TrafficLog:
         self._first(now)
         self._tpot.append((now, priority, tpot_s))
 
+    def add(self, now: float, batch: TrafficBatch) -> None:
+        """Everything ``batch`` holds, as seen at ``now``."""
+        if batch.arrivals:
+            self.arrived(now, batch.arrivals)
+        if batch.tokens:
+            self.served(now, batch.tokens)
+        for prio, values in batch.ttft.items():
+            for v in values:
+                self.first_token(now, prio, v)
+        for prio, values in batch.tpot.items():
+            for v in values:
+                self.finished(now, prio, v)
+
     def _first(self, now: float) -> None:
         if self._started_at is None:
             self._started_at = now
@@ -102,6 +155,7 @@ class TrafficLog:
     def summary(self, now: float) -> Traffic:
         """The windows ending ``now`` (shorter while the log is younger)."""
         _drop_before(self._arrivals, now - self.rate_window_s)
+        _drop_before(self._tokens, now - self.rate_window_s)
         _drop_before(self._ttft, now - self.window_s)
         _drop_before(self._tpot, now - self.window_s)
         age = math.inf if self._started_at is None else now - self._started_at
@@ -114,12 +168,13 @@ class TrafficLog:
             )
             for prio in Priority
         }  # fmt: skip
-        full = any(len(s) == s.maxlen for s in (self._arrivals, self._ttft, self._tpot))
+        series = (self._arrivals, self._tokens, self._ttft, self._tpot)
+        full = any(len(s) == s.maxlen for s in series)
         return Traffic(
             window_s=span,
             rate_window_s=rate_span,
-            arrival_rate=len(self._arrivals) / rate_span,
-            token_rate=sum(tokens for _, tokens in self._arrivals) / rate_span,
+            arrival_rate=sum(count for _, count in self._arrivals) / rate_span,
+            token_rate=sum(tokens for _, tokens in self._tokens) / rate_span,
             latency=latency,
             truncated=full,
         )

@@ -630,3 +630,35 @@ def test_truncate_prompt_tokens_keeps_the_last_ones(gateway: WorkerProcess) -> N
     assert cut["choices"][0]["text"] == tail["choices"][0]["text"]
     bad = httpx.post(url, json={**body, "prompt": "x", "truncate_prompt_tokens": 0})
     assert bad.status_code == 400
+
+
+def test_the_gateway_records_its_traffic_for_the_autoscaler(
+    client: openai.OpenAI, redis_url: str
+) -> None:
+    """Arrivals, tokens and latencies of the calls it served reach
+    ``<ns>:traffic``, readable as the autoscaler reads them."""
+    from redis.asyncio import Redis
+
+    from infra.keys import KeySchema
+    from infra.records import Priority
+    from infra.traffic_board import TrafficBoard
+
+    outs = [client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6)
+            for _ in range(3)]  # fmt: skip
+    tokens = sum(o.usage.total_tokens for o in outs if o.usage is not None)
+
+    async def read() -> tuple[float, float, int]:
+        redis = Redis.from_url(redis_url)
+        try:
+            board = TrafficBoard(redis, KeySchema(NAMESPACE), window_s=600, rate_window_s=600)
+            for _ in range(100):  # the gateway flushes once a second (bounded wait)
+                s = await board.summary()
+                if s.token_rate * 600 >= tokens:
+                    break
+                await asyncio.sleep(0.1)
+            return s.arrival_rate * 600, s.token_rate * 600, s.of(Priority.NORMAL).num_first_tokens
+        finally:
+            await redis.aclose()
+
+    arrivals, served, first_tokens = asyncio.run(read())
+    assert arrivals >= 3 and served >= tokens and first_tokens >= 3

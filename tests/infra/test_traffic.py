@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from infra.records import Priority
-from infra.traffic import TrafficLog, p99
+from infra.traffic import TrafficBatch, TrafficLog, p99
 
 
 def test_rates_cover_the_rate_window_only() -> None:
     log = TrafficLog(window_s=30, rate_window_s=5)
     for k in range(100):
-        log.arrived(k * 0.1, tokens=10)  # 10 req/s for 10 s
+        log.arrived(k * 0.1)  # 10 req/s for 10 s
+        log.served(k * 0.1, tokens=10)
     s = log.summary(10.0)
     assert s.arrival_rate == pytest.approx(10.0, rel=0.05)
     assert s.token_rate == pytest.approx(100.0, rel=0.05)
@@ -20,7 +23,7 @@ def test_rates_cover_the_rate_window_only() -> None:
 
 def test_a_young_log_undercounts_rather_than_spikes() -> None:
     log = TrafficLog(rate_window_s=5)
-    log.arrived(0.0, tokens=1)
+    log.arrived(0.0)
     assert log.summary(0.0).arrival_rate == pytest.approx(0.2)
 
 
@@ -42,7 +45,7 @@ def test_latency_is_per_priority_over_the_window() -> None:
 def test_the_log_is_bounded_and_says_so() -> None:
     log = TrafficLog(window_s=30, rate_window_s=5, max_samples=10)
     for k in range(50):
-        log.arrived(k * 0.01, tokens=1)
+        log.arrived(k * 0.01)
     s = log.summary(1.0)
     assert s.truncated and s.arrival_rate == pytest.approx(10 / 5)
 
@@ -51,3 +54,15 @@ def test_p99_is_nearest_rank() -> None:
     assert p99([]) is None
     assert p99([3.0]) == 3.0
     assert p99([float(v) for v in range(1, 101)]) == 99.0
+
+
+def test_a_batch_round_trips_and_merges_as_its_parts() -> None:
+    batch = TrafficBatch(arrivals=3, tokens=300, ttft={Priority.HIGH: [0.2, 0.4]},
+                         tpot={Priority.LOW: [0.05]})  # fmt: skip
+    again = TrafficBatch.from_json(json.loads(json.dumps(batch.to_json())))
+    assert again == batch and not again.empty and TrafficBatch().empty
+    log = TrafficLog(rate_window_s=5)
+    log.add(1.0, batch)
+    s = log.summary(2.0)
+    assert s.arrival_rate == pytest.approx(3 / 5) and s.token_rate == pytest.approx(60)
+    assert s.of(Priority.HIGH).ttft_p99_s == 0.4 and s.of(Priority.LOW).tpot_p99_s == 0.05
