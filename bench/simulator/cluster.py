@@ -138,7 +138,7 @@ class Simulator:
     def _arrive(self, req: RequestState, now: float) -> None:
         self._num_arrived += 1
         trace = req.trace
-        self.traffic.arrived(now, trace.prompt_tokens + trace.output_tokens)
+        self.traffic.arrived(now)
         if not self.config.hardware.fits(trace.prompt_tokens + trace.output_tokens):
             req.error = (f"{trace.prompt_tokens} + {trace.output_tokens} tokens exceed an "
                          f"instance's {self.config.hardware.max_request_tokens}")  # fmt: skip
@@ -164,6 +164,7 @@ class Simulator:
     def _finish(self, req: RequestState, now: float) -> None:
         if req.error is None:
             req.finish_s = now
+            self.traffic.served(now, req.num_tokens)
             if req.first_token_s is not None and req.num_output > 1:
                 tpot = (now - req.first_token_s) / (req.num_output - 1)
                 self.traffic.finished(now, req.priority, tpot)
